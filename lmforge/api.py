@@ -1,0 +1,123 @@
+"""`optimize()` and `load()`: the Python entry points, and the model object they return."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.codegen.cpu import lower
+from lmforge.compiler.artifact import load_artifact, save_artifact
+from lmforge.compiler.capture import capture, load_reference
+from lmforge.compiler.pipeline import PassCallback, run_pipeline
+from lmforge.compiler.program import Program
+from lmforge.compiler.recipe import Recipe, load_recipe, parse_recipe
+from lmforge.passes import PassContext
+from lmforge.runtime.engine import Engine
+from lmforge.runtime.sampling import SamplingParams
+
+DEFAULT_CONTEXT_CAP = 4096
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+
+def _generation_settings(model: nn.Module) -> dict:
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return {"eos_token_ids": eos_ids, "pad_token_id": getattr(config, "pad_token_id", None)}
+
+def _sample_ids(vocab_size: int) -> torch.Tensor:
+    """A fixed token batch for numeric checks: deterministic, independent of the user's data."""
+    return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+
+def _load_tokenizer(source: Any) -> Any:
+    if not isinstance(source, (str, Path)):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+
+class CompiledModel:
+    """A compiled program with its runtime: call it for logits, `.generate()` for tokens."""
+
+    def __init__(self, program: Program, recipe: Recipe, generation: dict, tokenizer: Any = None) -> None:
+        self.program, self.recipe, self.generation, self.tokenizer = program, recipe, generation, tokenizer
+        context = getattr(program.config, "max_position_embeddings", None) or DEFAULT_CONTEXT_CAP
+        self.engine = Engine(
+            lower(program, recipe.codegen),
+            program.meta["kv_cache"],
+            max_seq_len=recipe.runtime.max_seq_len or min(context, DEFAULT_CONTEXT_CAP),
+            dtype=getattr(torch, program.meta["dtype"]),
+            eos_token_ids=generation["eos_token_ids"],
+            pad_token_id=generation["pad_token_id"],
+            tokenizer=tokenizer,
+        )
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """Logits for every position (no KV cache), like a Hugging Face forward."""
+        return CausalLMOutput(logits=self.engine.forward(input_ids, attention_mask))
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] | None = None,
+        streamer: Any = None,
+    ) -> torch.Tensor:
+        """Prompt + new tokens, as Hugging Face `generate` returns them."""
+        sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return self.engine.generate(
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            eos_token_id=eos_token_id,
+            stop_strings=stop_strings,
+            streamer=streamer,
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return save_artifact(
+            path, self.program, recipe_yaml=self.recipe.to_yaml(), generation=self.generation, tokenizer=self.tokenizer
+        )
+
+def optimize(
+    model_or_path: nn.Module | str | Path,
+    recipe: Recipe | str | Path | None = None,
+    *,
+    on_pass: PassCallback | None = None,
+) -> CompiledModel:
+    """Capture a Hugging Face causal LM, run the recipe's passes, and lower it for the CPU.
+
+    `recipe` is a Recipe, a path to a YAML file, YAML text, or None for the default recipe.
+    """
+    recipe = load_recipe(recipe)
+    passes = recipe.instantiate()
+    reference = load_reference(model_or_path)
+    program = capture(reference)
+    ctx = PassContext(reference=reference, sample_ids=_sample_ids(reference.config.vocab_size))
+    run_pipeline(program, passes, ctx, on_pass)
+    return CompiledModel(program, recipe, _generation_settings(reference), _load_tokenizer(model_or_path))
+
+def load(path: str | Path) -> CompiledModel:
+    """Load an artifact written by `CompiledModel.save` or `lmforge compile`, checking hashes."""
+    program, manifest = load_artifact(path)
+    recipe = parse_recipe((Path(path) / "recipe.yaml").read_text(), str(Path(path) / "recipe.yaml"))
+    return CompiledModel(program, recipe, manifest["generation"], _load_tokenizer(path))

@@ -1,0 +1,134 @@
+"""Capture a Hugging Face causal LM as a Program with torch.export.
+
+Attention is routed through `lmforge::attention` by registering an implementation with
+transformers' `AttentionInterface`. Because that implementation has no entry in the mask
+interface, transformers skips building attention masks altogether: causality, padding and
+sliding windows are the op's business, computed once per step by the runtime instead of
+once per layer inside the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.compiler.architectures import spec_for
+from lmforge.compiler.layermap import build_layer_map
+from lmforge.compiler.ops import attention
+from lmforge.compiler.program import Program, plain_graph_module
+from lmforge.errors import LmforgeError
+
+ATTN_IMPLEMENTATION = "lmforge"
+_UNSUPPORTED_ATTENTION_KWARGS = ("s_aux", "sinks", "position_bias")
+
+
+def _hf_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface entry: forwards the per-layer options to the op."""
+    for name in _UNSUPPORTED_ATTENTION_KWARGS:
+        if kwargs.get(name) is not None:
+            raise LmforgeError(f"attention option {name!r} is not supported by lmforge::attention")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = attention(
+        query, key, value, module.layer_idx, float(scale), int(sliding_window or 0), float(softcap or 0.0)
+    )
+    return out, None
+
+
+def _register_with_transformers() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _hf_attention)
+
+
+class _LogitsOnly(nn.Module):
+    """The call shape lmforge exports: token ids and explicit positions in, logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def _routed_through_lmforge(model: nn.Module) -> Iterator[None]:
+    """Switch the model to lmforge attention for the capture, and back afterwards, so the
+    same object still serves as the unmodified reference."""
+    _register_with_transformers()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def load_reference(model_or_path: nn.Module | str | Path) -> nn.Module:
+    """The Hugging Face model a Program is captured from and verified against."""
+    if isinstance(model_or_path, nn.Module):
+        spec_for(model_or_path.config)
+        return model_or_path.eval()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(model_or_path)
+    if not (path / "config.json").is_file():
+        raise LmforgeError(f"{path}: not a checkpoint directory (no config.json)")
+    config = AutoConfig.from_pretrained(path)
+    spec_for(config)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def kv_cache_layout(config) -> list[dict]:
+    """One cache entry per decoder layer: its KV heads, head size and attention window."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return [
+        {"layer": i, "cache": i, "kv_heads": kv_heads, "head_dim": head_dim}
+        for i in range(text.num_hidden_layers)
+    ]
+
+
+def capture(model: nn.Module) -> Program:
+    """Export `model` with dynamic batch and sequence sizes into a Program."""
+    spec = spec_for(model.config)
+    max_len = getattr(model.config, "max_position_embeddings", None) or 4096
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=max(max_len, 16))
+    example_ids = torch.zeros(2, 8, dtype=torch.long)
+    example_positions = torch.arange(8).repeat(2, 1)
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    with _routed_through_lmforge(model), torch.no_grad():
+        exported = torch.export.export(
+            _LogitsOnly(model), (example_ids, example_positions), dynamic_shapes=dynamic, strict=False
+        )
+    graph_module = plain_graph_module(exported.module())
+    num_layers = model.config.num_hidden_layers
+    program = Program(
+        graph_module=graph_module,
+        layers=build_layer_map(graph_module, spec, num_layers),
+        config=model.config,
+        meta={
+            "architecture": model.config.model_type,
+            "num_layers": num_layers,
+            "kv_cache": kv_cache_layout(model.config),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+    )
+    return program

@@ -1,0 +1,159 @@
+"""The `lmforge::attention` custom op and the forward context it reads.
+
+Attention is one opaque op in the captured graph so that passes can rewrite it by changing
+its arguments (which cache slot, which window) instead of pattern-matching dozens of aten
+nodes, and so that the KV cache stays outside the graph: the runtime owns the cache and
+hands it to the op through `AttentionContext`, keyed by the op's integer `cache_index`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+ATTENTION_SCHEMA = (
+    "attention(Tensor q, Tensor k, Tensor v, int cache_index, float scale, int window, "
+    "float softcap) -> Tensor"
+)
+
+_lib = torch.library.Library("lmforge", "DEF")
+_lib.define(ATTENTION_SCHEMA)
+
+
+@dataclass
+class AttentionContext:
+    """Everything the attention op needs that is not a graph value.
+
+    `kv` holds one `(key, value)` pair of preallocated `(batch, kv_heads, max_len, head_dim)`
+    buffers per cache index, or is None for a cache-free full-sequence forward. The new
+    keys/values are written at slots `start .. start + q_len`. `pad` gives, per batch row,
+    the number of left-padding slots that no query may attend to (None: no padding).
+    Masks are built once per forward and per window size, not once per layer.
+    """
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None
+    start: int
+    q_len: int
+    pad: torch.Tensor | None = None
+    _masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def mask(self, window: int) -> torch.Tensor | None:
+        """Boolean mask `(batch, 1, q_len, start + q_len)`, or None where plain causal
+        attention (or no mask at all, for one query) is exact."""
+        if window not in self._masks:
+            self._masks[window] = self._build_mask(window)
+        return self._masks[window]
+
+    def _build_mask(self, window: int) -> torch.Tensor | None:
+        kv_len = self.start + self.q_len
+        window_active = 0 < window < kv_len
+        if self.pad is None and not window_active and (self.q_len == 1 or self.start == 0):
+            return None
+        device = self.pad.device if self.pad is not None else None
+        query_slots = torch.arange(self.start, kv_len, device=device)[:, None]
+        key_slots = torch.arange(kv_len, device=device)[None, :]
+        allowed = key_slots <= query_slots
+        if window_active:
+            allowed = allowed & (key_slots > query_slots - window)
+        allowed = allowed[None, None]
+        if self.pad is not None:
+            allowed = allowed & (key_slots[None, None] >= self.pad[:, None, None, None])
+            # A padding query would otherwise see no key at all and turn NaN, and the NaN
+            # would reach real tokens through its cached value; let it see itself.
+            allowed = allowed | (key_slots == query_slots)[None, None]
+        return allowed
+
+
+_active: list[AttentionContext] = []
+
+
+@contextlib.contextmanager
+def attention_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
+    """Make `ctx` the context every `lmforge::attention` call in this forward reads."""
+    _active.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _active.pop()
+
+
+def current_context() -> AttentionContext:
+    if not _active:
+        raise LmforgeError(
+            "lmforge::attention was called outside a forward context; run the program through "
+            "lmforge's runtime (Engine or CompiledModel) or wrap the call in "
+            "`with lmforge.compiler.ops.attention_context(AttentionContext(kv=None, start=0, "
+            "q_len=T)):`"
+        )
+    return _active[-1]
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Scaled dot-product attention with optional logit soft-capping and GQA.
+
+    q: (B, Hq, T, D); k, v: (B, Hkv, S, D); mask: bool (B, 1, T, S) or None for causal
+    attention aligned to the last key. Returns (B, Hq, T, D).
+    """
+    groups = q.shape[1] // k.shape[1]
+    if softcap > 0.0:
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        if mask is None:
+            t, s = scores.shape[-2:]
+            mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        scores = scores.masked_fill(~mask, -math.inf)
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    is_causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=groups > 1
+    )
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_index: int,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:
+    ctx = current_context()
+    if ctx.kv is not None:
+        key_cache, value_cache = ctx.kv[cache_index]
+        end = ctx.start + q.shape[2]
+        key_cache[:, :, ctx.start : end] = k
+        value_cache[:, :, ctx.start : end] = v
+        k = key_cache[:, :, :end]
+        v = value_cache[:, :, :end]
+    out = attention_reference(q, k, v, ctx.mask(window), scale, softcap)
+    return out.transpose(1, 2).contiguous()
+
+
+_lib.impl("attention", _attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmforge::attention")
+def _attention_fake(q, k, v, cache_index, scale, window, softcap):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim)
+
+
+attention = torch.ops.lmforge.attention.default

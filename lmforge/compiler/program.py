@@ -1,0 +1,87 @@
+"""Program: the one IR every stage hands to the next.
+
+A Program is an FX GraphModule taking `(input_ids, position_ids)` and returning logits,
+with weights as module attributes, plus the LayerMap, the HF config, `meta` (what passes
+decided, under documented keys) and `history` (one record per applied pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from lmforge.compiler.architectures import spec_for
+from lmforge.compiler.layermap import LayerMap, build_layer_map
+
+
+def attribute_name(qualified: str) -> str:
+    """Flat attribute name of a weight: its HF state-dict name with dots as double
+    underscores, so `getattr` is one lookup per weight per call, not a module walk."""
+    return qualified.replace(".", "__")
+
+
+def plain_graph_module(module: fx.GraphModule, prefix: str = "model.") -> fx.GraphModule:
+    """Strip export's pytree calling convention: positional tensors in, one logits tensor
+    out; weights become flat buffers (inference needs no Parameters or autograd) named
+    after their HF state-dict keys."""
+    graph = module.graph
+    root = torch.nn.Module()
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            graph.erase_node(node)  # export's input guards: the runtime controls the inputs
+            continue
+        if node.op != "get_attr":
+            continue
+        tensor = _get_tensor(module, node.target).detach()
+        name = attribute_name(node.target.removeprefix(prefix))
+        root.register_buffer(name, tensor)
+        node.target = name
+    graph.set_codegen(fx.CodeGen())
+    output = graph.output_node()
+    result = output.args[0]
+    while isinstance(result, (tuple, list)):
+        (result,) = result
+    output.args = (result,)
+    plain = fx.GraphModule(root, graph)
+    plain.recompile()
+    return plain
+
+
+def _get_tensor(module: torch.nn.Module, target: str) -> torch.Tensor:
+    owner_path, _, name = target.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    return getattr(owner, name)
+
+
+@dataclass
+class Program:
+    graph_module: fx.GraphModule
+    layers: LayerMap
+    config: Any
+    meta: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def node_count(self) -> int:
+        return len(self.graph_module.graph.nodes)
+
+    def op_count(self) -> int:
+        """Nodes that execute work when the program runs (calls, not placeholders or attrs)."""
+        return sum(
+            node.op in ("call_function", "call_method", "call_module")
+            for node in self.graph_module.graph.nodes
+        )
+
+    def refresh(self) -> None:
+        """Recompile the graph and rebuild the LayerMap after a rewrite."""
+        self.graph_module.graph.lint()
+        self.graph_module.recompile()
+        self.layers = build_layer_map(self.graph_module, spec_for(self.config), self.meta["num_layers"])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach() for name, tensor in self.graph_module.state_dict().items()}
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(input_ids, position_ids)

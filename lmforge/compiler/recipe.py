@@ -1,0 +1,176 @@
+"""Recipes: the YAML a user writes to pick passes, codegen and runtime options.
+
+Every error names the file, the line, the field and the valid choices, because a recipe is
+hand-written and the user should never have to read a pydantic traceback to fix a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lmforge.errors import LmforgeError
+from lmforge.passes import PASSES, Pass
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
+
+
+class CodegenConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    backend: Literal["eager", "inductor"] = Field(
+        "eager",
+        description="eager: run the FX graph op by op (fastest for small models on CPU, measured); "
+        "inductor: torch.compile the graph",
+    )
+
+
+class RuntimeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_seq_len: int | None = Field(
+        None, ge=1, description="KV cache length per sequence; default: the model's context, at most 4096"
+    )
+
+
+class Recipe(BaseModel):
+    """A validated recipe: ordered pass entries plus codegen and runtime options."""
+
+    model_config = ConfigDict(extra="forbid")
+    passes: list[dict[str, Any]] = Field(default_factory=list)
+    codegen: CodegenConfig = Field(default_factory=CodegenConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def instantiate(self) -> list[Pass]:
+        """One configured pass object per entry, in recipe order."""
+        passes = []
+        for entry in self.passes:
+            options = {key: value for key, value in entry.items() if key != "name"}
+            cls = PASSES[entry["name"]]
+            passes.append(cls(cls.Config(**options)))
+        return passes
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class _Located:
+    """Maps a field path like ("passes", 2, "tokens") to a line of the YAML source."""
+
+    def __init__(self, source: str, name: str) -> None:
+        self.name = name
+        self.root = yaml.compose(source)
+
+    def line(self, path: tuple) -> int:
+        node, line = self.root, 1
+        for key in path:
+            if node is None:
+                break
+            line = node.start_mark.line + 1
+            if isinstance(node, yaml.MappingNode):
+                match = next(((k, v) for k, v in node.value if k.value == key), None)
+                if match is None:
+                    break
+                line, node = match[0].start_mark.line + 1, match[1]
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+                line = node.start_mark.line + 1
+            else:
+                break
+        return line
+
+    def error(self, path: tuple, message: str) -> LmforgeError:
+        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "[")
+        return LmforgeError(f"{self.name}:{self.line(path)}: {where or 'recipe'}: {message}")
+
+
+def _choices(valid) -> str:
+    return ", ".join(sorted(valid))
+
+
+def _hint(word: str, valid) -> str:
+    close = difflib.get_close_matches(str(word), list(valid), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_pass_entry(entry: Any, index: int, located: _Located) -> None:
+    path = ("passes", index)
+    if not isinstance(entry, dict):
+        raise located.error(path, f"each pass must be a mapping with a 'name', got {entry!r}")
+    if "name" not in entry:
+        raise located.error(path, f"missing field 'name'; registered passes: {_choices(PASSES)}")
+    name = entry["name"]
+    if name not in PASSES:
+        raise located.error(
+            (*path, "name"),
+            f"unknown pass {name!r}{_hint(name, PASSES)} Registered passes: {_choices(PASSES)}",
+        )
+    config_cls = PASSES[name].Config
+    options = {key: value for key, value in entry.items() if key != "name"}
+    try:
+        config_cls(**options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field_path = (*path, *error["loc"])
+        valid = config_cls.model_fields
+        if error["type"] == "extra_forbidden":
+            bad = error["loc"][0]
+            raise located.error(
+                field_path,
+                f"unknown option {bad!r} for pass {name!r}{_hint(bad, valid)} "
+                f"Valid options: {_choices(valid) or '(none)'}",
+            ) from None
+        raise located.error(field_path, f"{error['msg']} (got {error.get('input')!r})") from None
+
+
+def parse_recipe(source: str, name: str = "<recipe>") -> Recipe:
+    """Validate YAML text into a Recipe, or raise an LmforgeError pointing at the line."""
+    try:
+        data = yaml.safe_load(source)
+        located = _Located(source, name)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise LmforgeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LmforgeError(f"{name}:1: a recipe is a mapping with keys passes, codegen, runtime")
+    for key in data:
+        if key not in Recipe.model_fields:
+            raise located.error(
+                (key,), f"unknown section{_hint(key, Recipe.model_fields)} Valid sections: "
+                f"{_choices(Recipe.model_fields)}"
+            )
+    passes = data.get("passes") or []
+    if not isinstance(passes, list):
+        raise located.error(("passes",), "must be a list of pass entries")
+    for index, entry in enumerate(passes):
+        _check_pass_entry(entry, index, located)
+    try:
+        return Recipe(**data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "extra_forbidden":
+            section = error["loc"][0]
+            valid = type(getattr(Recipe(), section)).model_fields
+            message = f"unknown option{_hint(error['loc'][-1], valid)} Valid options: {_choices(valid)}"
+        else:
+            message = f"{error['msg']} (got {error.get('input')!r})"
+        raise located.error(tuple(error["loc"]), message) from None
+
+
+def load_recipe(recipe: Recipe | str | Path | None) -> Recipe:
+    """A Recipe from a Recipe, a path to YAML, YAML text, or None for the default recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yaml", ".yml"))):
+        path = Path(recipe)
+        if not path.is_file():
+            raise LmforgeError(f"recipe file not found: {path}")
+        return parse_recipe(path.read_text(), str(path))
+    return parse_recipe(recipe)

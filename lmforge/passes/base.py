@@ -1,0 +1,96 @@
+"""Pass base class, result record and registry.
+
+The base class owns the ceremony (timing, node counts, the history entry, the LayerMap
+refresh); a subclass writes only `apply`. Configs are pydantic models with
+`extra="forbid"` and a description on every field, which `lmforge passes` prints.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from lmforge.compiler.program import Program
+
+
+class PassConfig(BaseModel):
+    """Options every pass accepts; subclasses add their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the Program: the unmodified reference model and a
+    small batch of token ids to check numerics on."""
+
+    reference: Any = None
+    sample_ids: Any = None
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did: how many rewrites, notes for the user, measured numbers."""
+
+    rewrites: int = 0
+    notes: tuple[str, ...] = ()
+    measurements: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """A Program → Program rewrite with a typed config.
+
+    `requires` names `meta` keys that an earlier pass must have set; `provides` names
+    the keys this pass sets. `lossless` passes must keep greedy tokens identical.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    description: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    provides: ClassVar[tuple[str, ...]] = ()
+    lossless: ClassVar[bool] = True
+
+    def __init__(self, config: PassConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def apply(self, program: Program, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, program: Program, ctx: PassContext) -> PassResult:
+        """Run the pass and append its history entry; subclasses do not override this."""
+        ops_before, start = program.op_count(), time.perf_counter()
+        result = self.apply(program, ctx)
+        program.refresh()
+        program.history.append(
+            {
+                "pass": self.name,
+                "config": self.config.model_dump(),
+                "seconds": round(time.perf_counter() - start, 4),
+                "ops_before": ops_before,
+                "ops_after": program.op_count(),
+                "rewrites": result.rewrites,
+                "notes": list(result.notes),
+                "measurements": result.measurements,
+            }
+        )
+        return result
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(name: str):
+    """Class decorator: make a pass available to recipes under `name`."""
+
+    def decorate(cls: type[Pass]) -> type[Pass]:
+        if name in PASSES:
+            raise ValueError(f"pass {name!r} registered twice")
+        cls.name = name
+        PASSES[name] = cls
+        return cls
+
+    return decorate

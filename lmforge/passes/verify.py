@@ -1,0 +1,64 @@
+"""`verify`: check the Program numerically against the unmodified Hugging Face model.
+
+It compares full-sequence logits on a fixed token batch (max absolute error, top-1
+agreement) and, because small logit errors can still flip a near-tie, also decodes a few
+greedy tokens with both and compares them. It never changes the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from lmforge.compiler.ops import AttentionContext, attention_context
+from lmforge.compiler.program import Program
+from lmforge.errors import LmforgeError
+from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
+
+
+class VerifyConfig(PassConfig):
+    max_logit_error: float = Field(1e-3, gt=0, description="largest allowed |logit - reference logit|")
+    greedy_tokens: int = Field(8, ge=0, description="greedy tokens decoded by both models and compared")
+    fail: bool = Field(True, description="raise when a check fails (false: only record the numbers)")
+
+
+def program_logits(program: Program, input_ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence logits of the Program, without a KV cache."""
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    with torch.no_grad(), attention_context(AttentionContext(kv=None, start=0, q_len=input_ids.shape[1])):
+        return program(input_ids, positions)
+
+
+def _greedy(next_logits, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+    ids = input_ids
+    for _ in range(steps):
+        ids = torch.cat([ids, next_logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, input_ids.shape[1] :]
+
+
+@register_pass("verify")
+class Verify(Pass):
+    description = "compare logits and greedy tokens with the original model (changes nothing)"
+    Config = VerifyConfig
+
+    def apply(self, program: Program, ctx: PassContext) -> PassResult:
+        if ctx.reference is None or ctx.sample_ids is None:
+            raise LmforgeError("verify needs the reference model and sample ids in the pass context")
+        ids = ctx.sample_ids
+        with torch.no_grad():
+            reference = ctx.reference(ids).logits
+        logits = program_logits(program, ids)
+        error = (logits - reference).abs().max().item()
+        top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        with torch.no_grad():
+            ours = _greedy(lambda x: program_logits(program, x), ids, self.config.greedy_tokens)
+            theirs = _greedy(lambda x: ctx.reference(x).logits, ids, self.config.greedy_tokens)
+        greedy_match = bool(torch.equal(ours, theirs))
+        measurements = {"max_logit_error": error, "top1_agreement": top1, "greedy_match": greedy_match}
+        failed = error > self.config.max_logit_error or not greedy_match
+        if failed and self.config.fail:
+            raise LmforgeError(
+                f"verify failed: max logit error {error:.3g} (allowed {self.config.max_logit_error:g}), "
+                f"top-1 agreement {top1:.4f}, greedy tokens identical: {greedy_match}"
+            )
+        return PassResult(measurements=measurements)

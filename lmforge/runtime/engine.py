@@ -1,0 +1,151 @@
+"""Engine: the decoding loop around a compiled program and a static KV cache.
+
+The program is any callable `(input_ids, position_ids) -> logits` whose attention op reads
+its cache from the forward context; the engine owns the cache, builds the masks once per
+step, and keeps per-step Python work to a handful of tensor ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from lmforge.compiler.ops import AttentionContext, attention_context
+from lmforge.errors import LmforgeError
+from lmforge.runtime.kv_cache import StaticKVCache
+from lmforge.runtime.sampling import SamplingParams, select_next
+
+Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def left_padding(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Per-row count of left-padding slots, or None when no row is padded."""
+    if attention_mask is None:
+        return None
+    if attention_mask.shape != input_ids.shape:
+        raise LmforgeError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    mask = attention_mask.bool()
+    if (mask[:, 1:].int() < mask[:, :-1].int()).any():
+        raise LmforgeError("only left padding is supported: pad tokens must come before the prompt")
+    if not mask[:, -1].all():
+        raise LmforgeError("every row needs at least one real token in its last position")
+    pad = (~mask).sum(dim=1)
+    return pad if bool(pad.any()) else None
+
+
+def prompt_positions(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids as Hugging Face `generate` computes them (cumsum of the mask)."""
+    if attention_mask is None:
+        return torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+class _StopStrings:
+    """Marks rows whose generated text contains a stop string."""
+
+    def __init__(self, stop_strings: Sequence[str], tokenizer: Any) -> None:
+        if tokenizer is None:
+            raise LmforgeError("stop_strings need a tokenizer; pass tokenizer= or load a model that has one")
+        self.strings, self.tokenizer = list(stop_strings), tokenizer
+        self.tail = max(len(s) for s in self.strings) + 1
+
+    def hit(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(new_tokens[:, -self.tail :])
+        return torch.tensor([any(s in text for s in self.strings) for text in texts])
+
+
+class Engine:
+    """Prefill + decode with a static cache; greedy or sampled; batch with left padding."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        kv_layout: list[dict],
+        *,
+        max_seq_len: int,
+        dtype: torch.dtype = torch.float32,
+        eos_token_ids: Sequence[int] = (),
+        pad_token_id: int | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.runner, self.kv_layout, self.max_seq_len, self.dtype = runner, kv_layout, max_seq_len, dtype
+        self.eos_token_ids = list(eos_token_ids)
+        self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_ids or [0])[0]
+        self.tokenizer = tokenizer
+        self.cache: StaticKVCache | None = None
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position, computed without a cache (for evaluation)."""
+        context = AttentionContext(kv=None, start=0, q_len=input_ids.shape[1], pad=left_padding(attention_mask, input_ids))
+        with torch.no_grad(), attention_context(context):
+            return self.runner(input_ids, prompt_positions(attention_mask, input_ids))
+
+    def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
+        if length > self.max_seq_len:
+            raise LmforgeError(
+                f"prompt + new tokens = {length} exceeds the KV cache length {self.max_seq_len}; "
+                "raise runtime.max_seq_len in the recipe"
+            )
+        if self.cache is None or not self.cache.fits(batch, length):
+            self.cache = StaticKVCache(self.kv_layout, batch, self.max_seq_len, self.dtype)
+        return self.cache
+
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, start: int, pad: torch.Tensor | None) -> torch.Tensor:
+        """Run `input_ids` (written to cache slots `start..`) and return last-position logits."""
+        context = AttentionContext(kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad)
+        with attention_context(context):
+            return self.runner(input_ids, positions)[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 32,
+        sampling: SamplingParams = SamplingParams(),
+        eos_token_id: int | Sequence[int] | None = None,
+        stop_strings: Sequence[str] | None = None,
+        streamer: Any = None,
+    ) -> torch.Tensor:
+        """Prompt + generated tokens, shaped like Hugging Face `generate` output: rows that
+        finish early are filled with the pad token until every row is done."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise LmforgeError(f"input_ids must be (batch, length>0), got {tuple(input_ids.shape)}")
+        batch, prompt_len = input_ids.shape
+        eos = self.eos_token_ids if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos_ids = torch.tensor(eos, dtype=torch.long)
+        stops = _StopStrings(stop_strings, self.tokenizer) if stop_strings else None
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self._ensure_cache(batch, prompt_len + max_new_tokens)
+        pad = left_padding(attention_mask, input_ids)
+        tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long)
+        tokens[:, :prompt_len] = input_ids
+        positions = prompt_positions(attention_mask, input_ids)
+        unfinished = torch.ones(batch, dtype=torch.bool)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        logits = self.step(input_ids, positions, 0, pad)
+        positions = positions[:, -1:]
+        length = prompt_len
+        for _ in range(max_new_tokens):
+            next_tokens = select_next(logits, sampling, generator)
+            next_tokens = torch.where(unfinished, next_tokens, self.pad_token_id)
+            tokens[:, length] = next_tokens
+            length += 1
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            if eos:
+                unfinished &= ~torch.isin(next_tokens, eos_ids)
+            if stops is not None:
+                unfinished &= ~stops.hit(tokens[:, prompt_len:length])
+            if length == prompt_len + max_new_tokens or not bool(unfinished.any()):
+                break
+            positions = positions + 1
+            logits = self.step(next_tokens[:, None], positions, length - 1, pad)
+        if streamer is not None:
+            streamer.end()
+        return tokens[:, :length]

@@ -1,0 +1,45 @@
+"""Static KV cache: preallocated buffers, one pair per cache slot in the layout.
+
+The layout comes from the Program's `meta["kv_cache"]` (saved in the manifest), so a pass
+that makes layers share a cache shrinks what is allocated here without the runtime knowing
+why.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cache_slots(layout: list[dict]) -> dict[int, dict]:
+    """Distinct cache slots of a layout, with their shape parameters."""
+    slots: dict[int, dict] = {}
+    for entry in layout:
+        slots.setdefault(entry["cache"], entry)
+    return slots
+
+
+def kv_cache_bytes(layout: list[dict], max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes `StaticKVCache` allocates for `max_len` tokens at `batch`."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return sum(
+        2 * batch * slot["kv_heads"] * max_len * slot["head_dim"] * element
+        for slot in cache_slots(layout).values()
+    )
+
+
+class StaticKVCache:
+    """`(batch, kv_heads, max_len, head_dim)` key and value buffers, written by index."""
+
+    def __init__(self, layout: list[dict], batch: int, max_len: int, dtype: torch.dtype) -> None:
+        self.batch, self.max_len, self.dtype = batch, max_len, dtype
+        slots = cache_slots(layout)
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = [None] * (max(slots) + 1)  # type: ignore[list-item]
+        for index, slot in slots.items():
+            shape = (batch, slot["kv_heads"], max_len, slot["head_dim"])
+            self.buffers[index] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.buffers if k is not None)
+
+    def fits(self, batch: int, length: int) -> bool:
+        return batch == self.batch and length <= self.max_len
