@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.compiler.architectures import spec_for
-from lmforge.compiler.layermap import build_layer_map
+from lmforge.compiler.layermap import LayerMap, build_layer_map
 from lmforge.compiler.ops import attention
 from lmforge.compiler.program import Program, plain_graph_module
 from lmforge.errors import LmforgeError
@@ -93,16 +93,16 @@ def load_reference(model_or_path: nn.Module | str | Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
-def kv_cache_layout(config) -> list[dict]:
-    """One cache entry per decoder layer: its KV heads, head size and attention window."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return [
-        {"layer": i, "cache": i, "kv_heads": kv_heads, "head_dim": head_dim}
-        for i in range(text.num_hidden_layers)
-    ]
+def kv_cache_layout(layers: LayerMap) -> list[dict]:
+    """One cache entry per decoder layer, its shape read off the attention op's key input
+    (configs disagree on how they name KV heads; the traced tensor does not)."""
+    layout = []
+    for entry in layers:
+        if entry.attention is None:
+            raise LmforgeError(f"layer {entry.index}: no lmforge::attention op was captured")
+        _, kv_heads, _, head_dim = entry.attention.args[1].meta["val"].shape
+        layout.append({"layer": entry.index, "cache": entry.index, "kv_heads": int(kv_heads), "head_dim": int(head_dim)})
+    return layout
 
 
 def capture(model: nn.Module) -> Program:
@@ -120,14 +120,15 @@ def capture(model: nn.Module) -> Program:
         )
     graph_module = plain_graph_module(exported.module())
     num_layers = model.config.num_hidden_layers
+    layers = build_layer_map(graph_module, spec, num_layers)
     program = Program(
         graph_module=graph_module,
-        layers=build_layer_map(graph_module, spec, num_layers),
+        layers=layers,
         config=model.config,
         meta={
             "architecture": model.config.model_type,
             "num_layers": num_layers,
-            "kv_cache": kv_cache_layout(model.config),
+            "kv_cache": kv_cache_layout(layers),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         },
     )

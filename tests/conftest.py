@@ -1,0 +1,45 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REF_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "ref-llama-py"
+
+
+@pytest.fixture(scope="session")
+def ref_path() -> Path:
+    if not REF_MODEL.is_dir():
+        pytest.skip(f"reference checkpoint not found at {REF_MODEL}")
+    return REF_MODEL
+
+
+@pytest.fixture(scope="session")
+def ref_hf(ref_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(ref_path).eval()
+
+
+@pytest.fixture(scope="session")
+def ref_tokenizer(ref_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ref_path)
+
+
+@pytest.fixture(scope="session")
+def ref_compiled(ref_path):
+    import lmforge
+
+    return lmforge.optimize(ref_path)
+
+
+@pytest.fixture(scope="session")
+def heldout_prompts(ref_path, ref_tokenizer) -> list[torch.Tensor]:
+    """Token ids of three prompts of different lengths cut from held-out text."""
+    text = (ref_path / "heldout.txt").read_text()
+    starts, lengths = (0, 5000, 20000), (40, 25, 60)
+    return [ref_tokenizer(text[s : s + 2000]).input_ids[:n] for s, n in zip(starts, lengths)]
