@@ -112,6 +112,8 @@ def optimize(
     passes = recipe.instantiate()
     reference = load_reference(model_or_path)
     program = capture(reference)
+    if isinstance(model_or_path, (str, Path)):
+        program.meta["source"] = str(Path(model_or_path).resolve())
     ctx = PassContext(reference=reference, sample_ids=_sample_ids(reference.config.vocab_size))
     run_pipeline(program, passes, ctx, on_pass)
     return CompiledModel(program, recipe, _generation_settings(reference), _load_tokenizer(model_or_path))

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-REF_MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "ref-llama-py"
+REF_MODEL = Path(
+    os.environ.get("LMFORGE_REF_MODEL", Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py")
+)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,55 @@
+"""Timing helpers shared by `lmforge bench` and the scripts in benchmarks/.
+
+Each measurement warms up first (so one-time allocation and lazy initialisation are not
+counted) and reports the median of several timed runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Timing:
+    seconds: float
+    new_tokens: int
+    output: torch.Tensor
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds
+
+
+def time_generation(generate: Callable[[], torch.Tensor], prompt_len: int, repeats: int = 3) -> Timing:
+    """Median wall time of `generate()` after one warm-up call; counts new tokens of all rows."""
+    output = generate()
+    durations = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        output = generate()
+        durations.append(time.perf_counter() - start)
+    new_tokens = output.shape[0] * (output.shape[1] - prompt_len)
+    return Timing(statistics.median(durations), new_tokens, output)
+
+
+def heldout_prompts(text: str, tokenizer, count: int, length: int, stride: int = 9973) -> list[list[int]]:
+    """`count` prompts of `length` tokens cut from evenly spaced places of `text`."""
+    prompts = []
+    for index in range(count):
+        start = (index * stride) % max(1, len(text) - 4 * length)
+        ids = tokenizer(text[start : start + 8 * length]).input_ids[:length]
+        prompts.append(ids)
+    return prompts
+
+
+def prompt_text_for(checkpoint: str | Path | None) -> str:
+    """Held-out text shipped beside a checkpoint (heldout.txt), else a short code sample."""
+    if checkpoint is not None and (Path(checkpoint) / "heldout.txt").is_file():
+        return (Path(checkpoint) / "heldout.txt").read_text()
+    return "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n" * 40

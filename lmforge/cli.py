@@ -1,0 +1,293 @@
+"""The `lmforge` command: compile, run, bench, passes, info."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help="lmforge: a compiler for LLM inference.")
+console = Console()
+errors = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="show tracebacks on errors")) -> None:
+    _state["debug"] = debug
+
+
+def _one_line_errors(command):
+    """Print any failure as one line on stderr and exit 1 (a traceback only with --debug)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except Exception as exc:  # the CLI contract: never a traceback unless asked
+            if _state["debug"]:
+                traceback.print_exc()
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            from lmforge.errors import LmforgeError
+
+            prefix = "error" if isinstance(exc, LmforgeError) else f"error ({type(exc).__name__})"
+            errors.print(f"[red]{prefix}:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.command("compile")
+@_one_line_errors
+def compile_(
+    checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (default: the built-in default)"),
+    output: Path = typer.Option(..., "--output", "-o", help="artifact directory to write"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
+) -> None:
+    """Capture CHECKPOINT, run the recipe's passes, and write an artifact."""
+    import lmforge
+    from lmforge.compiler.recipe import load_recipe
+
+    parsed = load_recipe(str(recipe) if recipe else None)
+    start = time.perf_counter()
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=errors, disable=as_json,
+    )
+    with progress:
+        task = progress.add_task("load + capture", total=len(parsed.passes) + 2)
+
+        def on_pass(index, pass_, result):
+            if result is None:
+                if index == 0:
+                    progress.advance(task)
+                progress.update(task, description=f"pass {index + 1}/{len(parsed.passes)}: {pass_.name}")
+            else:
+                progress.advance(task)
+
+        compiled = lmforge.optimize(checkpoint, parsed, on_pass=on_pass)
+        if not parsed.passes:
+            progress.advance(task)
+        progress.update(task, description="save")
+        compiled.save(output)
+        progress.advance(task)
+    history = compiled.program.history
+    if as_json:
+        _print_json({"artifact": str(output), "seconds": time.perf_counter() - start, "history": history})
+        return
+    table = Table(title=f"compiled {checkpoint} → {output}")
+    for column in ("pass", "seconds", "ops before", "ops after", "rewrites", "measurements"):
+        table.add_column(column)
+    for entry in history:
+        table.add_row(
+            entry["pass"], f"{entry['seconds']:.3f}", str(entry["ops_before"]), str(entry["ops_after"]),
+            str(entry["rewrites"]), json.dumps(entry["measurements"]),
+        )
+    console.print(table)
+
+
+@app.command()
+@_one_line_errors
+def run(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text to continue"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON record instead of streaming text"),
+) -> None:
+    """Generate a continuation of PROMPT with a compiled artifact."""
+    import lmforge
+
+    model = lmforge.load(artifact)
+    if model.tokenizer is None:
+        raise typer.BadParameter("the artifact has no tokenizer files")
+    ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    streamer = None if as_json else _TextStream(model.tokenizer, ids.shape[1])
+    start = time.perf_counter()
+    out = model.generate(
+        ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+        top_k=top_k, top_p=top_p, seed=seed, streamer=streamer,
+    )
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    record = {
+        "prompt": prompt, "completion": model.tokenizer.decode(new), "new_tokens": len(new),
+        "seconds": seconds, "tokens_per_second": len(new) / seconds,
+    }
+    if as_json:
+        _print_json(record)
+    else:
+        errors.print(f"\n[dim]{record['new_tokens']} tokens in {seconds:.2f} s "
+                     f"({record['tokens_per_second']:.1f} tokens/s, including prefill)[/dim]")
+
+
+class _TextStream:
+    """Prints the completion as it is generated (HF streamer protocol: put/end)."""
+
+    def __init__(self, tokenizer, prompt_len: int) -> None:
+        self.tokenizer, self.tokens, self.printed, self.prompt_seen = tokenizer, [], 0, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            sys.stdout.write(self.tokenizer.decode(value[0]))
+            sys.stdout.flush()
+            return
+        self.tokens.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[self.printed :])
+            sys.stdout.flush()
+            self.printed = len(text)
+
+    def end(self) -> None:
+        sys.stdout.write(self.tokenizer.decode(self.tokens)[self.printed :] + "\n")
+
+
+@app.command()
+@_one_line_errors
+def bench(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="HF checkpoint to compare with (default: the one compiled)"),
+    batch: int = typer.Option(1, "--batch", "-b", min=1),
+    prompt_len: int = typer.Option(64, "--prompt-len", min=1),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
+    repeats: int = typer.Option(3, "--repeats", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time greedy generation: Hugging Face generate vs the artifact, same prompts, one process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lmforge
+    from lmforge.benchmarking import heldout_prompts, prompt_text_for, time_generation
+
+    model = lmforge.load(artifact)
+    checkpoint = checkpoint or model.program.meta.get("source")
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        raise typer.BadParameter("no checkpoint to compare with; pass --checkpoint")
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    prompts = heldout_prompts(prompt_text_for(checkpoint), model.tokenizer, batch, prompt_len)
+    ids = torch.tensor([p[:min(len(q) for q in prompts)] for p in prompts])
+    mask = torch.ones_like(ids)
+    hf_gen = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens, do_sample=False)
+    ours_gen = lambda: model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=[])
+    with torch.no_grad():
+        theirs = time_generation(hf_gen, ids.shape[1], repeats)
+        ours = time_generation(ours_gen, ids.shape[1], repeats)
+    record = {
+        "batch": batch, "prompt_len": ids.shape[1], "new_tokens": max_new_tokens,
+        "hf_tokens_per_second": theirs.tokens_per_second, "lmforge_tokens_per_second": ours.tokens_per_second,
+        "ratio": ours.tokens_per_second / theirs.tokens_per_second,
+        "identical_tokens": bool(torch.equal(theirs.output, ours.output)),
+    }
+    if as_json:
+        _print_json(record)
+        return
+    table = Table(title=f"greedy decode, batch {batch}, prompt {ids.shape[1]}, {max_new_tokens} new tokens")
+    for column in ("engine", "tokens/s", "ratio to HF", "identical tokens"):
+        table.add_column(column)
+    table.add_row("HF generate (eager PyTorch)", f"{theirs.tokens_per_second:.1f}", "1.00", "—")
+    table.add_row("lmforge", f"{ours.tokens_per_second:.1f}", f"{record['ratio']:.2f}", str(record["identical_tokens"]))
+    console.print(table)
+
+
+@app.command()
+@_one_line_errors
+def passes(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List every registered pass with its options and defaults."""
+    from lmforge.passes import PASSES
+
+    records = []
+    for name, cls in sorted(PASSES.items()):
+        options = [
+            {"name": field, "type": _type_name(info.annotation), "default": info.default, "description": info.description}
+            for field, info in cls.Config.model_fields.items()
+        ]
+        records.append({"name": name, "description": cls.description, "lossless": cls.lossless, "options": options})
+    if as_json:
+        _print_json(records)
+        return
+    for record in records:
+        table = Table(title=f"{record['name']} — {record['description']}", title_justify="left")
+        for column in ("option", "type", "default", "description"):
+            table.add_column(column)
+        for option in record["options"]:
+            table.add_row(option["name"], option["type"], repr(option["default"]), option["description"] or "")
+        console.print(table)
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+@app.command()
+@_one_line_errors
+def info(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    context: int = typer.Option(2048, "--context", min=1, help="tokens of context for kv_cache_bytes"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Summarise an artifact: versions, passes applied, weight and KV-cache bytes."""
+    from lmforge.compiler.artifact import read_manifest
+    from lmforge.runtime.kv_cache import kv_cache_bytes
+
+    import torch
+
+    manifest = read_manifest(artifact)
+    meta = manifest["meta"]
+    record = {
+        "artifact": str(artifact),
+        "architecture": manifest["architecture"],
+        "versions": manifest["versions"],
+        "num_layers": meta["num_layers"],
+        "dtype": meta["dtype"],
+        "weight_bytes": manifest["weight_bytes"],
+        "context": context,
+        "kv_cache_bytes": kv_cache_bytes(meta["kv_cache"], context, 1, getattr(torch, meta["dtype"])),
+        "passes": [
+            {k: h[k] for k in ("pass", "seconds", "ops_before", "ops_after", "rewrites", "measurements")}
+            for h in manifest["history"]
+        ],
+    }
+    if as_json:
+        _print_json(record)
+        return
+    console.print(f"[bold]{artifact}[/bold]: {record['architecture']}, {record['num_layers']} layers, {record['dtype']}")
+    console.print(f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}")
+    console.print(f"weight_bytes: {record['weight_bytes']:,}")
+    console.print(f"kv_cache_bytes at {context} tokens, batch 1: {record['kv_cache_bytes']:,}")
+    table = Table(title="pass history")
+    for column in ("pass", "seconds", "ops before → after", "rewrites"):
+        table.add_column(column)
+    for entry in record["passes"]:
+        table.add_row(entry["pass"], f"{entry['seconds']:.3f}", f"{entry['ops_before']} → {entry['ops_after']}", str(entry["rewrites"]))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
