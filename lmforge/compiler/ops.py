@@ -157,3 +157,6 @@ def _attention_fake(q, k, v, cache_index, scale, window, softcap):
 
 
 attention = torch.ops.lmforge.attention.default
+
+# The op's Python kernel by op, for code generators that call it without the dispatcher.
+PYTHON_KERNELS = {attention: _attention}

@@ -7,6 +7,7 @@ decided, under documented keys) and `history` (one record per applied pass).
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,9 +69,9 @@ class Program:
         return len(self.graph_module.graph.nodes)
 
     def op_count(self) -> int:
-        """Nodes that execute work when the program runs (calls, not placeholders or attrs)."""
+        """Operators the program runs: calls, not placeholders, constants or tuple indexing."""
         return sum(
-            node.op in ("call_function", "call_method", "call_module")
+            node.op in ("call_function", "call_method", "call_module") and node.target is not operator.getitem
             for node in self.graph_module.graph.nodes
         )
 
@@ -79,6 +80,19 @@ class Program:
         self.graph_module.graph.lint()
         self.graph_module.recompile()
         self.layers = build_layer_map(self.graph_module, spec_for(self.config), self.meta["num_layers"])
+
+    def add_weight(self, name: str, tensor: torch.Tensor) -> str:
+        """Register a new constant on the graph module; returns its attribute name."""
+        self.graph_module.register_buffer(name, tensor.detach().contiguous())
+        return name
+
+    def drop_unused_weights(self) -> int:
+        """Delete constants no get_attr node reads any more, so they leave the artifact."""
+        used = {node.target for node in self.graph_module.graph.nodes if node.op == "get_attr"}
+        unused = [name for name, _ in self.graph_module.named_buffers() if name not in used]
+        for name in unused:
+            delattr(self.graph_module, name)
+        return len(unused)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: tensor.detach() for name, tensor in self.graph_module.state_dict().items()}

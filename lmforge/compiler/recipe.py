@@ -21,10 +21,10 @@ DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml
 
 class CodegenConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["eager", "inductor"] = Field(
-        "eager",
-        description="eager: run the FX graph op by op (fastest for small models on CPU, measured); "
-        "inductor: torch.compile the graph",
+    backend: Literal["aten", "fx", "inductor"] = Field(
+        "aten",
+        description="aten: generated Python calling ATen directly (fastest here, measured); "
+        "fx: the FX graph as is; inductor: torch.compile of the graph",
     )
 
 
