@@ -16,7 +16,7 @@ def compiled_dir(ref_path, tmp_path_factory):
     result = runner.invoke(app, ["compile", str(ref_path), "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert [h["pass"] for h in record["history"]] == ["cleanup", "verify"]
+    assert [h["pass"] for h in record["history"]] == ["cleanup", "fuse_projections", "verify"]
     return out
 
 
@@ -32,12 +32,14 @@ def test_run_streams_text(compiled_dir):
     assert result.exit_code == 0 and result.stdout.startswith("def main():")
 
 
-def test_info_reports_bytes(compiled_dir):
+def test_info_reports_bytes(compiled_dir, ref_hf):
     result = runner.invoke(app, ["info", str(compiled_dir), "--context", "1024", "--json"])
     record = json.loads(result.stdout)
     # ref-llama-py: 8 layers x 4 KV heads x 32 dims, K and V, fp32
     assert record["kv_cache_bytes"] == 8 * 2 * 4 * 1024 * 32 * 4
-    assert record["weight_bytes"] == 31_999_104 and [p["pass"] for p in record["passes"]] == ["cleanup", "verify"]
+    # every parameter once (fusion concatenates, it does not copy) plus the RoPE frequency table
+    expected = sum(p.nbytes for p in ref_hf.parameters()) + ref_hf.model.rotary_emb.inv_freq.nbytes
+    assert record["weight_bytes"] == expected and [p["pass"] for p in record["passes"]] == ["cleanup", "fuse_projections", "verify"]
 
 
 def test_passes_lists_options():

@@ -22,13 +22,17 @@ def test_round_trip_gives_identical_tokens(saved, ref_compiled, heldout_prompts)
     ids = torch.tensor([heldout_prompts[2]])
     assert torch.equal(loaded.generate(ids, max_new_tokens=24), ref_compiled.generate(ids, max_new_tokens=24))
     assert loaded.tokenizer is not None
-    assert [e.summary() for e in loaded.program.layers] == [e.summary() for e in ref_compiled.program.layers]
+    def shape(program):  # node names may change through export; roles and counts may not
+        return [(sorted(e.projections), bool(e.ffn), len(e.norms), len(e.residual_adds)) for e in program.layers]
+
+    assert shape(loaded.program) == shape(ref_compiled.program)
+    assert all(e.attention is not None for e in loaded.program.layers)
 
 
 def test_manifest_records_versions_history_and_hashes(saved):
     manifest = read_manifest(saved)
     assert manifest["architecture"] == "llama" and set(manifest["versions"]) == {"lmforge", "torch", "transformers"}
-    assert [h["pass"] for h in manifest["history"]] == ["cleanup", "verify"]
+    assert [h["pass"] for h in manifest["history"]] == ["cleanup", "fuse_projections", "verify"]
     assert {WEIGHTS, PROGRAM, "config.json", "recipe.yaml", "tokenizer.json"} <= set(manifest["files"])
     assert (saved / "kernels").is_dir()
     # weights live once, in safetensors: the graph file is far smaller than the weights

@@ -17,7 +17,7 @@ def _error(text: str, tmp_path) -> str:
 def test_unknown_pass_lists_registered_passes_with_hint(tmp_path):
     message = _error("passes:\n  - name: cleanup\n  - name: clenaup\n", tmp_path)
     assert message.startswith(f"{tmp_path / 'r.yaml'}:3: passes[1].name: unknown pass 'clenaup'")
-    assert "did you mean 'cleanup'?" in message and "Registered passes: cleanup, verify" in message
+    assert "did you mean 'cleanup'?" in message and "Registered passes: cleanup, fuse_projections, verify" in message
 
 
 def test_wrong_type_names_field_and_line(tmp_path):
@@ -51,6 +51,6 @@ def test_bad_section_and_codegen_choice(tmp_path):
 def test_yaml_text_default_and_round_trip():
     recipe = load_recipe("passes:\n  - name: cleanup\n    cse: false\n")
     assert recipe.instantiate()[0].config.cse is False
-    assert [p["name"] for p in load_recipe(None).passes] == ["cleanup", "verify"]
+    assert [p["name"] for p in load_recipe(None).passes] == ["cleanup", "fuse_projections", "verify"]
     assert parse_recipe(recipe.to_yaml()) == recipe
     assert isinstance(load_recipe(recipe), Recipe)
