@@ -27,7 +27,8 @@ def attribute_name(qualified: str) -> str:
 def plain_graph_module(module: fx.GraphModule, prefix: str = "model.") -> fx.GraphModule:
     """Strip export's pytree calling convention: positional tensors in, one logits tensor
     out; weights become flat buffers (inference needs no Parameters or autograd) named
-    after their HF state-dict keys."""
+    after their HF state-dict keys. They share storage with the source model, so passes
+    replace weights (`Program.add_weight`) and never modify them in place."""
     graph = module.graph
     root = torch.nn.Module()
     for node in list(graph.nodes):

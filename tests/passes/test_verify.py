@@ -1,0 +1,34 @@
+"""`verify` passes a faithful program and catches a broken one with numbers in the message."""
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from lmforge.compiler.capture import capture
+from lmforge.errors import LmforgeError
+from lmforge.passes import PassContext
+from lmforge.passes.verify import Verify, VerifyConfig
+
+
+def _context(model):
+    return PassContext(reference=model, sample_ids=torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+
+
+def test_faithful_program_passes_with_measurements():
+    model = tiny_model("mistral")
+    program = capture(model)
+    result = Verify()(program, _context(model))
+    assert result.measurements["max_logit_error"] < 1e-4
+    assert result.measurements["top1_agreement"] == 1.0 and result.measurements["greedy_match"] is True
+
+
+def test_broken_program_is_caught():
+    model = tiny_model("llama")
+    program = capture(model)
+    weight = next(name for name in program.state_dict() if "layers__1__mlp__down_proj" in name)
+    # replace, never modify in place: program weights share storage with the reference model
+    program.add_weight(weight, getattr(program.graph_module, weight) * -3.0)
+    with pytest.raises(LmforgeError, match=r"verify failed: max logit error .* top-1 agreement"):
+        Verify()(program, _context(model))
+    recorded = Verify(VerifyConfig(fail=False))(program, _context(model))
+    assert recorded.measurements["max_logit_error"] > 1e-2
