@@ -48,6 +48,10 @@ def _one_line_errors(command):
     return wrapper
 
 
+def _compact(measurements: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in measurements.items())
+
+
 def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -97,7 +101,7 @@ def compile_(
     for entry in history:
         table.add_row(
             entry["pass"], f"{entry['seconds']:.3f}", str(entry["ops_before"]), str(entry["ops_after"]),
-            str(entry["rewrites"]), json.dumps(entry["measurements"]),
+            str(entry["rewrites"]), _compact(entry["measurements"]),
         )
     console.print(table)
 
@@ -120,6 +124,8 @@ def run(
     model = lmforge.load(artifact)
     if model.tokenizer is None:
         raise typer.BadParameter("the artifact has no tokenizer files")
+    if model.recipe.codegen.backend == "inductor":
+        errors.print("[dim]backend inductor: the first call compiles the graph (about 40 s on 2 cores)…[/dim]")
     ids = model.tokenizer(prompt, return_tensors="pt").input_ids
     streamer = None if as_json else _TextStream(model.tokenizer, ids.shape[1])
     start = time.perf_counter()

@@ -22,3 +22,11 @@ def test_emitted_source_binds_every_op_and_weight():
     assert "torch.ops." not in source and "self." not in source
     assert any(isinstance(value, torch.Tensor) for value in bound.values())
     assert source.count("lmforge_attention_default(") == compiled.program.meta["num_layers"]
+
+
+def test_inductor_backend_generates_the_same_tokens():
+    model = tiny_model("llama")
+    inductor = lmforge.optimize(model, "passes: [{name: cleanup}, {name: fuse_projections}]\ncodegen: {backend: inductor}\n")
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(5))
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(inductor.generate(ids, max_new_tokens=12), expected)
