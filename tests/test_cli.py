@@ -56,5 +56,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, ref_path):
     assert result.exit_code == 1
     assert "bad.yaml:2: passes[0].name: unknown pass 'cleanupp'" in result.stderr
     assert "Traceback" not in result.output
+    result = runner.invoke(app, ["compile", str(tmp_path), "-o", str(tmp_path / "y")])
+    assert result.exit_code == 1 and "not a checkpoint directory (no config.json)" in result.stderr
     result = runner.invoke(app, ["info", str(tmp_path)])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "not an lmforge artifact" in result.stderr
