@@ -70,10 +70,10 @@ def main() -> None:
     if args.inductor:
         variants.append(("lmforge inductor + fused", "inductor", True))
     models = {name: lmforge.optimize(args.checkpoint, _recipe(backend, fuse)) for name, backend, fuse in variants}
+    probe = torch.tensor([heldout_prompts(text, tokenizer, 1, args.prompt_len)[0]])
     warmup_seconds = {}
     for name, model in models.items():  # first calls compile (inductor) or initialise lazily
         start = time.perf_counter()
-        probe = torch.tensor([heldout_prompts(text, tokenizer, 1, args.prompt_len)[0]])
         model.generate(probe, max_new_tokens=4, eos_token_id=[])
         warmup_seconds[name] = time.perf_counter() - start
     rows = []
@@ -98,7 +98,7 @@ def main() -> None:
                          "first_call_seconds": warmup_seconds[name],
                          "ratio": timing.tokens_per_second / hf_timing.tokens_per_second,
                          "identical": bool(torch.equal(timing.output, hf_timing.output))})
-    breakdown = _profile_step(models["lmforge aten + fused"], torch.tensor([heldout_prompts(text, tokenizer, 1, args.prompt_len)[0]]))
+    breakdown = _profile_step(models["lmforge aten + fused"], probe)
     if args.json:
         json.dump({"rows": rows, "step_breakdown_us": breakdown}, sys.stdout, indent=2)
         return

@@ -127,7 +127,7 @@ def run(
     if model.recipe.codegen.backend == "inductor":
         errors.print("[dim]backend inductor: the first call compiles the graph (about 40 s on 2 cores)…[/dim]")
     ids = model.tokenizer(prompt, return_tensors="pt").input_ids
-    streamer = None if as_json else _TextStream(model.tokenizer, ids.shape[1])
+    streamer = None if as_json else _TextStream(model.tokenizer)
     start = time.perf_counter()
     out = model.generate(
         ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
@@ -149,7 +149,7 @@ def run(
 class _TextStream:
     """Prints the completion as it is generated (HF streamer protocol: put/end)."""
 
-    def __init__(self, tokenizer, prompt_len: int) -> None:
+    def __init__(self, tokenizer) -> None:
         self.tokenizer, self.tokens, self.printed, self.prompt_seen = tokenizer, [], 0, False
 
     def put(self, value) -> None:
@@ -193,7 +193,8 @@ def bench(
         raise typer.BadParameter("no checkpoint to compare with; pass --checkpoint")
     hf = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     prompts = heldout_prompts(prompt_text_for(checkpoint), model.tokenizer, batch, prompt_len)
-    ids = torch.tensor([p[:min(len(q) for q in prompts)] for p in prompts])
+    shortest = min(len(p) for p in prompts)
+    ids = torch.tensor([p[:shortest] for p in prompts])
     mask = torch.ones_like(ids)
     hf_gen = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, do_sample=False)

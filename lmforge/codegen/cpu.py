@@ -4,7 +4,7 @@ At this model size a decode step is a few hundred small operators, so the cost t
 matters is Python overhead per operator, not arithmetic. Backends:
 
 - `aten` (default): emit the graph as Python source in which every ATen overload is bound
-  to its C++ entry point and every weight to a local constant. This skips, per operator,
+  to its C++ entry point and every weight to a global name of the generated function. This skips, per operator,
   the `torch.ops.aten.x.y` attribute walk and `OpOverload.__call__`, and per weight the
   module attribute lookup; lmforge's own ops call their Python kernel without a trip
   through the dispatcher. Same kernels, same numbers as `fx`.

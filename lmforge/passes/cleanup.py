@@ -120,6 +120,6 @@ class Cleanup(Pass):
             counts["subexpressions_merged"] = _eliminate_common_subexpressions(graph)
         before = len(graph.nodes)
         graph.eliminate_dead_code()
-        program.graph_module.delete_all_unused_submodules()
+        program.drop_unused_weights()
         counts["dead_nodes_removed"] = before - len(graph.nodes)
         return PassResult(rewrites=sum(counts.values()), measurements=counts)

@@ -30,11 +30,8 @@ class FuseProjectionsConfig(PassConfig):
 
 
 def _weight_of(graph_module: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        raise ValueError("not a constant weight")
-    return getattr(graph_module, node.target)
+    """The constant a get_attr node reads (`_fusable_groups` admits only those), or None."""
+    return None if node is None else getattr(graph_module, node.target)
 
 
 def _fusable_groups(program: Program, config: FuseProjectionsConfig) -> list[list[fx.Node]]:
@@ -69,7 +66,8 @@ def _fuse(program: Program, nodes: list[fx.Node]) -> None:
     with graph.inserting_before(first):
         weight = graph.get_attr(weight_name)
         bias = graph.get_attr(bias_name) if bias_name else None
-        fused = graph.call_function(aten.linear.default, (first.args[0], weight, bias) if bias else (first.args[0], weight))
+        args = (first.args[0], weight) if bias is None else (first.args[0], weight, bias)
+        fused = graph.call_function(aten.linear.default, args)
         split = graph.call_function(aten.split_with_sizes.default, (fused, sizes, -1))
         parts = [graph.call_function(operator.getitem, (split, i)) for i in range(len(nodes))]
     for new in (weight, fused, split, *parts):
