@@ -17,6 +17,8 @@ from lmforge.compiler.pipeline import PassCallback, run_pipeline
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import Recipe, load_recipe, parse_recipe
 from lmforge.passes import PassContext
+from lmforge.passes.base import ProgressFn
+from lmforge.passes.calibrate import CalibrationData
 from lmforge.runtime.engine import Engine
 from lmforge.runtime.sampling import SamplingParams
 
@@ -102,21 +104,36 @@ def optimize(
     model_or_path: nn.Module | str | Path,
     recipe: Recipe | str | Path | None = None,
     *,
+    tokenizer: Any = None,
     on_pass: PassCallback | None = None,
+    progress: ProgressFn | None = None,
 ) -> CompiledModel:
     """Capture a Hugging Face causal LM, run the recipe's passes, and lower it for the CPU.
 
     `recipe` is a Recipe, a path to a YAML file, YAML text, or None for the default recipe.
+    `tokenizer` defaults to the checkpoint's own; lossy passes need it to read the
+    recipe's calibration text. `progress(description, done, total)` hears about long work
+    inside a pass (calibration searches, fine-tuning).
     """
     recipe = load_recipe(recipe)
     passes = recipe.instantiate()
     reference = load_reference(model_or_path)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_or_path)
     program = capture(reference)
     if isinstance(model_or_path, (str, Path)):
         program.meta["source"] = str(Path(model_or_path).resolve())
-    ctx = PassContext(reference=reference, sample_ids=_sample_ids(reference.config.vocab_size))
+    calibration = (
+        CalibrationData.from_config(recipe.calibration, tokenizer, reference) if recipe.calibration is not None else None
+    )
+    ctx = PassContext(
+        reference=reference,
+        sample_ids=_sample_ids(reference.config.vocab_size),
+        calibration=calibration,
+        quality_budget=recipe.quality_budget,
+        progress=progress,
+    )
     run_pipeline(program, passes, ctx, on_pass)
-    return CompiledModel(program, recipe, _generation_settings(reference), _load_tokenizer(model_or_path))
+    return CompiledModel(program, recipe, _generation_settings(reference), tokenizer)
 
 def load(path: str | Path) -> CompiledModel:
     """Load an artifact written by `CompiledModel.save` or `lmforge compile`, checking hashes."""

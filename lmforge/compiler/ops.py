@@ -36,12 +36,17 @@ class AttentionContext:
     keys/values are written at slots `start .. start + q_len`. `pad` gives, per batch row,
     the number of left-padding slots that no query may attend to (None: no padding).
     Masks are built once per forward and per window size, not once per layer.
+    `generated` counts the tokens decoded before this forward (0 for a prefill), which
+    decode-time decisions such as dynamic FFN skipping use for their warm-up; when
+    `skip_counts` is a dict, those decisions count the layers they skipped into it.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
     start: int
     q_len: int
     pad: torch.Tensor | None = None
+    generated: int = 0
+    skip_counts: dict[int, int] | None = None
     _masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int) -> torch.Tensor | None:
@@ -148,6 +153,31 @@ def _attention(
 
 
 _lib.impl("attention", _attention, "CompositeExplicitAutograd")
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, _, scale, window, softcap = inputs
+    context = current_context()
+    if context.kv is not None:
+        raise LmforgeError("gradients through lmforge::attention need a cache-free forward (kv=None)")
+    ctx.save_for_backward(q, k, v)
+    ctx.mask, ctx.scale, ctx.softcap = context.mask(window), scale, softcap
+
+
+def _attention_backward(ctx, grad: torch.Tensor):
+    """Recompute the attention under autograd: passes that fine-tune through the graph
+    (KV-sharing heal, head gates) need gradients, and at calibration sizes recomputing is
+    cheaper than keeping the probabilities of every layer."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        out = attention_reference(q, k, v, ctx.mask, ctx.scale, ctx.softcap).transpose(1, 2)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    return (*grads, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "lmforge::attention", _attention_backward, setup_context=_attention_setup_context
+)
 
 
 @torch.library.register_fake("lmforge::attention")

@@ -7,6 +7,7 @@ decided, under documented keys) and `history` (one record per applied pass).
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,14 @@ class Program:
         for name in unused:
             delattr(self.graph_module, name)
         return len(unused)
+
+    def clone(self) -> Program:
+        """A Program with a copy of the graph that shares the weight tensors: how a pass
+        tries a candidate rewrite and measures it without touching the original."""
+        graph = copy.deepcopy(self.graph_module.graph)
+        graph_module = fx.GraphModule(self.graph_module, graph)
+        return Program(graph_module, build_layer_map(graph_module, spec_for(self.config), self.meta["num_layers"]),
+                       self.config, copy.deepcopy(self.meta), list(self.history))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: tensor.detach() for name, tensor in self.graph_module.state_dict().items()}

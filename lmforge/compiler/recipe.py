@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmforge.errors import LmforgeError
 from lmforge.passes import PASSES, Pass
+from lmforge.passes.calibrate import CalibrationConfig, QualityBudget
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
 
@@ -42,6 +43,10 @@ class Recipe(BaseModel):
     passes: list[dict[str, Any]] = Field(default_factory=list)
     codegen: CodegenConfig = Field(default_factory=CodegenConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    calibration: CalibrationConfig | None = Field(None, description="text that lossy passes calibrate on")
+    quality_budget: QualityBudget | None = Field(
+        None, description="budget every lossy pass must keep, measured cumulatively against the original model"
+    )
 
     def instantiate(self) -> list[Pass]:
         """One configured pass object per entry, in recipe order."""
@@ -125,6 +130,14 @@ def _check_pass_entry(entry: Any, index: int, located: _Located) -> None:
         raise located.error(field_path, f"{error['msg']} (got {error.get('input')!r})") from None
 
 
+_SECTIONS = {
+    "codegen": CodegenConfig,
+    "runtime": RuntimeConfig,
+    "calibration": CalibrationConfig,
+    "quality_budget": QualityBudget,
+}
+
+
 def parse_recipe(source: str, name: str = "<recipe>") -> Recipe:
     """Validate YAML text into a Recipe, or raise an LmforgeError pointing at the line."""
     try:
@@ -154,8 +167,7 @@ def parse_recipe(source: str, name: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         error = exc.errors()[0]
         if error["type"] == "extra_forbidden":
-            section = error["loc"][0]
-            valid = type(getattr(Recipe(), section)).model_fields
+            valid = _SECTIONS[error["loc"][0]].model_fields
             message = f"unknown option{_hint(error['loc'][-1], valid)} Valid options: {_choices(valid)}"
         else:
             message = f"{error['msg']} (got {error.get('input')!r})"

@@ -8,6 +8,7 @@ refresh); a subclass writes only `apply`. Configs are pydantic models with
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,13 +23,24 @@ class PassConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+ProgressFn = Callable[[str, int, int], None]
+
+
 @dataclass
 class PassContext:
-    """What a pass may use besides the Program: the unmodified reference model and a
-    small batch of token ids to check numerics on."""
+    """What a pass may use besides the Program: the unmodified reference model, a small
+    batch of token ids to check numerics on, the calibration data and pipeline-wide quality
+    budget of lossy passes, and `progress(description, done, total)` for long work."""
 
     reference: Any = None
     sample_ids: Any = None
+    calibration: Any = None
+    quality_budget: Any = None
+    progress: ProgressFn | None = None
+
+    def report(self, description: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(description, done, total)
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,16 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
+from lmforge.passes.calibrate import full_logits
 
 
 class VerifyConfig(PassConfig):
     max_logit_error: float = Field(1e-3, gt=0, description="largest allowed |logit - reference logit|")
     greedy_tokens: int = Field(8, ge=0, description="greedy tokens decoded by both models and compared")
     fail: bool = Field(True, description="raise when a check fails (false: only record the numbers)")
-
-
-def program_logits(program: Program, input_ids: torch.Tensor) -> torch.Tensor:
-    """Full-sequence logits of the Program, without a KV cache."""
-    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    with torch.no_grad(), attention_context(AttentionContext(kv=None, start=0, q_len=input_ids.shape[1])):
-        return program(input_ids, positions)
 
 
 def _greedy(next_logits, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
@@ -47,11 +40,11 @@ class Verify(Pass):
         ids = ctx.sample_ids
         with torch.no_grad():
             reference = ctx.reference(ids).logits
-        logits = program_logits(program, ids)
+        logits = full_logits(program, ids)
         error = (logits - reference).abs().max().item()
         top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
         with torch.no_grad():
-            ours = _greedy(lambda x: program_logits(program, x), ids, self.config.greedy_tokens)
+            ours = _greedy(lambda x: full_logits(program, x), ids, self.config.greedy_tokens)
             theirs = _greedy(lambda x: ctx.reference(x).logits, ids, self.config.greedy_tokens)
         greedy_match = bool(torch.equal(ours, theirs))
         measurements = {"max_logit_error": error, "top1_agreement": top1, "greedy_match": greedy_match}

@@ -6,7 +6,7 @@ from tiny_models import tiny_model
 from lmforge.compiler.capture import capture
 from lmforge.passes import PassContext
 from lmforge.passes.cleanup import Cleanup, CleanupConfig
-from lmforge.passes.verify import program_logits
+from lmforge.passes.calibrate import full_logits as program_logits
 
 aten = torch.ops.aten
 
