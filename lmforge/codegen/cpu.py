@@ -7,7 +7,8 @@ matters is Python overhead per operator, not arithmetic. Backends:
   to its C++ entry point and every weight to a global name of the generated function. This skips, per operator,
   the `torch.ops.aten.x.y` attribute walk and `OpOverload.__call__`, and per weight the
   module attribute lookup; lmforge's own ops call their Python kernel without a trip
-  through the dispatcher. Same kernels, same numbers as `fx`.
+  through the dispatcher; `torch.cond` branch subgraphs are emitted the same way and
+  called through a plain `if`. Same kernels, same numbers as `fx`.
 - `fx`: run the FX GraphModule as it is.
 - `inductor`: `torch.compile` of the graph. Measured about 2× faster than `aten` in steady
   state on ref-llama-py here, after a ~40 s first-call compile (benchmarks/decode.py
@@ -30,6 +31,13 @@ Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _OP_CALL = re.compile(r"torch\.ops\.(\w+)\.(\w+)\.(\w+)\(")
 _WEIGHT = re.compile(r"\bself\.(\w+)\b")
+_COND_CALL = "torch.ops.higher_order.cond("
+
+
+def run_branch(predicate: torch.Tensor, on_true: Runner, on_false: Runner, operands: tuple) -> tuple:
+    """`torch.cond` as a plain Python branch: the higher-order op's dispatch (mode and
+    functionalization checks) costs more per call than the small branches it guards here."""
+    return on_true(*operands) if predicate else on_false(*operands)
 
 
 def emit_aten_source(graph_module: fx.GraphModule) -> tuple[str, dict]:
@@ -48,10 +56,12 @@ def emit_aten_source(graph_module: fx.GraphModule) -> tuple[str, dict]:
 
     def bind_weight(match: re.Match) -> str:
         name = match.group(1)
-        bound[f"w_{name}"] = getattr(graph_module, name)
+        attribute = getattr(graph_module, name)
+        bound[f"w_{name}"] = compile_aten(attribute) if isinstance(attribute, fx.GraphModule) else attribute
         return f"w_{name}"
 
-    source = _OP_CALL.sub(bind_op, graph_module.code)
+    bound["run_branch"] = run_branch
+    source = _OP_CALL.sub(bind_op, graph_module.code.replace(_COND_CALL, "run_branch("))
     source = _WEIGHT.sub(bind_weight, source)
     source = source.replace("def forward(self, ", "def forward(", 1)
     return source, bound

@@ -43,20 +43,22 @@ def sha256(path: Path) -> str:
 
 def _lift_weights(graph_module: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """A copy of the graph whose weights are placeholders after the two token inputs."""
-    graph, env, names = fx.Graph(), {}, []
+    graph, env, names, root = fx.Graph(), {}, [], torch.nn.Module()
     nodes = list(graph_module.graph.nodes)
     for node in nodes:
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
     for node in nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and isinstance(getattr(graph_module, node.target), torch.Tensor):
             env[node] = graph.placeholder(node.target)
             env[node].meta = dict(node.meta)
             names.append(node.target)
     for node in nodes:
-        if node.op not in ("placeholder", "get_attr"):
+        if node.op == "get_attr" and node not in env:  # a branch subgraph of torch.cond: it stays a module
+            root.add_module(node.target, getattr(graph_module, node.target))
+        if node.op != "placeholder" and node not in env:
             env[node] = graph.node_copy(node, lambda arg: env[arg])
-    return fx.GraphModule(torch.nn.Module(), graph), names
+    return fx.GraphModule(root, graph), names
 
 
 def _export_graph(graph_module: fx.GraphModule) -> torch.export.ExportedProgram:

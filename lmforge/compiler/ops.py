@@ -1,4 +1,4 @@
-"""The `lmforge::attention` custom op and the forward context it reads.
+"""lmforge's custom ops (`attention`, `ffn_skip_gate`) and the forward context they read.
 
 Attention is one opaque op in the captured graph so that passes can rewrite it by changing
 its arguments (which cache slot, which window) instead of pattern-matching dozens of aten
@@ -188,5 +188,35 @@ def _attention_fake(q, k, v, cache_index, scale, window, softcap):
 
 attention = torch.ops.lmforge.attention.default
 
-# The op's Python kernel by op, for code generators that call it without the dispatcher.
-PYTHON_KERNELS = {attention: _attention}
+FFN_SKIP_GATE_SCHEMA = "ffn_skip_gate(Tensor before, Tensor after, float threshold, int warmup, int layer) -> Tensor"
+_lib.define(FFN_SKIP_GATE_SCHEMA)
+
+
+def _ffn_skip_gate(before: torch.Tensor, after: torch.Tensor, threshold: float, warmup: int, layer: int) -> torch.Tensor:
+    """Whether `layer` may skip its FFN for this forward: only when decoding one token
+    per row with a cache, after `warmup` decode steps, and when the residual stream of
+    every row barely turned across the previous FFN (cosine of its input and output at
+    the last position >= `threshold`). Prefill, verification of several tokens and
+    cache-free forwards always compute every FFN, so skipping is a decode-time decision."""
+    context = current_context()
+    if context.kv is None or context.q_len != 1 or context.generated < warmup:
+        return torch.tensor(False)
+    cosine = F.cosine_similarity(before[:, -1].float(), after[:, -1].float(), dim=-1)
+    skip = bool((cosine >= threshold).all())
+    if skip and context.skip_counts is not None:
+        context.skip_counts[layer] = context.skip_counts.get(layer, 0) + 1
+    return torch.tensor(skip)
+
+
+_lib.impl("ffn_skip_gate", _ffn_skip_gate, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmforge::ffn_skip_gate")
+def _ffn_skip_gate_fake(before, after, threshold, warmup, layer):
+    return before.new_empty((), dtype=torch.bool)
+
+
+ffn_skip_gate = torch.ops.lmforge.ffn_skip_gate.default
+
+# Each op's Python kernel by op, for code generators that call it without the dispatcher.
+PYTHON_KERNELS = {attention: _attention, ffn_skip_gate: _ffn_skip_gate}

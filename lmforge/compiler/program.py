@@ -38,9 +38,12 @@ def plain_graph_module(module: fx.GraphModule, prefix: str = "model.") -> fx.Gra
             continue
         if node.op != "get_attr":
             continue
-        tensor = _get_tensor(module, node.target).detach()
+        value = _get_tensor(module, node.target)
         name = attribute_name(node.target.removeprefix(prefix))
-        root.register_buffer(name, tensor)
+        if isinstance(value, fx.GraphModule):  # a torch.cond branch
+            root.add_module(name, value)
+        else:
+            root.register_buffer(name, value.detach())
         node.target = name
     graph.set_codegen(fx.CodeGen())
     output = graph.output_node()

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from lmforge.errors import LmforgeError
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+State = TypeVar("State")
 
 
 class QualityBudget(BaseModel):
@@ -127,10 +128,13 @@ def full_logits(program: Program, input_ids: torch.Tensor) -> torch.Tensor:
         return program(input_ids, positions)
 
 
-def decoded_logits(program: Program, input_ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def decoded_logits(
+    program: Program, input_ids: torch.Tensor, prompt_len: int, skip_counts: dict[int, int] | None = None
+) -> torch.Tensor:
     """Logits of a teacher-forced decode: prefill `prompt_len` tokens, then feed the rest
     one token per step through a KV cache, as generation would. Decode-time decisions
-    (dynamic skipping) only happen on this path, so they must be measured on it."""
+    (dynamic skipping) only happen on this path, so they must be measured on it; they are
+    counted into `skip_counts` when it is given."""
     batch, length = input_ids.shape
     buffers: list = []
     for entry in program.meta["kv_cache"]:
@@ -144,7 +148,7 @@ def decoded_logits(program: Program, input_ids: torch.Tensor, prompt_len: int) -
     with attention_context(AttentionContext(kv=buffers, start=0, q_len=prompt_len)):
         outputs.append(program(input_ids[:, :prompt_len], positions[:, :prompt_len]))
     for step in range(prompt_len, length):
-        context = AttentionContext(kv=buffers, start=step, q_len=1, generated=step - prompt_len)
+        context = AttentionContext(kv=buffers, start=step, q_len=1, generated=step - prompt_len, skip_counts=skip_counts)
         with attention_context(context):
             outputs.append(program(input_ids[:, step : step + 1], positions[:, step : step + 1]))
     return torch.cat(outputs, dim=1)
@@ -195,19 +199,36 @@ class CalibrationData:
             self._reference_logprobs[split] = logits.float().log_softmax(-1)
         return self._reference_logprobs[split]
 
-    def quality(self, logits_fn: LogitsFn, split: str = "heldout") -> Quality:
-        """Measure `logits_fn` (token ids → logits) against the reference on `split`."""
+    def quality(self, logits_fn: LogitsFn, split: str = "heldout", from_position: int = 0) -> Quality:
+        """Measure `logits_fn` (token ids → logits) against the reference on `split`,
+        scoring the predictions made at positions `from_position` onwards."""
         ids = self.ids(split)
         with torch.no_grad():
             logprobs = torch.cat([logits_fn(chunk) for chunk in ids.split(self.batch)]).float().log_softmax(-1)
-        return compare(self.reference_logprobs(split), logprobs, ids)
+        scored = slice(from_position, None)
+        return compare(self.reference_logprobs(split)[:, scored], logprobs[:, scored], ids[:, scored])
 
-    def program_quality(self, program: Program, split: str = "heldout", decode_from: int | None = None) -> Quality:
-        """Quality of a Program: full-sequence logits, or teacher-forced decoding after
-        `decode_from` prompt tokens when the program makes decode-time decisions."""
+    def program_quality(
+        self,
+        program: Program,
+        split: str = "heldout",
+        decode_from: int | None = None,
+        skip_counts: dict[int, int] | None = None,
+    ) -> Quality:
+        """Quality of a Program from full-sequence logits or, for a program that makes
+        decode-time decisions, from teacher-forced decoding after `decode_from` prompt
+        tokens (default: half the window), scoring only the decoded positions."""
+        if decode_from is None and makes_decode_time_decisions(program):
+            decode_from = self.ids(split).shape[1] // 2
         if decode_from is None:
             return self.quality(lambda ids: full_logits(program, ids), split)
-        return self.quality(lambda ids: decoded_logits(program, ids, decode_from), split)
+        return self.quality(lambda ids: decoded_logits(program, ids, decode_from, skip_counts), split, decode_from)
+
+
+def makes_decode_time_decisions(program: Program) -> bool:
+    """Whether the program decodes differently from its cache-free forward (dynamic
+    ffn_skip), so that its quality must be measured by decoding."""
+    return program.meta.get("ffn_skip", {}).get("mode") == "dynamic"
 
 
 def compare(reference_logprobs: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor) -> Quality:
@@ -247,3 +268,65 @@ def enforce_budget(pass_name: str, quality: Quality, budget: QualityBudget | Non
     if budget is not None and budget.best_effort:
         return [message + " (best_effort: kept)"]
     raise LmforgeError(message + ". Loosen quality_budget, or set best_effort: true to keep the closest result")
+
+
+@dataclass
+class SearchResult(Generic[State]):
+    """Outcome of `greedy_search`: the chosen state, how many steps were kept, every
+    candidate measured (for the pass history) and notes for the user."""
+
+    chosen: State
+    steps: int
+    trials: list[dict]
+    notes: list[str]
+
+
+def greedy_search(
+    pass_name: str,
+    start: State,
+    neighbours: Callable[[State], list[State]],
+    measure: Callable[[State, str], Quality],
+    describe: Callable[[State], Any],
+    budget: QualityBudget | None,
+    report: Callable[[int], None] = lambda steps: None,
+) -> SearchResult[State]:
+    """Greedy search under a quality budget, shared by the lossy passes that choose what to
+    change (layers to share KV, FFNs to drop).
+
+    Each round measures every neighbour of the current state on the calibration split and
+    moves to the cheapest (by perplexity increase) while it stays within the budget. The
+    held-out split then confirms the result, stepping back while it does not. When not even
+    one step fits, the error (or, with best_effort, the note) says what the cheapest step
+    would have cost."""
+    path, trials, notes = [start], [], []
+    cheapest: tuple[State, Quality] | None = None
+    while True:
+        measured = []
+        for candidate in neighbours(path[-1]):
+            quality = measure(candidate, "calibration")
+            trials.append({"candidate": describe(candidate), "calibration_quality": quality.as_dict()})
+            measured.append((quality, candidate))
+        if not measured:
+            break
+        quality, candidate = min(measured, key=lambda item: item[0].ppl_increase)
+        if cheapest is None:
+            cheapest = (candidate, quality)
+        if not quality.within(budget):
+            break
+        path.append(candidate)
+        report(len(path) - 1)
+    while len(path) > 1 and not measure(path[-1], "heldout").within(budget):
+        notes.append(f"{describe(path[-1])} met the budget on calibration text but not on held-out text; undone")
+        path.pop()
+    if len(path) > 1:
+        return SearchResult(path[-1], len(path) - 1, trials, notes)
+    if cheapest is None:
+        return SearchResult(start, 0, trials, notes + ["no candidate to try"])
+    if budget is not None and budget.best_effort:
+        notes.append(f"nothing fits the budget; best_effort keeps the cheapest step, {describe(cheapest[0])}")
+        return SearchResult(cheapest[0], 1, trials, notes)
+    raise LmforgeError(
+        f"{pass_name}: no change fits the quality budget; the cheapest, {describe(cheapest[0])}, costs "
+        f"{cheapest[1].describe()} on calibration text. Loosen quality_budget, set best_effort: true, "
+        "or choose explicitly in the recipe"
+    )

@@ -18,7 +18,7 @@ from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, regis
 
 aten = torch.ops.aten
 
-_RUNTIME_CHECKS = {
+RUNTIME_CHECKS = {
     aten._assert_tensor_metadata.default,
     aten._assert_scalar.default,
     aten.sym_constrain_range_for_size.default,
@@ -58,7 +58,7 @@ def _identity_source(node: fx.Node) -> fx.Node | None:
 def _remove_checks(graph: fx.Graph) -> int:
     removed = 0
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in _RUNTIME_CHECKS:
+        if node.op == "call_function" and node.target in RUNTIME_CHECKS:
             graph.erase_node(node)
             removed += 1
     return removed

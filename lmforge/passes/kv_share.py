@@ -13,8 +13,8 @@ Modes:
 - `explicit`: the groups the recipe gives.
 - `auto`: greedy on calibration text. Each round tries merging a group into the one before
   it, for the candidates whose producer/consumer keys and values are most similar, measures
-  each candidate's real quality cost, and keeps the cheapest while the budget holds. The
-  held-out split then confirms the budget (undoing the last merges if it does not).
+  each candidate's real quality cost, and keeps the cheapest while the budget holds
+  (`calibrate.greedy_search`, which also confirms the result on the held-out split).
 - `heal` (either mode): a short distillation fine-tune of the producers' K/V projections
   toward the original model's next-token distribution, with quality reported before and after.
 """
@@ -34,8 +34,10 @@ from lmforge.passes.calibrate import (
     CalibrationData,
     Quality,
     QualityBudget,
+    SearchResult,
     enforce_budget,
     full_logits,
+    greedy_search,
     node_values,
     require_calibration,
 )
@@ -192,7 +194,8 @@ class KVShare(Pass):
                 raise LmforgeError("kv_share: mode explicit needs `groups`, e.g. groups: [[0, 1], [2, 3]]")
             groups = normalize_groups(config.groups, num_layers)
         else:
-            groups = self._search(program, data, budget, similarity, trials, notes, ctx)
+            search = self._search(program, data, budget, similarity, ctx)
+            groups, trials, notes = search.chosen, search.trials, search.notes
         kv_before = len({entry["cache"] for entry in program.meta["kv_cache"]})
         rewired = share_kv(program, groups)
         quality = data.program_quality(program)
@@ -216,55 +219,25 @@ class KVShare(Pass):
         notes.append(f"{kv_before} → {len(groups)} KV caches; held-out {quality.describe()}")
         return PassResult(rewrites=rewired, notes=tuple(notes), measurements=measurements)
 
-    def _search(
-        self,
-        program: Program,
-        data: CalibrationData,
-        budget: QualityBudget | None,
-        similarity: list[list[float]],
-        trials: list[dict],
-        notes: list[str],
-        ctx: PassContext,
-    ) -> Groups:
+    def _search(self, program: Program, data: CalibrationData, budget: QualityBudget | None,
+                similarity: list[list[float]], ctx: PassContext) -> SearchResult[Groups]:
         num_layers = program.meta["num_layers"]
         protected = set(self.config.protect if self.config.protect is not None else (0, num_layers - 1))
-        groups: Groups = [[layer] for layer in range(num_layers)]
-        accepted: list[Groups] = [groups]
-        cheapest: tuple[Quality, Groups] | None = None
-        while True:
+
+        def neighbours(groups: Groups) -> list[Groups]:
             candidates = [
                 index for index in range(1, len(groups))
                 if not protected & set(groups[index]) and similarity[groups[index - 1][0]][groups[index][0]] > -1
             ]
             candidates.sort(key=lambda i: -similarity[groups[i - 1][0]][groups[i][0]])
-            measured = []
-            for index in candidates[: self.config.candidates_per_round]:
-                merged = _merge(groups, index)
-                quality = _trial(program, merged, data, "calibration")
-                trials.append({"groups": merged, "calibration_quality": quality.as_dict()})
-                measured.append((quality.ppl_increase, quality, merged))
-            if not measured:
-                break
-            _, quality, merged = min(measured, key=lambda item: item[0])
-            if cheapest is None:
-                cheapest = (quality, merged)
-            if not quality.within(budget):
-                break
-            groups = merged
-            accepted.append(groups)
-            ctx.report("kv_share: choosing groups", len(accepted) - 1, num_layers - 1)
-        while len(accepted) > 1 and not _trial(program, accepted[-1], data, "heldout").within(budget):
-            notes.append(f"groups {accepted[-1]} met the budget on calibration text but not held-out; undone")
-            accepted.pop()
-        if len(accepted) > 1:
-            return accepted[-1]
-        if cheapest is None:
-            raise LmforgeError("kv_share auto: no two adjacent unprotected layers have KV of the same shape")
-        if budget is not None and budget.best_effort:
-            notes.append("no merge fits the budget; best_effort keeps the cheapest one")
-            return cheapest[1]
-        raise LmforgeError(
-            f"kv_share auto: no layer can share its KV within the quality budget; the cheapest merge "
-            f"{cheapest[1]} costs {cheapest[0].describe()} on calibration text. Loosen quality_budget, "
-            "set best_effort: true, or give explicit groups"
+            return [_merge(groups, index) for index in candidates[: self.config.candidates_per_round]]
+
+        return greedy_search(
+            self.name,
+            [[layer] for layer in range(num_layers)],
+            neighbours,
+            lambda groups, split: _trial(program, groups, data, split),
+            lambda groups: f"groups {groups}",
+            budget,
+            lambda steps: ctx.report("kv_share: choosing groups", steps, num_layers - 1),
         )

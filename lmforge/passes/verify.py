@@ -1,8 +1,13 @@
 """`verify`: check the Program numerically against the unmodified Hugging Face model.
 
-It compares full-sequence logits on a fixed token batch (max absolute error, top-1
-agreement) and, because small logit errors can still flip a near-tie, also decodes a few
-greedy tokens with both and compares them. It never changes the graph.
+After lossless passes it compares full-sequence logits on a fixed token batch (max
+absolute error, top-1 agreement) and, because small logit errors can still flip a
+near-tie, also decodes a few greedy tokens with both and compares them. After a lossy pass
+exact agreement is not the contract any more: it measures the held-out quality of the
+whole pipeline so far against the recipe-wide quality budget instead. Either way it checks
+that decoding through the KV cache gives the logits of a cache-free forward of the same
+program (not applicable to programs that make decode-time decisions, such as dynamic
+`ffn_skip`). It never changes the graph.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ from pydantic import Field
 
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
-from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
-from lmforge.passes.calibrate import full_logits
+from lmforge.passes.base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
+from lmforge.passes.calibrate import decoded_logits, enforce_budget, full_logits, makes_decode_time_decisions
 
 
 class VerifyConfig(PassConfig):
@@ -38,6 +43,16 @@ class Verify(Pass):
         if ctx.reference is None or ctx.sample_ids is None:
             raise LmforgeError("verify needs the reference model and sample ids in the pass context")
         ids = ctx.sample_ids
+        measurements, notes = self._cache_consistency(program, ids), []
+        lossy = [entry["pass"] for entry in program.history if not PASSES[entry["pass"]].lossless]
+        if lossy:
+            measurements["lossy_passes"] = lossy
+            if ctx.calibration is not None:
+                quality = ctx.calibration.program_quality(program)
+                measurements["heldout_quality"] = quality.as_dict()
+                notes += enforce_budget(self.name, quality, ctx.quality_budget, f"the pipeline after {', '.join(lossy)}")
+                notes.append(f"held-out {quality.describe()} after lossy passes {', '.join(lossy)}")
+            return PassResult(notes=tuple(notes), measurements=measurements)
         with torch.no_grad():
             reference = ctx.reference(ids).logits
         logits = full_logits(program, ids)
@@ -47,7 +62,7 @@ class Verify(Pass):
             ours = _greedy(lambda x: full_logits(program, x), ids, self.config.greedy_tokens)
             theirs = _greedy(lambda x: ctx.reference(x).logits, ids, self.config.greedy_tokens)
         greedy_match = bool(torch.equal(ours, theirs))
-        measurements = {"max_logit_error": error, "top1_agreement": top1, "greedy_match": greedy_match}
+        measurements.update({"max_logit_error": error, "top1_agreement": top1, "greedy_match": greedy_match})
         failed = error > self.config.max_logit_error or not greedy_match
         if failed and self.config.fail:
             raise LmforgeError(
@@ -55,3 +70,16 @@ class Verify(Pass):
                 f"top-1 agreement {top1:.4f}, greedy tokens identical: {greedy_match}"
             )
         return PassResult(measurements=measurements)
+
+    def _cache_consistency(self, program: Program, ids: torch.Tensor) -> dict:
+        """Largest logit difference between cached decoding and a cache-free forward."""
+        if makes_decode_time_decisions(program):
+            return {"cache_consistency": "not applicable: dynamic ffn_skip decides per decoded token"}
+        with torch.no_grad():
+            error = (decoded_logits(program, ids, ids.shape[1] // 2) - full_logits(program, ids)).abs().max().item()
+        if error > self.config.max_logit_error and self.config.fail:
+            raise LmforgeError(
+                f"verify failed: decoding with the KV cache differs from a cache-free forward by {error:.3g} "
+                f"(allowed {self.config.max_logit_error:g})"
+            )
+        return {"cache_max_logit_error": error}

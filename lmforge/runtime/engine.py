@@ -58,7 +58,10 @@ class _StopStrings:
 
 
 class Engine:
-    """Prefill + decode with a static cache; greedy or sampled; batch with left padding."""
+    """Prefill + decode with a static cache; greedy or sampled; batch with left padding.
+
+    Set `skip_counts` to a dict to have decode-time skipping (dynamic `ffn_skip`) count
+    the FFNs it skipped per layer, which is how benchmarks report the skip rate."""
 
     def __init__(
         self,
@@ -76,6 +79,7 @@ class Engine:
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_ids or [0])[0]
         self.tokenizer = tokenizer
         self.cache: StaticKVCache | None = None
+        self.skip_counts: dict[int, int] | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for every position, computed without a cache (for evaluation)."""
@@ -93,9 +97,15 @@ class Engine:
             self.cache = StaticKVCache(self.kv_layout, batch, self.max_seq_len, self.dtype)
         return self.cache
 
-    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, start: int, pad: torch.Tensor | None) -> torch.Tensor:
-        """Run `input_ids` (written to cache slots `start..`) and return last-position logits."""
-        context = AttentionContext(kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad)
+    def step(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, start: int, pad: torch.Tensor | None, generated: int = 0
+    ) -> torch.Tensor:
+        """Run `input_ids` (written to cache slots `start..`) and return last-position logits;
+        `generated` is how many decode steps came before (0 for the prefill)."""
+        context = AttentionContext(
+            kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad, generated=generated,
+            skip_counts=self.skip_counts,
+        )
         with attention_context(context):
             return self.runner(input_ids, positions)[:, -1]
 
@@ -145,7 +155,7 @@ class Engine:
             if length == prompt_len + max_new_tokens or not bool(unfinished.any()):
                 break
             positions = positions + 1
-            logits = self.step(next_tokens[:, None], positions, length - 1, pad)
+            logits = self.step(next_tokens[:, None], positions, length - 1, pad, generated=length - 1 - prompt_len)
         if streamer is not None:
             streamer.end()
         return tokens[:, :length]
