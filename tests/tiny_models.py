@@ -31,16 +31,18 @@ _OVERRIDES: dict[str, dict] = {
 }
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, num_layers: int | None = None):
     options = {**_COMMON, **_OVERRIDES.get(model_type, {})}
+    if num_layers is not None:
+        options.update(num_hidden_layers=num_layers, **({"n_layer": num_layers} if model_type == "gpt2" else {}))
     options = {k: v for k, v in options.items() if v is not None}
     config = AutoConfig.for_model(model_type, **options)
     config.initializer_range = 0.2  # spread the logits so greedy decoding has no near-ties
     return config
 
 
-def tiny_model(model_type: str, seed: int = 0, attn_implementation: str = "eager"):
+def tiny_model(model_type: str, seed: int = 0, attn_implementation: str = "eager", num_layers: int | None = None):
     torch.manual_seed(seed)
-    config = tiny_config(model_type)
+    config = tiny_config(model_type, num_layers)
     config._attn_implementation = attn_implementation
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()

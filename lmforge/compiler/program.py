@@ -19,6 +19,14 @@ from lmforge.compiler.architectures import spec_for
 from lmforge.compiler.layermap import LayerMap, build_layer_map
 
 
+RUNTIME_CHECKS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch.ops.aten.sym_constrain_range.default,
+}
+
+
 def attribute_name(qualified: str) -> str:
     """Flat attribute name of a weight: its HF state-dict name with dots as double
     underscores, so `getattr` is one lookup per weight per call, not a module walk."""
@@ -90,6 +98,23 @@ class Program:
         """Register a new constant on the graph module; returns its attribute name."""
         self.graph_module.register_buffer(name, tensor.detach().contiguous())
         return name
+
+    def eliminate_dead_code(self) -> None:
+        """Dead-code elimination that also drops export's runtime checks of values nothing
+        else reads: FX keeps those checks (they have side effects), and they would keep a
+        removed projection or FFN alive. Random ops count as pure: in an inference graph
+        they are dropouts in eval mode, which would otherwise keep dead FFNs alive too."""
+        graph = self.graph_module.graph
+        while True:
+            orphaned = [
+                node for node in graph.nodes
+                if node.target in RUNTIME_CHECKS and node.args and isinstance(node.args[0], fx.Node)
+                and all(user.target in RUNTIME_CHECKS for user in node.args[0].users)
+            ]
+            for node in orphaned:
+                graph.erase_node(node)
+            if not graph.eliminate_dead_code(lambda node: node.is_impure(impure_random=False)) and not orphaned:
+                return
 
     def drop_unused_weights(self) -> int:
         """Delete constants no get_attr node reads any more, so they leave the artifact."""

@@ -13,17 +13,11 @@ from pydantic import Field
 from torch import fx
 
 from lmforge.compiler.ops import attention
-from lmforge.compiler.program import Program
+from lmforge.compiler.program import RUNTIME_CHECKS, Program
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 
-RUNTIME_CHECKS = {
-    aten._assert_tensor_metadata.default,
-    aten._assert_scalar.default,
-    aten.sym_constrain_range_for_size.default,
-    aten.sym_constrain_range.default,
-}
 _NEVER_MERGED = {attention}
 
 

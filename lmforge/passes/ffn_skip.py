@@ -36,7 +36,7 @@ from torch import fx
 
 from lmforge.compiler.layermap import role_of, set_role
 from lmforge.compiler.ops import attention, ffn_skip_gate
-from lmforge.compiler.program import Program
+from lmforge.compiler.program import RUNTIME_CHECKS, Program
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import (
@@ -48,7 +48,7 @@ from lmforge.passes.calibrate import (
     node_values,
     require_calibration,
 )
-from lmforge.passes.cleanup import RUNTIME_CHECKS
+
 
 DEFAULT_THRESHOLDS = (0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9)
 _BODY_ROLES = ("ffn", "norm", "layer_other")
@@ -80,13 +80,20 @@ class FFNSkipConfig(PassConfig):
 
 @dataclass
 class FFNBlock:
-    """One layer's FFN block: `add = stream + f(stream)` with `body` computing f(stream)."""
+    """One layer's FFN block: `add = stream + f(stream)` with `body` computing f(stream)
+    from `stream` and `weights` (the weights and any symbolic sizes it reads)."""
 
     layer: int
     stream: fx.Node
     add: fx.Node
     body: list[fx.Node]
     weights: list[fx.Node]
+
+
+def _is_shape_value(node: fx.Node) -> bool:
+    """A symbolic size computed outside the layer (export reads shapes off the inputs for
+    the views inside an FFN): an input of the block, like a weight."""
+    return node.op == "call_function" and isinstance(node.meta.get("val"), (int, torch.SymInt))
 
 
 def _body_from(add: fx.Node, stream: fx.Node, branch: fx.Node, layer: int) -> tuple[list[fx.Node], list[fx.Node]] | None:
@@ -97,7 +104,7 @@ def _body_from(add: fx.Node, stream: fx.Node, branch: fx.Node, layer: int) -> tu
         node = pending.pop()
         if node is stream or node in body or node in weights:
             continue
-        if node.op == "get_attr":
+        if node.op == "get_attr" or _is_shape_value(node):
             weights.add(node)
             continue
         node_layer, role = role_of(node)
@@ -148,9 +155,7 @@ def remove_ffns(program: Program, layers: list[int]) -> int:
         block = find_ffn_block(program, layer)
         block.add.replace_all_uses_with(block.stream)
         program.graph_module.graph.erase_node(block.add)
-        for check in [node for node in block.body if node.target in RUNTIME_CHECKS]:
-            program.graph_module.graph.erase_node(check)
-    program.graph_module.graph.eliminate_dead_code()
+    program.eliminate_dead_code()
     program.drop_unused_weights()
     program.refresh()
     program.meta["ffn_skip"] = {"mode": "static", "layers": sorted(layers)}
@@ -163,9 +168,11 @@ def _branch_module(block: FFNBlock, skipped: bool) -> fx.GraphModule:
     graph = fx.Graph()
     env = {block.stream: graph.placeholder("stream")}
     for weight in block.weights:
-        env[weight] = graph.placeholder(weight.target)
+        env[weight] = graph.placeholder(weight.name)
     if skipped:
-        result = graph.call_function(torch.ops.aten.clone.default, (env[block.stream],))
+        result = graph.call_function(
+            torch.ops.aten.clone.default, (env[block.stream],), {"memory_format": torch.contiguous_format}
+        )
     else:
         for node in block.body + [block.add]:
             env[node] = graph.node_copy(node, lambda arg: env[arg])
@@ -194,7 +201,7 @@ def make_dynamic(program: Program, layers: list[int], threshold: float, warmup: 
             set_role(node, layer, "ffn_gate" if node is gate else "ffn")
         block.add.replace_all_uses_with(result)
         outputs[layer] = result
-    graph.eliminate_dead_code()
+    program.eliminate_dead_code()
     program.refresh()
     program.meta["ffn_skip"] = {"mode": "dynamic", "layers": sorted(layers), "threshold": threshold, "warmup": warmup}
     return len(layers)

@@ -108,7 +108,7 @@ def share_kv(program: Program, groups: Groups) -> int:
             consumer.attention.args = (q, key, value, cache_index, *options)
             layout[layer]["cache"] = layout[group[0]]["cache"]
             rewired += 1
-    program.graph_module.graph.eliminate_dead_code()
+    program.eliminate_dead_code()
     program.drop_unused_weights()
     program.refresh()
     return rewired

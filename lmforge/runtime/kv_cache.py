@@ -39,7 +39,7 @@ class StaticKVCache:
             self.buffers[index] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
 
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.buffers if k is not None)
+        return sum(pair[0].nbytes + pair[1].nbytes for pair in self.buffers if pair is not None)
 
     def fits(self, batch: int, length: int) -> bool:
         return batch == self.batch and length <= self.max_len
