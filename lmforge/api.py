@@ -13,7 +13,7 @@ from torch import nn
 from lmforge.codegen.cpu import lower
 from lmforge.compiler.artifact import load_artifact, save_artifact
 from lmforge.compiler.capture import capture, load_reference
-from lmforge.compiler.pipeline import PassCallback, run_pipeline
+from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import Recipe, load_recipe, parse_recipe
 from lmforge.passes import PassContext
@@ -34,11 +34,11 @@ def _generation_settings(model: nn.Module) -> dict:
     eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     return {"eos_token_ids": eos_ids, "pad_token_id": getattr(config, "pad_token_id", None)}
 
-def _sample_ids(vocab_size: int) -> torch.Tensor:
+def sample_ids(vocab_size: int) -> torch.Tensor:
     """A fixed token batch for numeric checks: deterministic, independent of the user's data."""
     return torch.randint(0, vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
 
-def _load_tokenizer(source: Any) -> Any:
+def load_tokenizer(source: Any) -> Any:
     if not isinstance(source, (str, Path)):
         return None
     try:
@@ -53,6 +53,7 @@ class CompiledModel:
 
     def __init__(self, program: Program, recipe: Recipe, generation: dict, tokenizer: Any = None) -> None:
         self.program, self.recipe, self.generation, self.tokenizer = program, recipe, generation, tokenizer
+        self.rewrite_log: list[dict] = []
         context = getattr(program.config, "max_position_embeddings", None) or DEFAULT_CONTEXT_CAP
         self.engine = Engine(
             lower(program, recipe.codegen),
@@ -107,18 +108,22 @@ def optimize(
     tokenizer: Any = None,
     on_pass: PassCallback | None = None,
     progress: ProgressFn | None = None,
+    instruments: Sequence[Instrument] = (),
+    rewrite_limit: int | None = None,
 ) -> CompiledModel:
     """Capture a Hugging Face causal LM, run the recipe's passes, and lower it for the CPU.
 
     `recipe` is a Recipe, a path to a YAML file, YAML text, or None for the default recipe.
     `tokenizer` defaults to the checkpoint's own; lossy passes need it to read the
     recipe's calibration text. `progress(description, done, total)` hears about long work
-    inside a pass (calibration searches, fine-tuning).
+    inside a pass (calibration searches, fine-tuning). `instruments` observe every pass
+    and `rewrite_limit` applies only the first N rewrites (both for `lmforge.debug`); the
+    rewrites the passes asked for are logged in `compiled.rewrite_log`.
     """
     recipe = load_recipe(recipe)
     passes = recipe.instantiate()
     reference = load_reference(model_or_path)
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(model_or_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_or_path)
     program = capture(reference)
     if isinstance(model_or_path, (str, Path)):
         program.meta["source"] = str(Path(model_or_path).resolve())
@@ -127,16 +132,19 @@ def optimize(
     )
     ctx = PassContext(
         reference=reference,
-        sample_ids=_sample_ids(reference.config.vocab_size),
+        sample_ids=sample_ids(reference.config.vocab_size),
         calibration=calibration,
         quality_budget=recipe.quality_budget,
         progress=progress,
+        rewrite_limit=rewrite_limit,
     )
-    run_pipeline(program, passes, ctx, on_pass)
-    return CompiledModel(program, recipe, _generation_settings(reference), tokenizer)
+    run_pipeline(program, passes, ctx, on_pass, instruments)
+    compiled = CompiledModel(program, recipe, _generation_settings(reference), tokenizer)
+    compiled.rewrite_log = ctx.rewrite_log
+    return compiled
 
 def load(path: str | Path) -> CompiledModel:
     """Load an artifact written by `CompiledModel.save` or `lmforge compile`, checking hashes."""
     program, manifest = load_artifact(path)
     recipe = parse_recipe((Path(path) / "recipe.yaml").read_text(), str(Path(path) / "recipe.yaml"))
-    return CompiledModel(program, recipe, manifest["generation"], _load_tokenizer(path))
+    return CompiledModel(program, recipe, manifest["generation"], load_tokenizer(path))

@@ -1,4 +1,4 @@
-"""The `lmforge` command: compile, run, bench, passes, info."""
+"""The `lmforge` command: compile, run, bench, passes, info, debug, diff."""
 
 from __future__ import annotations
 
@@ -48,8 +48,12 @@ def _one_line_errors(command):
     return wrapper
 
 
-def _compact(measurements: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in measurements.items())
+def _compact(entry: dict) -> str:
+    """A pass's notes, or else its scalar measurements (search trials and matrices are in --json)."""
+    if entry["notes"]:
+        return "\n".join(entry["notes"])
+    scalars = {k: v for k, v in entry["measurements"].items() if isinstance(v, (int, float, str, bool))}
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items())
 
 
 def _print_json(data) -> None:
@@ -70,25 +74,10 @@ def compile_(
 
     parsed = load_recipe(str(recipe) if recipe else None)
     start = time.perf_counter()
-    progress = Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(), console=errors, disable=as_json,
-    )
+    progress, on_pass, within_pass = _compile_progress(len(parsed.passes), as_json)
     with progress:
-        task = progress.add_task("load + capture", total=len(parsed.passes) + 2)
-
-        def on_pass(index, pass_, result):
-            if result is None:
-                if index == 0:
-                    progress.advance(task)
-                progress.update(task, description=f"pass {index + 1}/{len(parsed.passes)}: {pass_.name}")
-            else:
-                progress.advance(task)
-
-        compiled = lmforge.optimize(checkpoint, parsed, on_pass=on_pass)
-        if not parsed.passes:
-            progress.advance(task)
-        progress.update(task, description="save")
+        compiled = lmforge.optimize(checkpoint, parsed, on_pass=on_pass, progress=within_pass)
+        task = progress.add_task("save", total=1)
         compiled.save(output)
         progress.advance(task)
     history = compiled.program.history
@@ -96,12 +85,12 @@ def compile_(
         _print_json({"artifact": str(output), "seconds": time.perf_counter() - start, "history": history})
         return
     table = Table(title=f"compiled {checkpoint} → {output}")
-    for column in ("pass", "seconds", "ops before", "ops after", "rewrites", "measurements"):
+    for column in ("pass", "seconds", "ops before", "ops after", "rewrites", "notes / measurements"):
         table.add_column(column)
     for entry in history:
         table.add_row(
             entry["pass"], f"{entry['seconds']:.3f}", str(entry["ops_before"]), str(entry["ops_after"]),
-            str(entry["rewrites"]), _compact(entry["measurements"]),
+            str(entry["rewrites"]), _compact(entry),
         )
     console.print(table)
 
@@ -290,6 +279,117 @@ def info(
     for entry in record["passes"]:
         table.add_row(entry["pass"], f"{entry['seconds']:.3f}", f"{entry['ops_before']} → {entry['ops_after']}", str(entry["rewrites"]))
     console.print(table)
+
+
+def _compile_progress(total_passes: int, as_json: bool):
+    """A rich progress bar over the passes plus a line for long work inside a pass."""
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=errors, disable=as_json,
+    )
+    task = progress.add_task("load + capture", total=total_passes)
+    inner: list = []
+
+    def on_pass(index, pass_, result):
+        if result is None:
+            progress.update(task, description=f"pass {index + 1}/{total_passes}: {pass_.name}")
+        else:
+            progress.advance(task)
+
+    def within_pass(description: str, done: int, total: int) -> None:
+        if not inner:
+            inner.append(progress.add_task(description, total=total))
+        progress.update(inner[0], description=f"  {description}", completed=done, total=total)
+
+    return progress, on_pass, within_pass
+
+
+def _budget_from(max_logit_error, max_kl, min_top1, max_ppl_increase):
+    from lmforge.debug.bisect import BisectBudget
+
+    return BisectBudget(max_logit_error=max_logit_error, max_kl=max_kl, min_top1=min_top1, max_ppl_increase=max_ppl_increase)
+
+
+@app.command()
+@_one_line_errors
+def debug(
+    target: str = typer.Argument(..., help="CHECKPOINT, or the word `bisect` followed by CHECKPOINT"),
+    checkpoint_for_bisect: Optional[Path] = typer.Argument(None, metavar="[CHECKPOINT]", help="with `bisect`"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (default: the built-in default)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="directory for dumps, debug.json, report.html"),
+    print_after: Optional[list[str]] = typer.Option(None, "--print-after", help="dump only after these passes (repeatable)"),
+    stop_after: Optional[str] = typer.Option(None, "--stop-after", help="run the pipeline up to this pass"),
+    bisect_limit: Optional[int] = typer.Option(None, "--bisect", min=0, help="apply only the first N rewrites"),
+    max_logit_error: Optional[float] = typer.Option(None, help="bisect budget: largest logit error (default 1e-3)"),
+    max_kl: Optional[float] = typer.Option(None, help="bisect budget: largest mean KL"),
+    min_top1: Optional[float] = typer.Option(None, help="bisect budget: smallest top-1 agreement"),
+    max_ppl_increase: Optional[float] = typer.Option(None, help="bisect budget: largest perplexity increase"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON record"),
+) -> None:
+    """Pass-level debugging. `lmforge debug CKPT -o DIR` compiles with every instrument on
+    (per-pass dumps, diffs, provenance, verify-each against the original model) and writes
+    DIR/debug.json and DIR/report.html. `lmforge debug bisect CKPT` finds the first rewrite
+    (pass and layer) after which the budget is broken."""
+    from lmforge.compiler.recipe import load_recipe
+
+    parsed = load_recipe(str(recipe) if recipe else None)
+    if target == "bisect":
+        if checkpoint_for_bisect is None:
+            raise typer.BadParameter("usage: lmforge debug bisect CHECKPOINT [--recipe R] [budget options]")
+        from lmforge.debug.bisect import bisect
+
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=errors,
+                      disable=as_json) as progress:
+            task = progress.add_task("bisecting", total=None)
+            result = bisect(checkpoint_for_bisect, parsed, _budget_from(max_logit_error, max_kl, min_top1, max_ppl_increase),
+                            progress=lambda description, done, total: progress.update(task, description=description))
+        if as_json:
+            _print_json(result.as_dict())
+        else:
+            console.print(result.message)
+        return
+    if output is None:
+        raise typer.BadParameter("--output / -o is required: the directory for dumps and the report")
+    from lmforge.debug.session import debug_compile
+
+    progress, on_pass, within_pass = _compile_progress(len(parsed.passes), as_json)
+    with progress:
+        run = debug_compile(Path(target), parsed, output, print_after=set(print_after) if print_after else None,
+                            stop_after=stop_after, rewrite_limit=bisect_limit, on_pass=on_pass, progress=within_pass)
+    if as_json:
+        _print_json(run.as_dict())
+        return
+    table = Table(title=f"debug {target}: {len(run.compiled.rewrite_log)} rewrites")
+    for column in ("pass", "s", "ops", "+/−/~ nodes", "max logit err", "top-1", "KL", "greedy", "first divergent layer"):
+        table.add_column(column)
+    for entry in run.compiled.program.history:
+        check, diff = entry.get("verify_each", {}), entry.get("diff", {})
+        divergent = check.get("first_divergent_layer")
+        table.add_row(
+            entry["pass"], f"{entry['seconds']:.2f}", f"{entry['ops_before']}→{entry['ops_after']}",
+            f"+{diff.get('added', 0)} −{diff.get('removed', 0)} ~{diff.get('rewired', 0)}",
+            f"{check.get('max_logit_error', 0):.3g}", f"{check.get('top1', 0):.4f}", f"{check.get('kl', 0):.3g}",
+            check.get("status", "lossy"), "—" if divergent is None else f"layer {divergent['layer']}",
+        )
+    console.print(table)
+    console.print(f"dumps, debug.json and report.html in {output}")
+
+
+@app.command()
+@_one_line_errors
+def diff(
+    first: Path = typer.Argument(..., help="artifact directory A"),
+    second: Path = typer.Argument(..., help="artifact directory B"),
+    as_json: bool = typer.Option(False, "--json", help="print a JSON record"),
+) -> None:
+    """What differs between two artifacts: recipes, pass decisions, weights, quality."""
+    from lmforge.debug.diff import describe_artifact_diff, diff_artifacts
+
+    record = diff_artifacts(first, second)
+    if as_json:
+        _print_json(record)
+    else:
+        console.print(describe_artifact_diff(record), highlight=False, markup=False)
 
 
 def main() -> None:

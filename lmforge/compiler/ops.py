@@ -76,6 +76,28 @@ class AttentionContext:
         return allowed
 
 
+def cache_slots(layout: list[dict]) -> dict[int, dict]:
+    """Distinct cache slots of a Program's `meta["kv_cache"]` layout, with their shapes."""
+    slots: dict[int, dict] = {}
+    for entry in layout:
+        slots.setdefault(entry["cache"], entry)
+    return slots
+
+
+def allocate_kv_buffers(
+    layout: list[dict], batch: int, max_len: int, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Zeroed `(key, value)` buffers for `AttentionContext.kv`, one pair per cache slot
+    (None at indices no layer uses): shared by the runtime's cache and by passes that
+    measure cached decoding."""
+    slots = cache_slots(layout)
+    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * (max(slots) + 1)
+    for index, slot in slots.items():
+        shape = (batch, slot["kv_heads"], max_len, slot["head_dim"])
+        buffers[index] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    return buffers
+
+
 _active: list[AttentionContext] = []
 
 

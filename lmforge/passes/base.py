@@ -30,17 +30,30 @@ ProgressFn = Callable[[str, int, int], None]
 class PassContext:
     """What a pass may use besides the Program: the unmodified reference model, a small
     batch of token ids to check numerics on, the calibration data and pipeline-wide quality
-    budget of lossy passes, and `progress(description, done, total)` for long work."""
+    budget of lossy passes, `progress(description, done, total)` for long work, and the
+    rewrite counter passes consult before each rewrite (`allow_rewrite`)."""
 
     reference: Any = None
     sample_ids: Any = None
     calibration: Any = None
     quality_budget: Any = None
     progress: ProgressFn | None = None
+    rewrite_limit: int | None = None
+    rewrite_log: list[dict] = field(default_factory=list)
 
     def report(self, description: str, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(description, done, total)
+
+    def allow_rewrite(self, pass_name: str, what: str, layer: int | None = None) -> bool:
+        """Ask before each individual rewrite (LLVM opt-bisect style): every rewrite of the
+        pipeline gets the next number, is logged with its pass and layer, and is applied
+        only while the count is below `rewrite_limit` (None: no limit). This is what lets
+        `lmforge debug bisect` name the first rewrite that breaks a model."""
+        index = len(self.rewrite_log)
+        applied = self.rewrite_limit is None or index < self.rewrite_limit
+        self.rewrite_log.append({"index": index, "pass": pass_name, "layer": layer, "what": what, "applied": applied})
+        return applied
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.compiler.ops import AttentionContext, attention_context
+from lmforge.compiler.ops import AttentionContext, allocate_kv_buffers, attention_context
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
-from lmforge.runtime.kv_cache import StaticKVCache
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -137,7 +136,7 @@ def decoded_logits(
     (dynamic skipping) only happen on this path, so they must be measured on it; they are
     counted into `skip_counts` when it is given."""
     batch, length = input_ids.shape
-    buffers = StaticKVCache(program.meta["kv_cache"], batch, length, getattr(torch, program.meta["dtype"])).buffers
+    buffers = allocate_kv_buffers(program.meta["kv_cache"], batch, length, getattr(torch, program.meta["dtype"]))
     positions = torch.arange(length).expand_as(input_ids)
     outputs = []
     with attention_context(AttentionContext(kv=buffers, start=0, q_len=prompt_len)):

@@ -8,10 +8,13 @@ common-subexpression and dead-code elimination.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import Field
 from torch import fx
 
+from lmforge.compiler.layermap import role_of
 from lmforge.compiler.ops import attention
 from lmforge.compiler.program import RUNTIME_CHECKS, Program
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
@@ -19,6 +22,7 @@ from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, regis
 aten = torch.ops.aten
 
 _NEVER_MERGED = {attention}
+Allow = Callable[[fx.Node, str], bool]
 
 
 class CleanupConfig(PassConfig):
@@ -49,20 +53,20 @@ def _identity_source(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def _remove_checks(graph: fx.Graph) -> int:
+def _remove_checks(graph: fx.Graph, allow: Allow) -> int:
     removed = 0
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in RUNTIME_CHECKS:
+        if node.op == "call_function" and node.target in RUNTIME_CHECKS and allow(node, "remove check"):
             graph.erase_node(node)
             removed += 1
     return removed
 
 
-def _fold_identities(graph: fx.Graph) -> int:
+def _fold_identities(graph: fx.Graph, allow: Allow) -> int:
     folded = 0
     for node in list(graph.nodes):
         source = _identity_source(node)
-        if source is not None:
+        if source is not None and allow(node, f"fold identity {node.name}"):
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             folded += 1
@@ -79,7 +83,7 @@ def _freeze(value):
     return value
 
 
-def _eliminate_common_subexpressions(graph: fx.Graph) -> int:
+def _eliminate_common_subexpressions(graph: fx.Graph, allow: Allow) -> int:
     seen: dict[tuple, fx.Node] = {}
     merged = 0
     for node in list(graph.nodes):
@@ -90,11 +94,11 @@ def _eliminate_common_subexpressions(graph: fx.Graph) -> int:
             hash(key)
         except TypeError:
             continue
-        if key in seen:
+        if key in seen and allow(node, f"merge {node.name} into {seen[key].name}"):
             node.replace_all_uses_with(seen[key])
             graph.erase_node(node)
             merged += 1
-        else:
+        elif key not in seen:
             seen[key] = node
     return merged
 
@@ -106,12 +110,16 @@ class Cleanup(Pass):
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
         graph, counts = program.graph_module.graph, {}
+
+        def allow(node: fx.Node, what: str) -> bool:
+            return ctx.allow_rewrite(self.name, what, role_of(node)[0])
+
         if self.config.remove_checks:
-            counts["checks_removed"] = _remove_checks(graph)
+            counts["checks_removed"] = _remove_checks(graph, allow)
         if self.config.fold_identities:
-            counts["identities_folded"] = _fold_identities(graph)
+            counts["identities_folded"] = _fold_identities(graph, allow)
         if self.config.cse:
-            counts["subexpressions_merged"] = _eliminate_common_subexpressions(graph)
+            counts["subexpressions_merged"] = _eliminate_common_subexpressions(graph, allow)
         before = len(graph.nodes)
         graph.eliminate_dead_code()
         program.drop_unused_weights()

@@ -243,7 +243,7 @@ class FFNSkip(Pass):
         convergence = ffn_convergence(program, data.ids("calibration")[:2])
         if self.config.mode == "static":
             return self._static(program, data, budget, convergence, ctx)
-        return self._dynamic(program, data, budget, convergence)
+        return self._dynamic(program, data, budget, convergence, ctx)
 
     def _static(self, program: Program, data: CalibrationData, budget: QualityBudget | None,
                 convergence: dict[int, float], ctx: PassContext) -> PassResult:
@@ -264,6 +264,7 @@ class FFNSkip(Pass):
                 lambda steps: ctx.report("ffn_skip: choosing layers", steps, num_layers - len(protected)),
             )
             layers, trials, notes = search.chosen, search.trials, search.notes
+        layers = [layer for layer in layers if ctx.allow_rewrite(self.name, f"remove layer {layer}'s FFN", layer)]
         removed = remove_ffns(program, layers)
         quality = data.program_quality(program)
         notes += enforce_budget(self.name, quality, budget, f"removing the FFNs of layers {layers}")
@@ -277,7 +278,7 @@ class FFNSkip(Pass):
         )
 
     def _dynamic(self, program: Program, data: CalibrationData, budget: QualityBudget | None,
-                 convergence: dict[int, float]) -> PassResult:
+                 convergence: dict[int, float], ctx: PassContext) -> PassResult:
         num_layers = program.meta["num_layers"]
         layers = sorted(set(self.config.layers if self.config.layers is not None else range(2, num_layers - 1)))
         if not layers or layers[0] < 1:
@@ -305,6 +306,7 @@ class FFNSkip(Pass):
             threshold = candidates[0]
             quality, skipped = _dynamic_trial(program, layers, threshold, warmup, data, "heldout")
             notes += enforce_budget(self.name, quality, budget, f"the safest threshold, {threshold},")
+        layers = [layer for layer in layers if ctx.allow_rewrite(self.name, f"gate layer {layer}'s FFN", layer)]
         make_dynamic(program, layers, threshold, warmup)
         notes.append(f"layers {layers} skip their FFN once the stream converges (cosine >= {threshold}); "
                      f"held-out decoding skipped {skipped:.1%} of their FFN calls, {quality.describe()}")

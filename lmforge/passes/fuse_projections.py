@@ -86,7 +86,10 @@ class FuseProjections(Pass):
     Config = FuseProjectionsConfig
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
-        groups = _fusable_groups(program, self.config)
+        groups = [
+            nodes for nodes in _fusable_groups(program, self.config)
+            if ctx.allow_rewrite(self.name, f"fuse {', '.join(n.name for n in nodes)}", role_of(nodes[0])[0])
+        ]
         for nodes in groups:
             _fuse(program, nodes)
         program.graph_module.graph.eliminate_dead_code()

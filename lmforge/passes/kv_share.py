@@ -21,6 +21,7 @@ Modes:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -52,6 +53,9 @@ class HealConfig(BaseModel):
     lr: float = Field(5e-4, gt=0, description="Adam learning rate")
     batch: int = Field(4, ge=1, description="calibration windows per step")
     checkpoint: str | None = Field(None, description="safetensors file to checkpoint to and resume from")
+    also_train: list[Literal["q", "o"]] = Field(
+        [], description="projections of every layer in a shared group trained too, besides the producers' k and v"
+    )
 
 
 class KVShareConfig(PassConfig):
@@ -86,14 +90,17 @@ def normalize_groups(groups: Groups, num_layers: int) -> Groups:
     return sorted(full)
 
 
-def share_kv(program: Program, groups: Groups) -> int:
+def share_kv(program: Program, groups: Groups, allow: Callable[[int, int], bool] | None = None) -> int:
     """Rewrite `program` so every consumer attends with its group producer's keys and
-    values; returns the number of consumers rewired."""
+    values (each consumer only if `allow(consumer, producer)`); returns the number of
+    consumers rewired."""
     layout = program.meta["kv_cache"]
     rewired = 0
     for group in groups:
         producer = program.layers[group[0]]
         for layer in group[1:]:
+            if allow is not None and not allow(layer, group[0]):
+                continue
             consumer = program.layers[layer]
             if "qkv" in consumer.projections:
                 raise LmforgeError(
@@ -143,19 +150,23 @@ def _merge(groups: Groups, index: int) -> Groups:
 
 
 def heal(program: Program, data: CalibrationData, config: HealConfig, ctx: PassContext) -> dict:
-    """Fine-tune the producers' K/V projection weights (and biases) to minimise
-    KL(original ‖ program) on the calibration split; the weights are replaced, never
-    modified in place (they may share storage with the user's model)."""
-    producers = sorted({entry["cache"] for entry in program.meta["kv_cache"] if entry["cache"] != entry["layer"]})
+    """Fine-tune the producers' K/V projections (plus, as configured, the query and output
+    projections of every layer in a shared group) to minimise KL(original ‖ program) on
+    the calibration split; the weights are replaced, never modified in place (they may
+    share storage with the user's model)."""
+    layout = program.meta["kv_cache"]
+    producers = {entry["cache"] for entry in layout if entry["cache"] != entry["layer"]}
+    members = {entry["layer"] for entry in layout if entry["cache"] in producers}
+    targets = [(layer, role) for layer in sorted(producers) for role in ("k", "v")]
+    targets += [(layer, role) for layer in sorted(members) for role in config.also_train]
     params: dict[str, torch.Tensor] = {}
-    for layer in producers:
-        for role in ("k", "v"):
-            node = program.layers[layer].projections[role]
-            for arg in node.args[1:]:
-                if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
-                    trainable = getattr(program.graph_module, arg.target).detach().clone().requires_grad_(True)
-                    setattr(program.graph_module, arg.target, trainable)
-                    params[arg.target] = trainable
+    for layer, role in targets:
+        node = program.layers[layer].projections[role]
+        for arg in node.args[1:]:
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+                trainable = getattr(program.graph_module, arg.target).detach().clone().requires_grad_(True)
+                setattr(program.graph_module, arg.target, trainable)
+                params[arg.target] = trainable
     ids = data.ids("calibration")
     reference = data.reference_logprobs("calibration")
     generator = torch.Generator().manual_seed(0)
@@ -197,7 +208,10 @@ class KVShare(Pass):
             search = self._search(program, data, budget, similarity, ctx)
             groups, trials, notes = search.chosen, search.trials, search.notes
         kv_before = len({entry["cache"] for entry in program.meta["kv_cache"]})
-        rewired = share_kv(program, groups)
+        rewired = share_kv(
+            program, groups,
+            lambda layer, producer: ctx.allow_rewrite(self.name, f"layer {layer} reads layer {producer}'s KV", layer),
+        )
         quality = data.program_quality(program)
         measurements = {
             "groups": groups,

@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def cache_slots(layout: list[dict]) -> dict[int, dict]:
-    """Distinct cache slots of a layout, with their shape parameters."""
-    slots: dict[int, dict] = {}
-    for entry in layout:
-        slots.setdefault(entry["cache"], entry)
-    return slots
+from lmforge.compiler.ops import allocate_kv_buffers, cache_slots
 
 
 def kv_cache_bytes(layout: list[dict], max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
@@ -32,11 +26,7 @@ class StaticKVCache:
 
     def __init__(self, layout: list[dict], batch: int, max_len: int, dtype: torch.dtype) -> None:
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
-        slots = cache_slots(layout)
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = [None] * (max(slots) + 1)  # type: ignore[list-item]
-        for index, slot in slots.items():
-            shape = (batch, slot["kv_heads"], max_len, slot["head_dim"])
-            self.buffers[index] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+        self.buffers = allocate_kv_buffers(layout, batch, max_len, dtype)
 
     def nbytes(self) -> int:
         return sum(pair[0].nbytes + pair[1].nbytes for pair in self.buffers if pair is not None)
