@@ -3,7 +3,10 @@
 On a fixed batch it records max logit error, top-1 agreement, KL and perplexity change;
 for lossless passes it also decodes greedily with both and, when the tokens differ, looks at
 the reference's own margin between its top two logits at the first differing step: a flip
-inside `near_tie_margin` is float reassociation meeting a near-tie, not a broken rewrite.
+where that margin and the program's logit error are both inside `near_tie_margin` is float
+reassociation meeting a near-tie, not a broken rewrite. Status per lossless pass: `ok`,
+`near-tie`, `error` (greedy tokens changed otherwise) or `logit drift` (same tokens, logits
+off by more than `logit_tolerance`).
 Comparing each layer's output with the reference's hidden states names the first layer
 that diverges.
 """
@@ -58,8 +61,12 @@ def _greedy(next_logits, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
-def greedy_check(program: Program, reference, prompt: torch.Tensor, steps: int, near_tie_margin: float) -> dict:
-    """Greedy tokens of both; on a difference, where and whether the reference was near a tie."""
+def greedy_check(
+    program: Program, reference, prompt: torch.Tensor, steps: int, near_tie_margin: float, logit_error: float
+) -> dict:
+    """Greedy tokens of both; on a difference, where, and whether it is a near-tie: the
+    reference's top-2 margin at that step and the program's largest logit error are both
+    below `near_tie_margin`, so rounding alone can explain the flip."""
     with torch.no_grad():
         ours = _greedy(lambda ids: full_logits(program, ids), prompt, steps)
         theirs = _greedy(lambda ids: reference(ids).logits, prompt, steps)
@@ -75,7 +82,7 @@ def greedy_check(program: Program, reference, prompt: torch.Tensor, steps: int, 
         "greedy_match": False,
         "first_difference_at_step": position - prompt.shape[1],
         "reference_top2_margin": margin,
-        "status": "near-tie" if margin < near_tie_margin else "error",
+        "status": "near-tie" if margin < near_tie_margin and logit_error < near_tie_margin else "error",
     }
 
 
@@ -89,8 +96,9 @@ class VerifyEach(Instrument):
         greedy_tokens: int = 8,
         near_tie_margin: float = 0.05,
         layer_tolerance: float = 1e-4,
+        logit_tolerance: float = 1e-3,
     ) -> None:
-        self.reference, self.ids = reference, ids
+        self.reference, self.ids, self.logit_tolerance = reference, ids, logit_tolerance
         self.greedy_tokens, self.near_tie_margin, self.layer_tolerance = greedy_tokens, near_tie_margin, layer_tolerance
         with torch.no_grad():
             self.reference_logits = reference(ids).logits.float()
@@ -101,7 +109,10 @@ class VerifyEach(Instrument):
         record["pass"], record["index"], record["lossless"] = pass_.name, index, pass_.lossless
         if pass_.lossless:
             prompt = self.ids[:, : max(1, self.ids.shape[1] // 2)]
-            record.update(greedy_check(program, self.reference, prompt, self.greedy_tokens, self.near_tie_margin))
+            record.update(greedy_check(program, self.reference, prompt, self.greedy_tokens, self.near_tie_margin,
+                                       record["max_logit_error"]))
+            if record["status"] == "ok" and record["max_logit_error"] > self.logit_tolerance:
+                record["status"] = "logit drift"
         record["first_divergent_layer"] = first_divergent_layer(program, self.reference, self.ids, self.layer_tolerance)
         program.history[-1]["verify_each"] = record
         self.records.append(record)
