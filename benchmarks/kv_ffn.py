@@ -54,12 +54,18 @@ def _configurations(heal_steps: int) -> list[tuple[str, str, int]]:
     rows.append((f"kv_share 2x (pairs) + heal {heal_steps}",
                  f"  - name: kv_share\n    mode: explicit\n    groups: {pairs}\n"
                  f"    heal: {{steps: {heal_steps}, lr: 0.001}}\n", 384))
+    middle = "[[1, 2], [3, 4], [5, 6]]"
+    rows.append((f"kv_share 1.6x (middle pairs) + heal {heal_steps}",
+                 f"  - name: kv_share\n    mode: explicit\n    groups: {middle}\n"
+                 f"    heal: {{steps: {heal_steps}, lr: 0.001}}\n", 384))
+    rows.append(("kv_share auto ≤10% (frontier)",
+                 "  - name: kv_share\n    mode: auto\n    quality_budget: {max_ppl_increase: 0.1}\n", 16))
     for budget in (0.01, 0.03, 0.05):
         rows.append((f"ffn_skip static ≤{budget:.0%}",
                      f"  - name: ffn_skip\n    mode: static\n    quality_budget: {{max_ppl_increase: {budget}}}\n", 16))
     for budget in (0.01, 0.03, 0.05):
         rows.append((f"ffn_skip dynamic ≤{budget:.0%}",
-                     f"  - name: ffn_skip\n    mode: dynamic\n    thresholds: [0.999, 0.998, 0.995, 0.99, 0.985, 0.98]\n"
+                     f"  - name: ffn_skip\n    mode: dynamic\n    thresholds: [0.999, 0.998, 0.995, 0.993, 0.99, 0.985, 0.98]\n"
                      f"    quality_budget: {{max_ppl_increase: {budget}}}\n", 16))
     return rows
 

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from lmforge.compiler.architectures import ArchitectureSpec
-from lmforge.compiler.ops import attention
+from lmforge.compiler.ops import ATTENTION_OPS
 
 LAYER_KEY = "lmforge_layer"
 ROLE_KEY = "lmforge_role"
@@ -74,7 +74,7 @@ def _module_path(node: fx.Node) -> tuple[str, str] | None:
 
 def _role_in_layer(relative: str, type_name: str, node: fx.Node, spec: ArchitectureSpec) -> str:
     head, _, rest = relative.partition(".")
-    if node.target == attention:
+    if node.target in ATTENTION_OPS:
         return "attention"
     if "norm" in type_name.lower():
         return "norm"

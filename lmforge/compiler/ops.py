@@ -1,4 +1,4 @@
-"""lmforge's custom ops (`attention`, `ffn_skip_gate`) and the forward context they read.
+"""lmforge's custom ops (`attention`, `merged_attention`, `ffn_skip_gate`) and the forward context they read.
 
 Attention is one opaque op in the captured graph so that passes can rewrite it by changing
 its arguments (which cache slot, which window) instead of pattern-matching dozens of aten
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmforge.compiler.kv_layout import merge_into, restore
 from lmforge.errors import LmforgeError
 
 ATTENTION_SCHEMA = (
@@ -74,28 +75,6 @@ class AttentionContext:
             # would reach real tokens through its cached value; let it see itself.
             allowed = allowed | (key_slots == query_slots)[None, None]
         return allowed
-
-
-def cache_slots(layout: list[dict]) -> dict[int, dict]:
-    """Distinct cache slots of a Program's `meta["kv_cache"]` layout, with their shapes."""
-    slots: dict[int, dict] = {}
-    for entry in layout:
-        slots.setdefault(entry["cache"], entry)
-    return slots
-
-
-def allocate_kv_buffers(
-    layout: list[dict], batch: int, max_len: int, dtype: torch.dtype
-) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
-    """Zeroed `(key, value)` buffers for `AttentionContext.kv`, one pair per cache slot
-    (None at indices no layer uses): shared by the runtime's cache and by passes that
-    measure cached decoding."""
-    slots = cache_slots(layout)
-    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * (max(slots) + 1)
-    for index, slot in slots.items():
-        shape = (batch, slot["kv_heads"], max_len, slot["head_dim"])
-        buffers[index] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-    return buffers
 
 
 _active: list[AttentionContext] = []
@@ -240,5 +219,55 @@ def _ffn_skip_gate_fake(before, after, threshold, warmup, layer):
 
 ffn_skip_gate = torch.ops.lmforge.ffn_skip_gate.default
 
+MERGED_ATTENTION_SCHEMA = (
+    "merged_attention(Tensor q, Tensor k, Tensor v, int cache_index, int member, float t, float retain_threshold, "
+    "float scale, int window, float softcap) -> Tensor"
+)
+_lib.define(MERGED_ATTENTION_SCHEMA)
+
+
+def _merged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_index: int,
+    member: int,
+    t: float,
+    retain_threshold: float,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention for one of two layers whose caches are merged (MiniCache). The tokens of
+    this forward attend with their exact keys and values; earlier tokens come back from the
+    merged slot with this layer's own norms. Member 0 stages its new keys and values in the
+    slot; member 1, which runs later in the same forward, merges both into it. Without a
+    cache this is plain attention, so merging only affects decoding after the prefill."""
+    ctx = current_context()
+    if ctx.kv is not None:
+        slot = ctx.kv[cache_index]
+        past_k, past_v = restore(slot, member, ctx.start)
+        if member == 0:
+            slot.staged_k, slot.staged_v = k, v
+        else:
+            merge_into(slot, ctx.start, (slot.staged_k, k), (slot.staged_v, v), t, retain_threshold)
+            slot.staged_k = slot.staged_v = None
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    out = attention_reference(q, k, v, ctx.mask(window), scale, softcap)
+    return out.transpose(1, 2).contiguous()
+
+
+_lib.impl("merged_attention", _merged_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmforge::merged_attention")
+def _merged_attention_fake(q, k, v, cache_index, member, t, retain_threshold, scale, window, softcap):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim)
+
+
+merged_attention = torch.ops.lmforge.merged_attention.default
+ATTENTION_OPS = (attention, merged_attention)
+
 # Each op's Python kernel by op, for code generators that call it without the dispatcher.
-PYTHON_KERNELS = {attention: _attention, ffn_skip_gate: _ffn_skip_gate}
+PYTHON_KERNELS = {attention: _attention, ffn_skip_gate: _ffn_skip_gate, merged_attention: _merged_attention}

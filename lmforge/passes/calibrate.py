@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.compiler.ops import AttentionContext, allocate_kv_buffers, attention_context
+from lmforge.compiler.kv_layout import allocate_kv_buffers
+from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 
@@ -221,8 +222,9 @@ class CalibrationData:
 
 def makes_decode_time_decisions(program: Program) -> bool:
     """Whether the program decodes differently from its cache-free forward (dynamic
-    ffn_skip), so that its quality must be measured by decoding."""
-    return program.meta.get("ffn_skip", {}).get("mode") == "dynamic"
+    ffn_skip, merged KV caches), so that its quality must be measured by decoding."""
+    merged = any(entry.get("kind") == "merged" for entry in program.meta["kv_cache"])
+    return merged or program.meta.get("ffn_skip", {}).get("mode") == "dynamic"
 
 
 def compare(reference_logprobs: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor) -> Quality:

@@ -15,13 +15,13 @@ from pydantic import Field
 from torch import fx
 
 from lmforge.compiler.layermap import role_of
-from lmforge.compiler.ops import attention
+from lmforge.compiler.ops import ATTENTION_OPS
 from lmforge.compiler.program import RUNTIME_CHECKS, Program
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 
-_NEVER_MERGED = {attention}
+_NEVER_MERGED = set(ATTENTION_OPS)
 Allow = Callable[[fx.Node, str], bool]
 
 

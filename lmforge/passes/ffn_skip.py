@@ -35,7 +35,7 @@ from pydantic import Field
 from torch import fx
 
 from lmforge.compiler.layermap import role_of, set_role
-from lmforge.compiler.ops import attention, ffn_skip_gate
+from lmforge.compiler.ops import ATTENTION_OPS, ffn_skip_gate
 from lmforge.compiler.program import RUNTIME_CHECKS, Program
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
@@ -108,7 +108,7 @@ def _body_from(add: fx.Node, stream: fx.Node, branch: fx.Node, layer: int) -> tu
             weights.add(node)
             continue
         node_layer, role = role_of(node)
-        if node.op != "call_function" or node_layer != layer or role not in _BODY_ROLES or node.target is attention:
+        if node.op != "call_function" or node_layer != layer or role not in _BODY_ROLES or node.target in ATTENTION_OPS:
             return None
         body.add(node)
         pending.extend(node.all_input_nodes)

@@ -15,7 +15,9 @@ Modes:
   it, for the candidates whose producer/consumer keys and values are most similar, measures
   each candidate's real quality cost, and keeps the cheapest while the budget holds
   (`calibrate.greedy_search`, which also confirms the result on the held-out split).
-- `heal` (either mode): a short distillation fine-tune of the producers' K/V projections
+- `merge`: MiniCache — adjacent pairs keep computing their own keys and values but store
+  one merged cache (`passes/kv_merge.py`); pairs given or chosen greedily under the budget.
+- `heal` (auto or explicit): a short distillation fine-tune of the producers' K/V projections
   toward the original model's next-token distribution, with quality reported before and after.
 """
 
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.compiler.kv_layout import kv_cache_bytes
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
@@ -42,6 +45,7 @@ from lmforge.passes.calibrate import (
     node_values,
     require_calibration,
 )
+from lmforge.passes.kv_merge import check_pairs, merge_pairs, retain_thresholds
 from lmforge.training import train
 
 Groups = list[list[int]]
@@ -59,12 +63,19 @@ class HealConfig(BaseModel):
 
 
 class KVShareConfig(PassConfig):
-    mode: Literal["auto", "explicit"] = Field("auto", description="auto: choose groups under the budget; explicit: use `groups`")
+    mode: Literal["auto", "explicit", "merge"] = Field(
+        "auto", description="auto: choose groups under the budget; explicit: use `groups`; merge: MiniCache-style merged caches"
+    )
     groups: list[list[int]] | None = Field(
-        None, description="explicit mode: contiguous layer groups, e.g. [[0,1],[2,3]]; the first layer of each produces the KV"
+        None, description="explicit mode: contiguous layer groups, e.g. [[0,1],[2,3]], the first layer of each produces "
+        "the KV; merge mode: adjacent pairs to merge (default: chosen under the budget)"
     )
     protect: list[int] | None = Field(
-        None, description="auto mode: layers that keep their own KV (default: the first and the last)"
+        None, description="auto and merge modes: layers that keep their own KV (default: the first and the last)"
+    )
+    t: float = Field(0.6, ge=0, le=1, description="merge mode: SLERP fraction toward the second layer of a pair")
+    retain_fraction: float = Field(
+        0.05, ge=0, le=1, description="merge mode: share of token-heads kept unmerged (the most divergent ones)"
     )
     candidates_per_round: int | None = Field(
         None, ge=1, description="auto mode: merges measured per round, the most K/V-similar first (default: all)"
@@ -198,6 +209,8 @@ class KVShare(Pass):
         budget = config.quality_budget or ctx.quality_budget
         num_layers = program.meta["num_layers"]
         similarity = kv_similarity(program, data.ids("calibration")[:2])
+        if config.mode == "merge":
+            return self._merge(program, data, budget, similarity, ctx)
         notes: list[str] = []
         trials: list[dict] = []
         if config.mode == "explicit":
@@ -232,6 +245,50 @@ class KVShare(Pass):
         program.meta["kv_share"] = {"groups": groups, "heldout_quality": quality.as_dict()}
         notes.append(f"{kv_before} → {len(groups)} KV caches; held-out {quality.describe()}")
         return PassResult(rewrites=rewired, notes=tuple(notes), measurements=measurements)
+
+    def _merge(self, program: Program, data: CalibrationData, budget: QualityBudget | None,
+               similarity: list[list[float]], ctx: PassContext) -> PassResult:
+        config, num_layers = self.config, program.meta["num_layers"]
+        calibration_ids = data.ids("calibration")[:2]
+
+        def merged(pairs: Groups) -> Program:
+            trial = program.clone()
+            merge_pairs(trial, pairs, config.t, config.retain_fraction,
+                        retain_thresholds(trial, calibration_ids, pairs, config.retain_fraction, config.t))
+            return trial
+
+        notes, trials = [], []
+        if config.groups is not None:
+            pairs = sorted(list(pair) for pair in config.groups)
+            check_pairs(program, pairs)
+        else:
+            protected = set(config.protect if config.protect is not None else (0, num_layers - 1))
+
+            def neighbours(chosen: Groups) -> list[Groups]:
+                used = {layer for pair in chosen for layer in pair} | protected
+                options = [[a, a + 1] for a in range(num_layers - 1) if a not in used and a + 1 not in used]
+                options.sort(key=lambda pair: -similarity[pair[0]][pair[1]])
+                return [sorted(chosen + [pair]) for pair in options[: config.candidates_per_round]]
+
+            search = greedy_search(self.name, [], neighbours, lambda pairs, split: data.program_quality(merged(pairs), split),
+                                   lambda pairs: f"merged pairs {pairs}", budget,
+                                   lambda steps: ctx.report("kv_share: choosing pairs to merge", steps, num_layers // 2))
+            pairs, trials, notes = search.chosen, search.trials, search.notes
+        before = kv_cache_bytes(program.meta["kv_cache"], 2048)
+        thresholds = retain_thresholds(program, calibration_ids, pairs, config.retain_fraction, config.t)
+        done = merge_pairs(program, pairs, config.t, config.retain_fraction, thresholds,
+                           lambda layer: ctx.allow_rewrite(self.name, f"merge layers {layer - 1} and {layer}", layer))
+        quality = data.program_quality(program)
+        after = kv_cache_bytes(program.meta["kv_cache"], 2048)
+        notes += enforce_budget(self.name, quality, budget, f"merging {pairs}")
+        notes.append(f"merged pairs {pairs}: KV bytes at 2048 tokens {before:,} → {after:,}; held-out decoding "
+                     f"{quality.describe()}")
+        program.meta["kv_share"] = {"mode": "merge", "groups": pairs, "t": config.t,
+                                    "retain_fraction": config.retain_fraction, "heldout_quality": quality.as_dict()}
+        return PassResult(rewrites=done, notes=tuple(notes), measurements={
+            "groups": pairs, "retain_thresholds": thresholds, "kv_bytes_2048_before": before,
+            "kv_bytes_2048_after": after, "similarity": similarity, "trials": trials, "heldout_quality": quality.as_dict(),
+        })
 
     def _search(self, program: Program, data: CalibrationData, budget: QualityBudget | None,
                 similarity: list[list[float]], ctx: PassContext) -> SearchResult[Groups]:

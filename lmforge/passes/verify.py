@@ -6,8 +6,8 @@ near-tie, also decodes a few greedy tokens with both and compares them. After a 
 exact agreement is not the contract any more: it measures the held-out quality of the
 whole pipeline so far against the recipe-wide quality budget instead. Either way it checks
 that decoding through the KV cache gives the logits of a cache-free forward of the same
-program (not applicable to programs that make decode-time decisions, such as dynamic
-`ffn_skip`). It never changes the graph.
+program (not applicable to programs that make decode-time decisions: dynamic `ffn_skip`,
+merged KV caches). It never changes the graph.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Verify(Pass):
     def _cache_consistency(self, program: Program, ids: torch.Tensor) -> dict:
         """Largest logit difference between cached decoding and a cache-free forward."""
         if makes_decode_time_decisions(program):
-            return {"cache_consistency": "not applicable: dynamic ffn_skip decides per decoded token"}
+            return {"cache_consistency": "not applicable: the program decides per decoded token (dynamic ffn_skip or merged KV)"}
         with torch.no_grad():
             error = (decoded_logits(program, ids, ids.shape[1] // 2) - full_logits(program, ids)).abs().max().item()
         if error > self.config.max_logit_error and self.config.fail:

@@ -9,27 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.compiler.ops import allocate_kv_buffers, cache_slots
+from lmforge.compiler.kv_layout import allocate_kv_buffers, buffer_bytes, kv_cache_bytes
 
-
-def kv_cache_bytes(layout: list[dict], max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes `StaticKVCache` allocates for `max_len` tokens at `batch`."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return sum(
-        2 * batch * slot["kv_heads"] * max_len * slot["head_dim"] * element
-        for slot in cache_slots(layout).values()
-    )
+__all__ = ["StaticKVCache", "kv_cache_bytes"]
 
 
 class StaticKVCache:
-    """`(batch, kv_heads, max_len, head_dim)` key and value buffers, written by index."""
+    """The buffers of every cache slot (see `compiler.kv_layout`), written by index."""
 
     def __init__(self, layout: list[dict], batch: int, max_len: int, dtype: torch.dtype) -> None:
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
         self.buffers = allocate_kv_buffers(layout, batch, max_len, dtype)
 
     def nbytes(self) -> int:
-        return sum(pair[0].nbytes + pair[1].nbytes for pair in self.buffers if pair is not None)
+        return sum(buffer_bytes(buffer) for buffer in self.buffers)
 
     def fits(self, batch: int, length: int) -> bool:
         return batch == self.batch and length <= self.max_len

@@ -1,0 +1,148 @@
+"""KV cache layout: what the attention ops of a Program expect to find in the cache.
+
+`meta["kv_cache"]` has one entry per layer: `{layer, cache, kv_heads, head_dim}` and, for
+layers whose cache is merged with a neighbour's (`kv_share` mode `merge`, MiniCache),
+`{kind: "merged", member: 0|1, t, retain_threshold, retain_fraction}`. A plain slot is a
+`(key, value)` pair of `(batch, kv_heads, max_len, head_dim)` buffers; a merged slot is a
+`MergedSlot`. Both the runtime's cache and the passes that measure cached decoding
+allocate through `allocate_kv_buffers`, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class MergedSlot:
+    """Two adjacent layers' keys and values stored as one direction per token and head plus
+    each layer's norms (MiniCache). Tokens whose two directions are too far apart are kept
+    exactly, up to `capacity` per head, in `retained_*`; `retained_index` maps a position
+    to its retained row (-1: merged). `staged_*` hold the first layer's keys and values of
+    the tokens being written until the second layer merges them."""
+
+    direction_k: torch.Tensor   # (B, H, L, D)
+    direction_v: torch.Tensor   # (B, H, L, D)
+    norms: torch.Tensor         # (B, H, L, 4): |k| and |v| of each member
+    retained_k: torch.Tensor    # (B, H, R, 2, D)
+    retained_v: torch.Tensor    # (B, H, R, 2, D)
+    retained_index: torch.Tensor  # (B, H, L) int32
+    retained_count: torch.Tensor  # (B, H) int64
+    staged_k: torch.Tensor | None = None
+    staged_v: torch.Tensor | None = None
+
+    @classmethod
+    def allocate(cls, batch: int, heads: int, max_len: int, head_dim: int, capacity: int, dtype: torch.dtype) -> MergedSlot:
+        return cls(
+            direction_k=torch.zeros(batch, heads, max_len, head_dim, dtype=dtype),
+            direction_v=torch.zeros(batch, heads, max_len, head_dim, dtype=dtype),
+            norms=torch.zeros(batch, heads, max_len, 4, dtype=dtype),
+            retained_k=torch.zeros(batch, heads, capacity, 2, head_dim, dtype=dtype),
+            retained_v=torch.zeros(batch, heads, capacity, 2, head_dim, dtype=dtype),
+            retained_index=torch.full((batch, heads, max_len), -1, dtype=torch.int32),
+            retained_count=torch.zeros(batch, heads, dtype=torch.long),
+        )
+
+    def nbytes(self) -> int:
+        """Bytes of the stored state (the staging tensors are transient, one step's tokens)."""
+        return sum(getattr(self, f.name).nbytes for f in fields(self) if not f.name.startswith("staged"))
+
+
+def retained_capacity(entry: dict, max_len: int) -> int:
+    return math.ceil(entry.get("retain_fraction", 0.0) * max_len)
+
+
+def cache_slots(layout: list[dict]) -> dict[int, dict]:
+    """Distinct cache slots of a layout, with their shapes."""
+    slots: dict[int, dict] = {}
+    for entry in layout:
+        slots.setdefault(entry["cache"], entry)
+    return slots
+
+
+def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: torch.dtype) -> list:
+    """Zeroed buffers for `AttentionContext.kv`, one per cache slot (None at indices no
+    layer uses): a `(key, value)` pair, or a `MergedSlot` for merged layers."""
+    slots = cache_slots(layout)
+    buffers: list = [None] * (max(slots) + 1)
+    for index, slot in slots.items():
+        if slot.get("kind") == "merged":
+            buffers[index] = MergedSlot.allocate(batch, slot["kv_heads"], max_len, slot["head_dim"],
+                                                 retained_capacity(slot, max_len), dtype)
+        else:
+            shape = (batch, slot["kv_heads"], max_len, slot["head_dim"])
+            buffers[index] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+    return buffers
+
+
+def buffer_bytes(buffer) -> int:
+    if isinstance(buffer, MergedSlot):
+        return buffer.nbytes()
+    return 0 if buffer is None else buffer[0].nbytes + buffer[1].nbytes
+
+
+def kv_cache_bytes(layout: list[dict], max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes the cache of `layout` takes for `max_len` tokens at `batch` (allocated on the
+    meta device, so nothing is really allocated)."""
+    with torch.device("meta"):
+        return sum(buffer_bytes(buffer) for buffer in allocate_kv_buffers(layout, batch, max_len, dtype))
+
+
+def _slerp_directions(first: torch.Tensor, second: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit direction on the great circle from `first` to `second` at fraction `t`, and
+    the angle between them (per vector); nearly parallel pairs fall back to a normalised
+    linear blend, where the spherical formula divides by ~0."""
+    a = first / first.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    b = second / second.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cosine = (a * b).sum(-1, keepdim=True).clamp(-1.0, 1.0)
+    angle = torch.acos(cosine)
+    sine = torch.sin(angle)
+    spherical = (torch.sin((1 - t) * angle) * a + torch.sin(t * angle) * b) / sine.clamp_min(1e-6)
+    linear = (1 - t) * a + t * b
+    direction = torch.where(sine > 1e-4, spherical, linear)
+    return direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12), angle.squeeze(-1)
+
+
+def merge_into(slot: MergedSlot, start: int, keys: tuple, values: tuple, t: float, retain_threshold: float) -> None:
+    """Store the two members' keys and values of positions `start..` as merged directions
+    plus norms, keeping exactly (while capacity lasts) the token-heads whose key or value
+    directions are more than `retain_threshold` radians apart."""
+    end = start + keys[0].shape[2]
+    if start == 0:
+        slot.retained_count.zero_()
+    direction_k, angle_k = _slerp_directions(*keys, t)
+    direction_v, angle_v = _slerp_directions(*values, t)
+    slot.direction_k[:, :, start:end] = direction_k
+    slot.direction_v[:, :, start:end] = direction_v
+    slot.norms[:, :, start:end] = torch.stack([keys[0].norm(dim=-1), keys[1].norm(dim=-1),
+                                               values[0].norm(dim=-1), values[1].norm(dim=-1)], dim=-1)
+    keep = torch.maximum(angle_k, angle_v) > retain_threshold
+    rows = slot.retained_count[..., None] + keep.long().cumsum(-1) - 1
+    keep &= rows < slot.retained_k.shape[2]
+    slot.retained_index[:, :, start:end] = torch.where(keep, rows, -1).to(torch.int32)
+    if bool(keep.any()):
+        b, h, j = keep.nonzero(as_tuple=True)
+        row = rows[b, h, j]
+        for member in (0, 1):
+            slot.retained_k[b, h, row, member] = keys[member][b, h, j]
+            slot.retained_v[b, h, row, member] = values[member][b, h, j]
+    slot.retained_count += keep.sum(-1)
+
+
+def restore(slot: MergedSlot, member: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One member's keys and values of positions `0..length`: merged direction times the
+    member's own norms, with retained token-heads put back exactly."""
+    norms = slot.norms[:, :, :length]
+    keys = slot.direction_k[:, :, :length] * norms[..., member : member + 1]
+    values = slot.direction_v[:, :, :length] * norms[..., 2 + member : 3 + member]
+    index = slot.retained_index[:, :, :length]
+    kept = index >= 0
+    if bool(kept.any()):
+        b, h, j = kept.nonzero(as_tuple=True)
+        row = index[b, h, j].long()
+        keys[b, h, j] = slot.retained_k[b, h, row, member]
+        values[b, h, j] = slot.retained_v[b, h, row, member]
+    return keys, values
