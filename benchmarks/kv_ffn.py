@@ -2,9 +2,10 @@
 
 One process, one held-out split for every row: Hugging Face `generate` (eager), lmforge
 without lossy passes, then `kv_share` (auto at 1/3/5 % perplexity, and explicit 2x sharing
-with and without `heal`) and `ffn_skip` (static and dynamic at 1/3/5 %). Each row reports
+with and without `heal`; `merge`, MiniCache) and `ffn_skip` (static and dynamic at 1/3/5 %). Each row reports
 KV-cache bytes at 2,048 tokens (vs HF's), weight bytes, batch-1 greedy decode tokens/s (vs
-HF and vs lmforge without the pass), and held-out perplexity change, top-1 agreement and KL
+HF and vs lmforge without the pass, the three timed alternately run by run so that machine
+drift cancels out of the ratios), and held-out perplexity change, top-1 agreement and KL
 against the original model. A budget no configuration meets is a row saying so, with the
 cost of the cheapest step: the measured frontier.
 
@@ -26,7 +27,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
-from lmforge.benchmarking import heldout_prompts, time_generation
+from lmforge.benchmarking import heldout_prompts, time_alternating
 from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import CalibrationConfig, CalibrationData
 from lmforge.runtime.kv_cache import kv_cache_bytes
@@ -60,10 +61,16 @@ def _configurations(heal_steps: int) -> list[tuple[str, str, int]]:
                  f"    heal: {{steps: {heal_steps}, lr: 0.001}}\n", 384))
     rows.append(("kv_share auto ≤10% (frontier)",
                  "  - name: kv_share\n    mode: auto\n    quality_budget: {max_ppl_increase: 0.1}\n", 16))
+    rows.append(("kv_share merge [[5, 6]] (MiniCache)",
+                 "  - name: kv_share\n    mode: merge\n    groups: [[5, 6]]\n", 16))
+    rows.append(("kv_share merge auto ≤5%",
+                 "  - name: kv_share\n    mode: merge\n    quality_budget: {max_ppl_increase: 0.05}\n", 16))
     for budget in (0.01, 0.03, 0.05):
         rows.append((f"ffn_skip static ≤{budget:.0%}",
                      f"  - name: ffn_skip\n    mode: static\n    quality_budget: {{max_ppl_increase: {budget}}}\n", 16))
-    for budget in (0.01, 0.03, 0.05):
+    rows.append(("ffn_skip static ≤20% (frontier)",
+                 "  - name: ffn_skip\n    mode: static\n    quality_budget: {max_ppl_increase: 0.2}\n", 16))
+    for budget in (0.01, 0.03, 0.05, 0.1):
         rows.append((f"ffn_skip dynamic ≤{budget:.0%}",
                      f"  - name: ffn_skip\n    mode: dynamic\n    thresholds: [0.999, 0.998, 0.995, 0.993, 0.99, 0.985, 0.98]\n"
                      f"    quality_budget: {{max_ppl_increase: {budget}}}\n", 16))
@@ -80,6 +87,8 @@ def _pass_summary(compiled) -> str:
     if not lossy:
         return ""
     measurements = lossy[-1]["measurements"]
+    if compiled.program.meta.get("kv_share", {}).get("mode") == "merge":
+        return f"merged pairs {measurements['groups']}"
     if "groups" in measurements:
         shared = [group for group in measurements["groups"] if len(group) > 1]
         return f"groups {shared}" + (f", heal KL {measurements['heldout_quality_before_heal']['kl']:.3f}→"
@@ -92,9 +101,9 @@ def _pass_summary(compiled) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--heal-steps", type=int, default=300)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -106,17 +115,15 @@ def main() -> None:
     heldout = CalibrationData.from_config(
         CalibrationConfig(data=str(args.checkpoint / "heldout.txt"), samples=16, eval_samples=16, seq_len=256), tokenizer, hf
     )
-    with torch.no_grad():
-        hf_timing = time_generation(
-            lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                                min_new_tokens=args.new_tokens, do_sample=False),
-            prompt.shape[1], args.repeats,
-        )
     hf_kv = _hf_kv_bytes(hf.config, 2048)
-    rows = [{"configuration": "HF generate (eager)", "kv_bytes_2048": hf_kv, "kv_ratio": 1.0,
-             "weight_bytes": sum(p.nbytes for p in hf.parameters()), "tokens_per_second": hf_timing.tokens_per_second,
-             "speed_vs_hf": 1.0, "speed_vs_lmforge": None, "quality": None, "detail": "", "compile_seconds": None}]
-    baseline_speed = None
+
+    def hf_generate():
+        with torch.no_grad():
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                               min_new_tokens=args.new_tokens, do_sample=False)
+
+    rows = []
+    baseline = None
     configurations = _configurations(args.heal_steps)
     with Progress(console=Console(stderr=True), disable=args.json) as progress:
         task = progress.add_task("compiling", total=len(configurations))
@@ -130,17 +137,23 @@ def main() -> None:
                 progress.advance(task)
                 continue
             seconds = time.perf_counter() - start
-            timing = time_generation(
-                lambda: compiled.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[]), prompt.shape[1], args.repeats
-            )
-            baseline_speed = baseline_speed or timing.tokens_per_second
+            baseline = baseline or compiled
+            engines = {"hf": hf_generate, "baseline": lambda: baseline.generate(prompt, max_new_tokens=args.new_tokens,
+                                                                                 eos_token_id=[]),
+                       "this": lambda: compiled.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[])}
+            timing = time_alternating(engines, prompt.shape[1], args.repeats)
+            if not rows:
+                rows.append({"configuration": "HF generate (eager)", "kv_bytes_2048": hf_kv, "kv_ratio": 1.0,
+                             "weight_bytes": sum(p.nbytes for p in hf.parameters()),
+                             "tokens_per_second": timing["hf"].tokens_per_second, "speed_vs_hf": 1.0,
+                             "speed_vs_lmforge": None, "quality": None, "detail": "", "compile_seconds": None})
             kv = kv_cache_bytes(compiled.program.meta["kv_cache"], 2048)
             rows.append({
                 "configuration": label, "kv_bytes_2048": kv, "kv_ratio": hf_kv / kv,
                 "weight_bytes": sum(t.nbytes for t in compiled.program.state_dict().values()),
-                "tokens_per_second": timing.tokens_per_second,
-                "speed_vs_hf": timing.tokens_per_second / hf_timing.tokens_per_second,
-                "speed_vs_lmforge": timing.tokens_per_second / baseline_speed,
+                "tokens_per_second": timing["this"].tokens_per_second,
+                "speed_vs_hf": timing["this"].tokens_per_second / timing["hf"].tokens_per_second,
+                "speed_vs_lmforge": timing["this"].tokens_per_second / timing["baseline"].tokens_per_second,
                 "quality": heldout.program_quality(compiled.program).as_dict(),
                 "detail": _pass_summary(compiled), "compile_seconds": seconds,
             })

@@ -38,6 +38,23 @@ def time_generation(generate: Callable[[], torch.Tensor], prompt_len: int, repea
     return Timing(statistics.median(durations), new_tokens, output)
 
 
+def time_alternating(generators: dict[str, Callable[[], torch.Tensor]], prompt_len: int, repeats: int = 5) -> dict[str, Timing]:
+    """Like `time_generation` for several engines at once, alternating them run by run, so
+    that drifts in machine speed hit all of them alike and their ratios stay meaningful."""
+    outputs = {name: generate() for name, generate in generators.items()}
+    durations: dict[str, list[float]] = {name: [] for name in generators}
+    for _ in range(repeats):
+        for name, generate in generators.items():
+            start = time.perf_counter()
+            outputs[name] = generate()
+            durations[name].append(time.perf_counter() - start)
+    return {
+        name: Timing(statistics.median(durations[name]), outputs[name].shape[0] * (outputs[name].shape[1] - prompt_len),
+                     outputs[name])
+        for name in generators
+    }
+
+
 def heldout_prompts(text: str, tokenizer, count: int, length: int, stride: int = 9973) -> list[list[int]]:
     """`count` prompts of `length` tokens cut from evenly spaced places of `text`."""
     prompts = []

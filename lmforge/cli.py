@@ -66,6 +66,9 @@ def compile_(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", "-r", help="recipe YAML (default: the built-in default)"),
     output: Path = typer.Option(..., "--output", "-o", help="artifact directory to write"),
+    bisect_limit: Optional[int] = typer.Option(
+        None, "--bisect", min=0, help="apply only the first N rewrites of the pipeline (see `lmforge debug bisect`)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print a JSON summary"),
 ) -> None:
     """Capture CHECKPOINT, run the recipe's passes, and write an artifact."""
@@ -76,7 +79,7 @@ def compile_(
     start = time.perf_counter()
     progress, on_pass, within_pass = _compile_progress(len(parsed.passes), as_json)
     with progress:
-        compiled = lmforge.optimize(checkpoint, parsed, on_pass=on_pass, progress=within_pass)
+        compiled = lmforge.optimize(checkpoint, parsed, on_pass=on_pass, progress=within_pass, rewrite_limit=bisect_limit)
         task = progress.add_task("save", total=1)
         compiled.save(output)
         progress.advance(task)
@@ -245,10 +248,10 @@ def info(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Summarise an artifact: versions, passes applied, weight and KV-cache bytes."""
+    import torch
+
     from lmforge.compiler.artifact import read_manifest
     from lmforge.runtime.kv_cache import kv_cache_bytes
-
-    import torch
 
     manifest = read_manifest(artifact)
     meta = manifest["meta"]

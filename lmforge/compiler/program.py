@@ -18,7 +18,6 @@ from torch import fx
 from lmforge.compiler.architectures import spec_for
 from lmforge.compiler.layermap import LayerMap, build_layer_map
 
-
 RUNTIME_CHECKS = {
     torch.ops.aten._assert_tensor_metadata.default,
     torch.ops.aten._assert_scalar.default,

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lmforge.api import CompiledModel, load_tokenizer, sample_ids, optimize
+from lmforge.api import CompiledModel, load_tokenizer, optimize, sample_ids
 from lmforge.compiler.capture import capture, load_reference
 from lmforge.compiler.pipeline import Instrument
 from lmforge.compiler.program import Program

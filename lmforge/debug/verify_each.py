@@ -1,12 +1,14 @@
 """Verify-each: after every pass, the current Program against the original model.
 
-On a fixed batch it records max logit error, top-1 agreement, KL and perplexity change;
-for lossless passes it also decodes greedily with both and, when the tokens differ, looks at
-the reference's own margin between its top two logits at the first differing step: a flip
-where that margin and the program's logit error are both inside `near_tie_margin` is float
+On a fixed batch it records, against the original model, max logit error, top-1 agreement,
+KL and perplexity change. A lossless pass must not change what its input program computes
+(which, after a lossy pass, is no longer the original model), so it is also checked
+against a copy of the program from before it: greedy tokens of both and, when they differ,
+the input's margin between its top two logits at the first differing step — a flip where
+that margin and the pass's logit change are both inside `near_tie_margin` is float
 reassociation meeting a near-tie, not a broken rewrite. Status per lossless pass: `ok`,
 `near-tie`, `error` (greedy tokens changed otherwise) or `logit drift` (same tokens, logits
-off by more than `logit_tolerance`).
+changed by more than `logit_tolerance`).
 Comparing each layer's output with the reference's hidden states names the first layer
 that diverges.
 """
@@ -61,28 +63,29 @@ def _greedy(next_logits, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
-def greedy_check(
-    program: Program, reference, prompt: torch.Tensor, steps: int, near_tie_margin: float, logit_error: float
-) -> dict:
-    """Greedy tokens of both; on a difference, where, and whether it is a near-tie: the
-    reference's top-2 margin at that step and the program's largest logit error are both
-    below `near_tie_margin`, so rounding alone can explain the flip."""
+def greedy_check(after: Program, before: Program, prompt: torch.Tensor, steps: int, near_tie_margin: float) -> dict:
+    """Did the pass (the program `before` it → `after` it) change the greedy tokens? On a
+    difference: where, and whether it is a near-tie: the input program's top-2 margin at
+    that step and the pass's largest logit change are both below `near_tie_margin`, so
+    rounding alone can explain the flip."""
     with torch.no_grad():
-        ours = _greedy(lambda ids: full_logits(program, ids), prompt, steps)
-        theirs = _greedy(lambda ids: reference(ids).logits, prompt, steps)
+        change = (full_logits(after, prompt) - full_logits(before, prompt)).abs().max().item()
+        ours = _greedy(lambda ids: full_logits(after, ids), prompt, steps)
+        theirs = _greedy(lambda ids: full_logits(before, ids), prompt, steps)
     differing = (ours != theirs).any(0).nonzero()
     if len(differing) == 0:
-        return {"greedy_match": True, "status": "ok"}
+        return {"greedy_match": True, "max_logit_change": change, "status": "ok"}
     position = int(differing[0])
     with torch.no_grad():
-        logits = reference(theirs[:, :position]).logits[:, -1]
+        logits = full_logits(before, theirs[:, :position])[:, -1]
     top2 = logits.topk(2, dim=-1).values
     margin = (top2[:, 0] - top2[:, 1]).min().item()
     return {
         "greedy_match": False,
+        "max_logit_change": change,
         "first_difference_at_step": position - prompt.shape[1],
-        "reference_top2_margin": margin,
-        "status": "near-tie" if margin < near_tie_margin and logit_error < near_tie_margin else "error",
+        "input_top2_margin": margin,
+        "status": "near-tie" if margin < near_tie_margin and change < near_tie_margin else "error",
     }
 
 
@@ -104,14 +107,16 @@ class VerifyEach(Instrument):
             self.reference_logits = reference(ids).logits.float()
         self.records: list[dict] = []
 
+    def before_pass(self, index: int, pass_: Pass, program: Program) -> None:
+        self.before = program.clone() if pass_.lossless else None
+
     def after_pass(self, index: int, pass_: Pass, program: Program, result: PassResult) -> None:
         record = measure(program, self.reference, self.ids, self.reference_logits)
         record["pass"], record["index"], record["lossless"] = pass_.name, index, pass_.lossless
-        if pass_.lossless:
+        if self.before is not None:
             prompt = self.ids[:, : max(1, self.ids.shape[1] // 2)]
-            record.update(greedy_check(program, self.reference, prompt, self.greedy_tokens, self.near_tie_margin,
-                                       record["max_logit_error"]))
-            if record["status"] == "ok" and record["max_logit_error"] > self.logit_tolerance:
+            record.update(greedy_check(program, self.before, prompt, self.greedy_tokens, self.near_tie_margin))
+            if record["status"] == "ok" and record["max_logit_change"] > self.logit_tolerance:
                 record["status"] = "logit drift"
         record["first_divergent_layer"] = first_divergent_layer(program, self.reference, self.ids, self.layer_tolerance)
         program.history[-1]["verify_each"] = record

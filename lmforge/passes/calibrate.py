@@ -25,6 +25,7 @@ from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
+from lmforge.passes.base import Pass, PassContext
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs")
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -241,6 +242,16 @@ def compare(reference_logprobs: torch.Tensor, logprobs: torch.Tensor, ids: torch
         top1=top1,
         kl=max(kl, 0.0),
     )
+
+
+class LossyPass(Pass):
+    """A pass that trades quality for speed or memory: it needs calibration data and
+    honours its own `quality_budget` option, else the recipe-wide one."""
+
+    lossless = False
+
+    def calibration_and_budget(self, ctx: PassContext) -> tuple[CalibrationData, QualityBudget | None]:
+        return require_calibration(ctx, self.name), getattr(self.config, "quality_budget", None) or ctx.quality_budget
 
 
 def require_calibration(ctx: Any, pass_name: str) -> CalibrationData:

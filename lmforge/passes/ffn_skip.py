@@ -38,17 +38,16 @@ from lmforge.compiler.layermap import role_of, set_role
 from lmforge.compiler.ops import ATTENTION_OPS, ffn_skip_gate
 from lmforge.compiler.program import RUNTIME_CHECKS, Program
 from lmforge.errors import LmforgeError
-from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
+from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import (
     CalibrationData,
+    LossyPass,
     Quality,
     QualityBudget,
     enforce_budget,
     greedy_search,
     node_values,
-    require_calibration,
 )
-
 
 DEFAULT_THRESHOLDS = (0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9)
 _BODY_ROLES = ("ffn", "norm", "layer_other")
@@ -227,15 +226,13 @@ def _dynamic_trial(program: Program, layers: list[int], threshold: float, warmup
 
 
 @register_pass("ffn_skip")
-class FFNSkip(Pass):
+class FFNSkip(LossyPass):
     description = "remove FFN blocks (static) or skip them per decoded token once the stream converges (dynamic); lossy"
     Config = FFNSkipConfig
     provides = ("ffn_skip",)
-    lossless = False
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
-        data = require_calibration(ctx, self.name)
-        budget = self.config.quality_budget or ctx.quality_budget
+        data, budget = self.calibration_and_budget(ctx)
         num_layers = program.meta["num_layers"]
         for layer in self.config.layers or []:
             if not 0 <= layer < num_layers:

@@ -33,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmforge.compiler.kv_layout import kv_cache_bytes
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
-from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
+from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import (
     CalibrationData,
+    LossyPass,
     Quality,
     QualityBudget,
     SearchResult,
@@ -43,7 +44,6 @@ from lmforge.passes.calibrate import (
     full_logits,
     greedy_search,
     node_values,
-    require_calibration,
 )
 from lmforge.passes.kv_merge import check_pairs, merge_pairs, retain_thresholds
 from lmforge.training import train
@@ -197,16 +197,14 @@ def heal(program: Program, data: CalibrationData, config: HealConfig, ctx: PassC
 
 
 @register_pass("kv_share")
-class KVShare(Pass):
+class KVShare(LossyPass):
     description = "layers reuse an earlier layer's KV cache (fewer K/V projections, smaller cache); lossy"
     Config = KVShareConfig
     provides = ("kv_share",)
-    lossless = False
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config
-        data = require_calibration(ctx, self.name)
-        budget = config.quality_budget or ctx.quality_budget
+        data, budget = self.calibration_and_budget(ctx)
         num_layers = program.meta["num_layers"]
         similarity = kv_similarity(program, data.ids("calibration")[:2])
         if config.mode == "merge":

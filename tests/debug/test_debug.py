@@ -158,3 +158,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
     image = Image.open(shot).convert("RGB")
     assert image.size == (1200, 1600) and len(image.getcolors(1 << 20)) > 50  # text, tables and plots, not a blank page
     assert run.compiled.program.history[0]["pass"] == "fuse_projections"
+
+
+def test_compile_with_a_rewrite_limit_applies_only_that_many(tmp_path):
+    checkpoint = _tiny_checkpoint(tmp_path)
+    result = runner.invoke(app, ["compile", str(checkpoint), "-o", str(tmp_path / "a"), "--bisect", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    history = json.loads(result.stdout)["history"]
+    assert [entry["rewrites"] for entry in history] == [5, 0, 0]  # cleanup's first five, then nothing

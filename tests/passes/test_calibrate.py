@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from lossy_helpers import random_calibration
 from tiny_models import tiny_model
 
 from lmforge.compiler.capture import capture
 from lmforge.errors import LmforgeError
+from lmforge.passes import PassContext
 from lmforge.passes.calibrate import (
     CalibrationConfig,
     Quality,
@@ -16,8 +18,6 @@ from lmforge.passes.calibrate import (
     require_calibration,
     tokenize_windows,
 )
-from lmforge.passes import PassContext
-from lossy_helpers import random_calibration
 
 
 def test_splits_are_disjoint_windows_from_opposite_ends(ref_path, ref_tokenizer):

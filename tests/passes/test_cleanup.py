@@ -5,8 +5,8 @@ from tiny_models import tiny_model
 
 from lmforge.compiler.capture import capture
 from lmforge.passes import PassContext
-from lmforge.passes.cleanup import Cleanup, CleanupConfig
 from lmforge.passes.calibrate import full_logits as program_logits
+from lmforge.passes.cleanup import Cleanup, CleanupConfig
 
 aten = torch.ops.aten
 
@@ -21,13 +21,16 @@ def test_cleanup_removes_checks_casts_and_duplicates():
     ids = torch.randint(0, 256, (1, 9))
     before = program_logits(program, ids)
     assert aten._assert_tensor_metadata.default in _targets(program)
-    result = Cleanup()(program, PassContext())
+    ctx = PassContext()
+    result = Cleanup()(program, ctx)
     targets = _targets(program)
     assert aten._assert_tensor_metadata.default not in targets
     assert aten.alias.default not in targets
     # the cos/sin unsqueezes repeated in every layer are merged into one pair
     assert result.measurements["subexpressions_merged"] >= 2
-    assert result.rewrites == sum(result.measurements.values()) > 0
+    gated = ("checks_removed", "identities_folded", "subexpressions_merged")  # dead-code removal follows from them
+    assert result.rewrites == sum(result.measurements[name] for name in gated) > 0
+    assert len(ctx.rewrite_log) == result.rewrites and all(entry["applied"] for entry in ctx.rewrite_log)
     assert program.history[-1]["ops_after"] < program.history[-1]["ops_before"]
     assert torch.equal(program_logits(program, ids), before)
     # a new shape still works: no guard or specialisation was left behind

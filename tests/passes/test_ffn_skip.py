@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from lossy_helpers import context, random_calibration, text_calibration
 from tiny_models import tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -15,7 +16,6 @@ from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import decoded_logits, full_logits
 from lmforge.passes.ffn_skip import FFNSkip, FFNSkipConfig, find_ffn_block, make_dynamic
 from lmforge.runtime.kv_cache import StaticKVCache
-from lossy_helpers import context, random_calibration, text_calibration
 
 aten = torch.ops.aten
 MATMULS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
@@ -138,6 +138,8 @@ def test_kv_share_and_dynamic_ffn_skip_compose_save_load_and_generate(tmp_path, 
     compiled.engine.skip_counts = {}
     tokens = compiled.generate(prompt, max_new_tokens=24)
     assert sum(compiled.engine.skip_counts.values()) > 0
+    forced = decoded_logits(compiled.program, tokens, prompt.shape[1]).argmax(-1)  # what the pass measured
+    assert torch.equal(forced[:, prompt.shape[1] - 1 : -1], tokens[:, prompt.shape[1] :])
     compiled.save(tmp_path / "artifact")
     loaded = lmforge.load(tmp_path / "artifact")
     assert loaded.program.meta["ffn_skip"]["threshold"] == 0.99 and loaded.program.meta["kv_share"]["groups"][1] == [1, 2]

@@ -7,9 +7,9 @@ from tiny_models import tiny_model
 import lmforge
 from lmforge.compiler.capture import capture
 from lmforge.passes import PassContext
+from lmforge.passes.calibrate import full_logits as program_logits
 from lmforge.passes.cleanup import Cleanup
 from lmforge.passes.fuse_projections import FuseProjections, FuseProjectionsConfig
-from lmforge.passes.calibrate import full_logits as program_logits
 
 aten = torch.ops.aten
 

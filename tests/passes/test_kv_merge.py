@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lossy_helpers import context, random_calibration
 from tiny_models import tiny_model
 
 import lmforge
@@ -13,7 +14,6 @@ from lmforge.passes.calibrate import decoded_logits, full_logits
 from lmforge.passes.kv_merge import merge_pairs, retain_thresholds
 from lmforge.passes.kv_share import KVShare, KVShareConfig
 from lmforge.runtime.kv_cache import StaticKVCache
-from lossy_helpers import context, random_calibration
 
 
 def test_retaining_every_token_is_exact_and_merging_changes_only_decoding():

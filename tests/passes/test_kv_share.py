@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lossy_helpers import context, random_calibration, text_calibration
 from tiny_models import tiny_model
 
 import lmforge
@@ -10,7 +11,6 @@ from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import decoded_logits, full_logits
 from lmforge.passes.kv_share import HealConfig, KVShare, KVShareConfig, normalize_groups
 from lmforge.runtime.kv_cache import StaticKVCache, kv_cache_bytes
-from lossy_helpers import context, random_calibration, text_calibration
 
 
 def _kv_projections(program) -> int:
