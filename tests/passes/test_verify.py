@@ -32,3 +32,22 @@ def test_broken_program_is_caught():
         Verify()(program, _context(model))
     recorded = Verify(VerifyConfig(fail=False))(program, _context(model))
     assert recorded.measurements["max_logit_error"] > 1e-2
+
+
+def test_after_a_lossy_pass_verify_checks_the_recipe_budget_and_the_cache():
+    from lossy_helpers import random_calibration
+
+    from lmforge.passes.calibrate import QualityBudget
+    from lmforge.passes.kv_share import KVShare, KVShareConfig
+
+    model = tiny_model("llama", num_layers=4)
+    ctx = _context(model)
+    ctx.calibration = random_calibration(model)
+    program = capture(model)
+    KVShare(KVShareConfig(mode="explicit", groups=[[1, 2]]))(program, ctx)
+    result = Verify()(program, ctx)
+    assert result.measurements["lossy_passes"] == ["kv_share"] and "heldout_quality" in result.measurements
+    assert result.measurements["cache_max_logit_error"] < 1e-3  # shared caches still decode like a full forward
+    ctx.quality_budget = QualityBudget(min_top1=0.999)
+    with pytest.raises(LmforgeError, match="verify: the pipeline after kv_share misses the quality budget on held-out"):
+        Verify()(program, ctx)
