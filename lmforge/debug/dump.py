@@ -51,15 +51,17 @@ def write_dump(directory: Path, stem: str, program: Program) -> None:
 
 class Dump(Instrument):
     """Writes `00-capture.py` and, after each pass (or only those in `print_after`),
-    `NN-<pass>.py` plus `NN-<pass>.stats.json` into `directory`."""
+    `NN-<pass>.py` plus `NN-<pass>.stats.json` into `directory`; keeps a copy of the
+    program as captured in `captured`."""
 
     def __init__(self, directory: Path, print_after: set[str] | None = None) -> None:
-        self.directory, self.print_after, self.started = Path(directory), print_after, False
+        self.directory, self.print_after = Path(directory), print_after
+        self.captured: Program | None = None
 
     def before_pass(self, index: int, pass_: Pass, program: Program) -> None:
-        if not self.started:
+        if self.captured is None:
+            self.captured = program.clone()  # the report draws a layer as captured
             write_dump(self.directory, "00-capture", program)
-            self.started = True
 
     def after_pass(self, index: int, pass_: Pass, program: Program, result: PassResult) -> None:
         if self.print_after is None or pass_.name in self.print_after:

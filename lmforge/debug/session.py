@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lmforge.api import CompiledModel, load_tokenizer, optimize, sample_ids
-from lmforge.compiler.capture import capture, load_reference
+from lmforge.compiler.capture import load_reference
 from lmforge.compiler.pipeline import Instrument
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import Recipe, load_recipe
@@ -88,14 +88,14 @@ def debug_compile(
             raise LmforgeError(f"no pass named {name!r} in the recipe; its passes are: {', '.join(names) or '(none)'}")
     directory = Path(directory)
     reference = load_reference(checkpoint)
-    captured = capture(reference)
     verify = VerifyEach(reference, check_ids(recipe, load_tokenizer(checkpoint), reference))
-    instruments: list[Instrument] = [Dump(directory, print_after), Diff(), verify]
+    dump = Dump(directory, print_after)
+    instruments: list[Instrument] = [dump, Diff(), verify]
     if stop_after is not None:
         instruments.insert(0, StopAfter(stop_after))
     compiled = optimize(checkpoint, recipe, on_pass=on_pass, progress=progress, instruments=instruments,
                         rewrite_limit=rewrite_limit)
-    run = DebugRun(compiled, captured, verify.records, directory)
+    run = DebugRun(compiled, dump.captured or compiled.program, verify.records, directory)
     (directory / "debug.json").write_text(json.dumps(run.as_dict(), indent=2, default=str) + "\n")
     write_report(run, directory / "report.html")
     return run

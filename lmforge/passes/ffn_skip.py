@@ -49,7 +49,7 @@ from lmforge.passes.calibrate import (
     node_values,
 )
 
-DEFAULT_THRESHOLDS = (0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9)
+DEFAULT_THRESHOLDS = (0.999, 0.998, 0.995, 0.993, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9)
 _BODY_ROLES = ("ffn", "norm", "layer_other")
 
 
