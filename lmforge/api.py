@@ -63,6 +63,7 @@ class CompiledModel:
             eos_token_ids=generation["eos_token_ids"],
             pad_token_id=generation["pad_token_id"],
             tokenizer=tokenizer,
+            speculation=program.meta.get("speculation"),
         )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:

@@ -16,6 +16,7 @@ from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.errors import LmforgeError
 from lmforge.runtime.kv_cache import StaticKVCache
 from lmforge.runtime.sampling import SamplingParams, select_next
+from lmforge.runtime.speculative import ProfitabilityGate, PromptLookup, accept
 
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -73,7 +74,10 @@ class Engine:
         eos_token_ids: Sequence[int] = (),
         pad_token_id: int | None = None,
         tokenizer: Any = None,
+        speculation: dict | None = None,
     ) -> None:
+        self.speculation = speculation
+        self.speculation_stats: dict[str, int] = {}
         self.runner, self.kv_layout, self.max_seq_len, self.dtype = runner, kv_layout, max_seq_len, dtype
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id if pad_token_id is not None else (self.eos_token_ids or [0])[0]
@@ -98,16 +102,24 @@ class Engine:
         return self.cache
 
     def step(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, start: int, pad: torch.Tensor | None, generated: int = 0
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        start: int,
+        pad: torch.Tensor | None,
+        generated: int = 0,
+        every_position: bool = False,
     ) -> torch.Tensor:
-        """Run `input_ids` (written to cache slots `start..`) and return last-position logits;
-        `generated` is how many decode steps came before (0 for the prefill)."""
+        """Run `input_ids` (written to cache slots `start..`) and return the last position's
+        logits, or every position's with `every_position` (to verify drafts); `generated` is
+        how many decode steps came before (0 for the prefill)."""
         context = AttentionContext(
             kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad, generated=generated,
             skip_counts=self.skip_counts,
         )
         with attention_context(context):
-            return self.runner(input_ids, positions)[:, -1]
+            logits = self.runner(input_ids, positions)
+        return logits if every_position else logits[:, -1]
 
     @torch.no_grad()
     def generate(
@@ -122,40 +134,69 @@ class Engine:
         streamer: Any = None,
     ) -> torch.Tensor:
         """Prompt + generated tokens, shaped like Hugging Face `generate` output: rows that
-        finish early are filled with the pad token until every row is done."""
+        finish early are filled with the pad token until every row is done. With a draft
+        source configured (`prompt_lookup`), each forward also verifies drafted tokens."""
         if input_ids.ndim != 2 or input_ids.shape[1] == 0:
             raise LmforgeError(f"input_ids must be (batch, length>0), got {tuple(input_ids.shape)}")
         batch, prompt_len = input_ids.shape
+        total = prompt_len + max_new_tokens
         eos = self.eos_token_ids if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         eos_ids = torch.tensor(eos, dtype=torch.long)
         stops = _StopStrings(stop_strings, self.tokenizer) if stop_strings else None
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        self._ensure_cache(batch, prompt_len + max_new_tokens)
+        self._ensure_cache(batch, total)
         pad = left_padding(attention_mask, input_ids)
-        tokens = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long)
+        tokens = torch.empty(batch, total, dtype=torch.long)
         tokens[:, :prompt_len] = input_ids
         positions = prompt_positions(attention_mask, input_ids)
+        last_prompt_position = positions[:, -1:]
         unfinished = torch.ones(batch, dtype=torch.bool)
+        lookups = [PromptLookup(**self.speculation["prompt_lookup"]) for _ in range(batch)] if self.speculation else []
+        gate = ProfitabilityGate()
+        self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        logits = self.step(input_ids, positions, 0, pad)
-        positions = positions[:, -1:]
-        length = prompt_len
-        for _ in range(max_new_tokens):
-            next_tokens = select_next(logits, sampling, generator)
-            next_tokens = torch.where(unfinished, next_tokens, self.pad_token_id)
-            tokens[:, length] = next_tokens
-            length += 1
-            if streamer is not None:
-                streamer.put(next_tokens.cpu())
-            if eos:
-                unfinished &= ~torch.isin(next_tokens, eos_ids)
-            if stops is not None:
-                unfinished &= ~stops.hit(tokens[:, prompt_len:length])
-            if length == prompt_len + max_new_tokens or not bool(unfinished.any()):
+        logits = self.step(input_ids, positions, 0, pad)[:, None]
+        drafts, length = None, prompt_len
+        while True:
+            if drafts is None:
+                new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
+            else:
+                accepted, own = accept(logits, drafts, sampling, generator)
+                gate.record(accepted)
+                self.speculation_stats["drafted"] += drafts.shape[1]
+                self.speculation_stats["accepted"] += accepted
+                new_tokens = torch.cat([drafts[:, :accepted], own[:, None]], dim=1)
+            for column in new_tokens.unbind(1):
+                next_tokens = torch.where(unfinished, column, self.pad_token_id)
+                tokens[:, length] = next_tokens
+                length += 1
+                if streamer is not None:
+                    streamer.put(next_tokens.cpu())
+                if eos:
+                    unfinished &= ~torch.isin(next_tokens, eos_ids)
+                if stops is not None:
+                    unfinished &= ~stops.hit(tokens[:, prompt_len:length])
+                if length == total or not bool(unfinished.any()):
+                    break
+            if length == total or not bool(unfinished.any()):
                 break
-            positions = positions + 1
-            logits = self.step(next_tokens[:, None], positions, length - 1, pad, generated=length - 1 - prompt_len)
+            drafts = self._drafts(lookups, gate, tokens[:, :length], room=total - length - 1)
+            feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
+            feed_positions = last_prompt_position + (length - prompt_len) + torch.arange(feed.shape[1])
+            logits = self.step(feed, feed_positions, length - 1, pad, generated=length - 1 - prompt_len, every_position=True)
+            self.speculation_stats["forwards"] += 1
         if streamer is not None:
             streamer.end()
         return tokens[:, :length]
+
+    @staticmethod
+    def _drafts(lookups: list[PromptLookup], gate: ProfitabilityGate, tokens: torch.Tensor, room: int) -> torch.Tensor | None:
+        """One equal-length draft per row (cut to the shortest row's and to `room`), or None."""
+        if not lookups or room < 1 or not gate.should_draft():
+            return None
+        proposals = [lookup.propose(row) for lookup, row in zip(lookups, tokens.tolist())]
+        length = min(min(len(proposal) for proposal in proposals), room)
+        if length == 0:
+            return None
+        return torch.tensor([proposal[:length] for proposal in proposals], dtype=torch.long)

@@ -1,0 +1,102 @@
+"""Speculative decoding in the runtime: draft sources and the acceptance rules.
+
+A draft proposes the next few tokens; one forward verifies them all (the attention op
+already handles several new tokens after a cached prefix) and the acceptance rule keeps
+the longest prefix the model agrees with, plus one token of the model's own. Greedy
+acceptance keeps exactly the tokens plain greedy decoding would produce; sampled
+acceptance is the speculative-sampling rejection rule for a deterministic draft, which
+leaves the sampled distribution unchanged. Rows of a batch advance together by the
+smallest accepted length, so their caches stay aligned and nothing is lost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.runtime.sampling import SamplingParams, filtered_logits
+
+
+@dataclass
+class PromptLookup:
+    """Draft by n-gram lookup (prompt lookup decoding): find the most recent earlier
+    occurrence of the sequence's last n tokens (longest n first) and propose what followed
+    it. The index of n-gram → last start position is updated incrementally."""
+
+    max_ngram: int = 3
+    min_ngram: int = 1
+    num_draft: int = 8
+    _index: dict[tuple, int] = field(default_factory=dict)
+    _indexed: int = 0
+
+    def reset(self) -> None:
+        self._index.clear()
+        self._indexed = 0
+
+    def propose(self, tokens: list[int]) -> list[int]:
+        """Up to `num_draft` tokens that followed the latest earlier match of the suffix."""
+        for end in range(self._indexed + 1, len(tokens)):  # n-grams that end before the last token
+            for n in range(self.min_ngram, self.max_ngram + 1):
+                if end - n >= 0:
+                    self._index[tuple(tokens[end - n : end])] = end
+        self._indexed = max(self._indexed, len(tokens) - 1)
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            follow = self._index.get(tuple(tokens[-n:]))
+            if follow is not None:
+                return tokens[follow : follow + self.num_draft]
+        return []
+
+
+@dataclass
+class ProfitabilityGate:
+    """Stops drafting while drafts keep being rejected: after a draft with nothing
+    accepted, skip drafting for a cool-down that doubles each time (up to `max_cooldown`
+    steps), then probe again; any accepted token resets it."""
+
+    max_cooldown: int = 32
+    cooldown: int = 0
+    waiting: int = 0
+
+    def should_draft(self) -> bool:
+        if self.waiting > 0:
+            self.waiting -= 1
+            return False
+        return True
+
+    def record(self, accepted: int) -> None:
+        if accepted > 0:
+            self.cooldown = 0
+        else:
+            self.cooldown = min(max(1, 2 * self.cooldown), self.max_cooldown)
+            self.waiting = self.cooldown
+
+
+def accept(
+    logits: torch.Tensor, drafts: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[int, torch.Tensor]:
+    """Verify `drafts` (batch, k) against `logits` (batch, k + 1, vocab) of the forward
+    that fed the last token plus the drafts. Returns the number of draft tokens every row
+    accepted, `a`, and each row's token for position `a` (its own next token there)."""
+    batch, k = drafts.shape
+    if not params.do_sample:
+        predicted = logits.argmax(-1)
+        agree = (predicted[:, :k] == drafts).long().cumprod(-1).sum(-1)
+        accepted = int(agree.min())
+        return accepted, predicted[:, accepted]
+    probs = filtered_logits(logits, params).softmax(-1)
+    draft_probs = probs[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    uniform = torch.rand(batch, k, generator=generator)
+    row_accepts = (uniform < draft_probs).long().cumprod(-1).sum(-1)
+    accepted = int(row_accepts.min())
+    tokens = torch.empty(batch, dtype=torch.long)
+    for row in range(batch):
+        if row_accepts[row] > accepted:  # this row accepted the draft here too: it is a valid sample
+            tokens[row] = drafts[row, accepted]
+            continue
+        distribution = probs[row, accepted].clone()
+        if accepted < k:  # rejected draft: sample from the rest of the distribution
+            distribution[drafts[row, accepted]] = 0.0
+            distribution = distribution / distribution.sum()
+        tokens[row] = torch.multinomial(distribution, 1, generator=generator)[0]
+    return accepted, tokens
