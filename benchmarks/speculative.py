@@ -1,0 +1,111 @@
+"""Speculative decoding with prompt-lookup drafts vs Hugging Face, one process, same prompts.
+
+Rows: HF `generate` (eager), HF `generate(prompt_lookup_num_tokens=10)`, lmforge plain,
+lmforge with `prompt_lookup`: tokens/s (each engine timed alternately with the others, run
+by run), ratio to HF eager and to HF prompt lookup, mean tokens per forward (1 = no draft
+accepted), and whether the greedy tokens are identical to HF's plain greedy output.
+Prompts are cut from held-out source code; the last column says how repetitive the
+generated text is (share of generated 4-grams seen before), since lookup thrives on it.
+
+    python benchmarks/speculative.py [--checkpoint DIR] [--prompts 4] [--new-tokens 128] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lmforge
+from lmforge.benchmarking import heldout_prompts, time_alternating
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
+BASE = "passes: [{name: cleanup}, {name: fuse_projections}]\nruntime: {max_seq_len: 1024}\n"
+LOOKUP = ("passes: [{name: cleanup}, {name: fuse_projections}, {name: prompt_lookup, num_draft: 10, max_ngram: 3}]\n"
+          "runtime: {max_seq_len: 1024}\n")
+
+
+def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    seen, repeats = set(), 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / max(1, len(grams))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+    plain, lookup = lmforge.optimize(args.checkpoint, BASE), lmforge.optimize(args.checkpoint, LOOKUP)
+    text = (args.checkpoint / "heldout.txt").read_text()
+    totals: dict[str, dict] = {}
+    for prompt in heldout_prompts(text, tokenizer, args.prompts, args.prompt_len):
+        ids = torch.tensor([prompt])
+        mask = torch.ones_like(ids)
+        forwards = {}
+
+        def run_lookup():
+            out = lookup.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[])
+            forwards["lookup"] = lookup.engine.speculation_stats["forwards"]
+            return out
+
+        def hf_generate(**extra):
+            with torch.no_grad():
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                   min_new_tokens=args.new_tokens, do_sample=False, **extra)
+
+        engines = {
+            "HF generate (eager)": hf_generate,
+            "HF generate, prompt_lookup_num_tokens=10": lambda: hf_generate(prompt_lookup_num_tokens=10),
+            "lmforge plain": lambda: plain.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[]),
+            "lmforge + prompt_lookup": run_lookup,
+        }
+        timings = time_alternating(engines, ids.shape[1], args.repeats)
+        reference = timings["HF generate (eager)"].output
+        for name, timing in timings.items():
+            total = totals.setdefault(name, {"seconds": 0.0, "tokens": 0, "identical": True, "forwards": 0})
+            total["seconds"] += timing.seconds
+            total["tokens"] += timing.new_tokens
+            total["identical"] &= bool(torch.equal(timing.output, reference))
+            total["forwards"] += forwards.get("lookup", timing.new_tokens) if name == "lmforge + prompt_lookup" else timing.new_tokens
+            total.setdefault("repetition", []).append(repeated_ngrams(timing.output[0, ids.shape[1]:].tolist()))
+    eager = totals["HF generate (eager)"]["tokens"] / totals["HF generate (eager)"]["seconds"]
+    hf_lookup_name = "HF generate, prompt_lookup_num_tokens=10"
+    hf_lookup = totals[hf_lookup_name]["tokens"] / totals[hf_lookup_name]["seconds"]
+    rows = [{"engine": name, "tokens_per_second": t["tokens"] / t["seconds"],
+             "vs_hf_eager": t["tokens"] / t["seconds"] / eager, "vs_hf_lookup": t["tokens"] / t["seconds"] / hf_lookup,
+             "tokens_per_forward": t["tokens"] / t["forwards"], "identical_to_hf_greedy": t["identical"],
+             "repeated_4grams": sum(t["repetition"]) / len(t["repetition"])} for name, t in totals.items()]
+    if args.json:
+        json.dump({"rows": rows}, sys.stdout, indent=2)
+        return
+    table = Table(title=f"greedy decoding on {args.checkpoint.name}: {args.prompts} held-out code prompts of "
+                        f"{args.prompt_len} tokens, {args.new_tokens} new tokens, batch 1")
+    for column in ("engine", "tokens/s", "vs HF eager", "vs HF lookup", "tokens per forward", "identical to HF greedy",
+                   "repeated 4-grams in output"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["engine"], f"{row['tokens_per_second']:.0f}", f"{row['vs_hf_eager']:.2f}",
+                      f"{row['vs_hf_lookup']:.2f}",
+                      f"{row['tokens_per_forward']:.2f}" if row["engine"] == "lmforge + prompt_lookup" else "—",
+                      "yes" if row["identical_to_hf_greedy"] else "NO", f"{row['repeated_4grams']:.0%}")
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
