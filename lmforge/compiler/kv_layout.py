@@ -111,8 +111,9 @@ def merge_into(slot: MergedSlot, start: int, keys: tuple, values: tuple, t: floa
     plus norms, keeping exactly (while capacity lasts) the token-heads whose key or value
     directions are more than `retain_threshold` radians apart."""
     end = start + keys[0].shape[2]
-    if start == 0:
-        slot.retained_count.zero_()
+    # Rows are handed out in position order, so rewriting from `start` (a new sequence, or
+    # drafts rejected by speculative decoding) frees exactly the rows of positions >= start.
+    slot.retained_count = (slot.retained_index[:, :, :start] >= 0).sum(-1)
     direction_k, angle_k = _slerp_directions(*keys, t)
     direction_v, angle_v = _slerp_directions(*values, t)
     slot.direction_k[:, :, start:end] = direction_k

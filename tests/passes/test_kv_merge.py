@@ -73,3 +73,15 @@ def test_merge_pairs_are_validated():
     for groups, message in [([[0, 2]], "two adjacent layers"), ([[0, 1], [1, 2]], "two groups"), ([[3, 4]], "does not exist")]:
         with pytest.raises(LmforgeError, match=message):
             KVShare(KVShareConfig(mode="merge", groups=groups))(capture(model), context(model, data))
+
+
+def test_rewriting_positions_frees_their_retained_rows():
+    from lmforge.compiler.kv_layout import merge_into
+
+    slot = MergedSlot.allocate(1, 2, 16, 4, capacity=8, dtype=torch.float32)
+    keys = [torch.randn(1, 2, 6, 4) for _ in range(2)]
+    values = [torch.randn(1, 2, 6, 4) for _ in range(2)]
+    merge_into(slot, 0, keys, values, 0.6, -1.0)  # every token-head retained: 6 of 8 rows
+    assert slot.retained_count.tolist() == [[6, 6]]
+    merge_into(slot, 4, [k[:, :, :2] for k in keys], [v[:, :, :2] for v in values], 0.6, -1.0)  # positions 4, 5 again
+    assert slot.retained_count.tolist() == [[6, 6]] and slot.retained_index[0, 0, :6].tolist() == [0, 1, 2, 3, 4, 5]
