@@ -135,4 +135,15 @@ class Program:
         return {name: tensor.detach() for name, tensor in self.graph_module.state_dict().items()}
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.graph_module(input_ids, position_ids)
+        """The base model's logits (without the draft heads' a `draft_heads` pass adds)."""
+        return base_logits(self.graph_module(input_ids, position_ids), draft_head_count(self.meta))
+
+
+def draft_head_count(meta: dict) -> int:
+    return meta.get("speculation", {}).get("draft_heads", {}).get("count", 0)
+
+
+def base_logits(output: torch.Tensor, draft_heads: int) -> torch.Tensor:
+    """A program returns `(batch, seq, vocab)`, or `(batch, seq, 1 + heads, vocab)` with
+    draft heads, the base logits first."""
+    return output[..., 0, :] if draft_heads else output

@@ -104,22 +104,29 @@ def _read_text(path: Path) -> list[str]:
     )
 
 
-def tokenize_windows(config: CalibrationConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Calibration and held-out windows of `seq_len` tokens from the configured text."""
+def token_windows(data: str | Path, tokenizer: Any, seq_len: int) -> torch.Tensor:
+    """All consecutive windows of `seq_len` tokens of a text file or directory (files
+    joined by the end-of-sequence token), `(windows, seq_len)`."""
     if tokenizer is None:
-        raise LmforgeError("calibration needs the model's tokenizer; compile from a checkpoint directory that has one")
+        raise LmforgeError("reading text needs the model's tokenizer; use a checkpoint directory that has one")
     stream: list[int] = []
     separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for text in _read_text(Path(config.data)):
+    for text in _read_text(Path(data)):
         stream.extend(tokenizer(text).input_ids + separator)
-    windows = len(stream) // config.seq_len
+    windows = len(stream) // seq_len
+    return torch.tensor(stream[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+
+
+def tokenize_windows(config: CalibrationConfig, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration and held-out windows of `seq_len` tokens from the configured text."""
+    ids = token_windows(config.data, tokenizer, config.seq_len)
+    windows = ids.shape[0]
     needed = config.samples + config.eval_samples
     if windows < needed:
         raise LmforgeError(
-            f"calibration.data: {config.data} gives {len(stream)} tokens = {windows} windows of {config.seq_len}, "
+            f"calibration.data: {config.data} gives {windows} windows of {config.seq_len} tokens, "
             f"but samples + eval_samples = {needed}; give more text or lower those numbers"
         )
-    ids = torch.tensor(stream[: windows * config.seq_len]).view(windows, config.seq_len)
     return ids[: config.samples], ids[windows - config.eval_samples :]
 
 

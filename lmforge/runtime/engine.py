@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lmforge.compiler.ops import AttentionContext, attention_context
+from lmforge.compiler.program import base_logits
 from lmforge.errors import LmforgeError
 from lmforge.runtime.kv_cache import StaticKVCache
 from lmforge.runtime.sampling import SamplingParams, select_next
@@ -76,7 +77,9 @@ class Engine:
         tokenizer: Any = None,
         speculation: dict | None = None,
     ) -> None:
-        self.speculation = speculation
+        self.speculation = speculation or {}
+        self.draft_heads = self.speculation.get("draft_heads", {}).get("count", 0)
+        self.head_logits: torch.Tensor | None = None
         self.speculation_stats: dict[str, int] = {}
         self.runner, self.kv_layout, self.max_seq_len, self.dtype = runner, kv_layout, max_seq_len, dtype
         self.eos_token_ids = list(eos_token_ids)
@@ -89,7 +92,7 @@ class Engine:
         """Logits for every position, computed without a cache (for evaluation)."""
         context = AttentionContext(kv=None, start=0, q_len=input_ids.shape[1], pad=left_padding(attention_mask, input_ids))
         with torch.no_grad(), attention_context(context):
-            return self.runner(input_ids, prompt_positions(attention_mask, input_ids))
+            return base_logits(self.runner(input_ids, prompt_positions(attention_mask, input_ids)), self.draft_heads)
 
     def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
         if length > self.max_seq_len:
@@ -118,7 +121,9 @@ class Engine:
             skip_counts=self.skip_counts,
         )
         with attention_context(context):
-            logits = self.runner(input_ids, positions)
+            output = self.runner(input_ids, positions)
+        self.head_logits = output[..., 1:, :] if self.draft_heads else None
+        logits = base_logits(output, self.draft_heads)
         return logits if every_position else logits[:, -1]
 
     @torch.no_grad()
@@ -151,7 +156,8 @@ class Engine:
         positions = prompt_positions(attention_mask, input_ids)
         last_prompt_position = positions[:, -1:]
         unfinished = torch.ones(batch, dtype=torch.bool)
-        lookups = [PromptLookup(**self.speculation["prompt_lookup"]) for _ in range(batch)] if self.speculation else []
+        lookup = self.speculation.get("prompt_lookup")
+        lookups = [PromptLookup(**lookup) for _ in range(batch)] if lookup else []
         gate = ProfitabilityGate()
         self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
         if streamer is not None:
@@ -159,10 +165,12 @@ class Engine:
         logits = self.step(input_ids, positions, 0, pad)[:, None]
         drafts, length = None, prompt_len
         while True:
+            head_index = -1  # the position whose token was accepted last
             if drafts is None:
                 new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
             else:
                 accepted, own = accept(logits, drafts, sampling, generator)
+                head_index = accepted
                 gate.record(accepted)
                 self.speculation_stats["drafted"] += drafts.shape[1]
                 self.speculation_stats["accepted"] += accepted
@@ -181,7 +189,9 @@ class Engine:
                     break
             if length == total or not bool(unfinished.any()):
                 break
-            drafts = self._drafts(lookups, gate, tokens[:, :length], room=total - length - 1)
+            # the heads at the position of the last accepted token guess the tokens after the next one
+            guesses = self.head_logits[:, head_index].argmax(-1) if self.draft_heads else None
+            drafts = self._drafts(lookups, guesses, gate, tokens[:, :length], room=total - length - 1)
             feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
             feed_positions = last_prompt_position + (length - prompt_len) + torch.arange(feed.shape[1])
             logits = self.step(feed, feed_positions, length - 1, pad, generated=length - 1 - prompt_len, every_position=True)
@@ -191,12 +201,15 @@ class Engine:
         return tokens[:, :length]
 
     @staticmethod
-    def _drafts(lookups: list[PromptLookup], gate: ProfitabilityGate, tokens: torch.Tensor, room: int) -> torch.Tensor | None:
-        """One equal-length draft per row (cut to the shortest row's and to `room`), or None."""
-        if not lookups or room < 1 or not gate.should_draft():
+    def _drafts(
+        lookups: list[PromptLookup], guesses: torch.Tensor | None, gate: ProfitabilityGate, tokens: torch.Tensor, room: int
+    ) -> torch.Tensor | None:
+        """One equal-length draft per row, cut to the shortest row's and to `room`: prompt
+        lookup's when every row has a match, else the draft heads' top-1 chain, else None."""
+        if (not lookups and guesses is None) or room < 1 or not gate.should_draft():
             return None
         proposals = [lookup.propose(row) for lookup, row in zip(lookups, tokens.tolist())]
-        length = min(min(len(proposal) for proposal in proposals), room)
-        if length == 0:
-            return None
-        return torch.tensor([proposal[:length] for proposal in proposals], dtype=torch.long)
+        length = min((len(proposal) for proposal in proposals), default=0)
+        if length > 0:
+            return torch.tensor([proposal[: min(length, room)] for proposal in proposals], dtype=torch.long)
+        return guesses[:, :room] if guesses is not None else None

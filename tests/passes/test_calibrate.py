@@ -32,7 +32,7 @@ def test_splits_are_disjoint_windows_from_opposite_ends(ref_path, ref_tokenizer)
 def test_too_little_text_and_missing_file_are_explained(tmp_path, ref_tokenizer):
     small = tmp_path / "small.txt"
     small.write_text("def f():\n    return 1\n")
-    with pytest.raises(LmforgeError, match="windows of 64, but samples \\+ eval_samples = 32"):
+    with pytest.raises(LmforgeError, match="gives 0 windows of 64 tokens, but samples \\+ eval_samples = 32"):
         tokenize_windows(CalibrationConfig(data=str(small), seq_len=64), ref_tokenizer)
     with pytest.raises(LmforgeError, match="no such file or directory"):
         tokenize_windows(CalibrationConfig(data=str(tmp_path / "nope.txt")), ref_tokenizer)

@@ -1,0 +1,157 @@
+"""Medusa draft heads: training against the frozen base model, and their files.
+
+Head i reads the base model's last hidden state at position t (the LM head's input) and
+predicts token t+2+i: a residual SiLU block (zero-initialised, so an untrained head starts
+as the base LM head shifted by i+1 tokens) followed by its own output projection
+initialised from the LM head. Training is self-distillation: the loss is KL(base's
+distribution for token t+2+i ‖ head i), computed with the base frozen, so the heads learn
+what the model itself would say next — which is what speculative verification accepts.
+
+Files (HEADS_DIR): `heads.safetensors` (the weights) and `heads.json` (kind, count, sizes,
+the base model's architecture and a fingerprint of its LM head so heads for another model
+are refused, and the measured per-head agreement). No pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+from lmforge.training import ProgressFn, train
+
+WEIGHTS, CONFIG = "heads.safetensors", "heads.json"
+
+
+@dataclass
+class MedusaHeads:
+    """`count` heads over hidden size H and vocabulary V: `block_weight` (count*H, H) and
+    `block_bias` (count*H) are the fused first layers, `output` (count, V, H) the output
+    projections."""
+
+    block_weight: torch.Tensor
+    block_bias: torch.Tensor
+    output: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.output.shape[0]
+
+    @classmethod
+    def initial(cls, lm_head: torch.Tensor, count: int) -> MedusaHeads:
+        vocab, hidden = lm_head.shape
+        return cls(torch.zeros(count * hidden, hidden), torch.zeros(count * hidden),
+                   lm_head.detach().float().clone().expand(count, vocab, hidden).contiguous())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"block_weight": self.block_weight, "block_bias": self.block_bias, "output": self.output}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states → (..., count, V) logits, one fused GEMM for the blocks."""
+        size = hidden.shape[-1]
+        blocks = F.linear(hidden, self.block_weight, self.block_bias).unflatten(-1, (self.count, size))
+        states = hidden.unsqueeze(-2) + F.silu(blocks)
+        return torch.einsum("...kh,kvh->...kv", states, self.output)
+
+
+def lm_head_fingerprint(lm_head: torch.Tensor) -> str:
+    return hashlib.sha256(lm_head.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _base_outputs(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head's input (last hidden state) and the base log-probabilities."""
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    return out.hidden_states[-1].float(), out.logits.float().log_softmax(-1)
+
+
+def agreement(heads: MedusaHeads, model: Any, ids: torch.Tensor, batch: int = 4) -> list[float]:
+    """Per head, how often its top-1 equals the base model's own greedy choice for the
+    token it predicts (what speculative verification would accept)."""
+    hits, total = torch.zeros(heads.count), 0
+    for chunk in ids.split(batch):
+        hidden, logprobs = _base_outputs(model, chunk)
+        with torch.no_grad():
+            predicted = heads.logits(hidden).argmax(-1)
+        greedy = logprobs.argmax(-1)
+        for i in range(heads.count):
+            shift = i + 1
+            hits[i] += (predicted[:, :-shift, i] == greedy[:, shift:]).float().sum()
+        total += chunk.shape[0] * chunk.shape[1]
+    positions = [ids.shape[0] * (ids.shape[1] - i - 1) for i in range(heads.count)]
+    return [round((hits[i] / positions[i]).item(), 4) for i in range(heads.count)]
+
+
+def train_heads(
+    model: Any,
+    train_ids: torch.Tensor,
+    *,
+    count: int = 3,
+    steps: int = 300,
+    lr: float = 1e-3,
+    batch: int = 8,
+    checkpoint: str | Path | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[MedusaHeads, Any]:
+    """Train `count` Medusa heads on windows `train_ids` (the base model stays frozen)."""
+    lm_head = model.get_output_embeddings().weight
+    heads = MedusaHeads.initial(lm_head, count)
+    params = {name: tensor.requires_grad_(True) for name, tensor in heads.tensors().items()}
+    generator = torch.Generator().manual_seed(0)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator)
+        hidden, logprobs = _base_outputs(model, train_ids[rows])
+        predicted = heads.logits(hidden).log_softmax(-1)
+        losses = []
+        for i in range(count):
+            shift = i + 1  # head i at position t predicts token t+2+i, which the base predicts at t+1+i
+            losses.append(F.kl_div(predicted[:, :-shift, i], logprobs[:, shift:], log_target=True,
+                                   reduction="none").sum(-1).mean())
+        return torch.stack(losses).sum()
+
+    run = train(params, loss_fn, steps=steps, lr=lr, checkpoint=checkpoint, progress=progress,
+                description="training draft heads")
+    for tensor in params.values():
+        tensor.requires_grad_(False)
+    return heads, run
+
+
+def save_heads(directory: str | Path, heads: MedusaHeads, model: Any, measurements: dict) -> Path:
+    """Write `heads.safetensors` and `heads.json` (each via a temporary file and a rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lm_head = model.get_output_embeddings().weight
+    config = {
+        "kind": "medusa", "heads": heads.count, "hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0],
+        "architecture": model.config.model_type, "lm_head_fingerprint": lm_head_fingerprint(lm_head), **measurements,
+    }
+    temporary = directory / (WEIGHTS + ".tmp")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in heads.tensors().items()}, str(temporary))
+    os.replace(temporary, directory / WEIGHTS)
+    temporary = directory / (CONFIG + ".tmp")
+    temporary.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(temporary, directory / CONFIG)
+    return directory
+
+
+def load_heads(directory: str | Path, lm_head: torch.Tensor) -> tuple[MedusaHeads, dict]:
+    """Heads trained for the model whose LM head is `lm_head`, or a clear refusal."""
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise LmforgeError(f"draft_heads: {directory} holds no {CONFIG} and {WEIGHTS}; train heads with "
+                           "`lmforge train-heads CHECKPOINT -o DIR --data TEXT`")
+    config = json.loads((directory / CONFIG).read_text())
+    if config.get("lm_head_fingerprint") != lm_head_fingerprint(lm_head):
+        raise LmforgeError(f"draft_heads: the heads in {directory} were trained for another model "
+                           f"({config.get('architecture')}, vocabulary {config.get('vocab_size')}); retrain them for this one")
+    tensors = safetensors.torch.load_file(str(directory / WEIGHTS))
+    return MedusaHeads(tensors["block_weight"], tensors["block_bias"], tensors["output"]), config

@@ -1,0 +1,79 @@
+"""Medusa draft heads: real training improves them, the pass fuses them losslessly, the
+runtime drafts with them and greedy output stays exact, and heads for another model are refused."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model
+from typer.testing import CliRunner
+
+import lmforge
+from lmforge.cli import app
+from lmforge.compiler.ops import AttentionContext, attention_context
+from lmforge.draft_heads import MedusaHeads, agreement, save_heads, train_heads
+from lmforge.errors import LmforgeError
+
+runner = CliRunner()
+PLAIN = "passes: [{name: cleanup}, {name: fuse_projections}]\nruntime: {max_seq_len: 256}"
+
+
+def _recipe(heads_dir) -> str:
+    return (f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {heads_dir}}}, {{name: fuse_projections}}, "
+            "{name: verify}]\nruntime: {max_seq_len: 256}")
+
+
+def test_train_heads_cli_improves_agreement_and_resumes(tmp_path, ref_path):
+    arguments = ["train-heads", str(ref_path), "-o", str(tmp_path / "heads"), "--data", str(ref_path / "heldout.txt"),
+                 "--steps", "12", "--json"]
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["heldout_agreement"][0] > record["heldout_agreement_untrained"][0] + 0.1
+    assert (tmp_path / "heads" / "heads.safetensors").is_file()
+    arguments[arguments.index("12")] = "16"
+    resumed = json.loads(runner.invoke(app, arguments).stdout)
+    assert resumed["resumed_from"] == 12
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_fused_heads_keep_base_logits_and_greedy_output(tmp_path, arch):
+    model = tiny_model(arch, num_layers=2)
+    ids = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    heads, _ = train_heads(model, ids, count=2, steps=3)
+    save_heads(tmp_path, heads, model, {})
+    fused, plain = lmforge.optimize(model, _recipe(tmp_path)), lmforge.optimize(model, PLAIN)
+    assert fused.program.history[-1]["measurements"]["greedy_match"]  # verify: base logits unchanged
+    prompt = ids[:2, :12]
+    raw = fused.engine.runner  # the program's own output: base logits, then every head's
+    with attention_context(AttentionContext(kv=None, start=0, q_len=12)):
+        output = raw(prompt, torch.arange(12).expand(2, 12))
+    with torch.no_grad():
+        hidden = model(prompt, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(output[..., 1:, :], heads.logits(hidden), atol=1e-4, rtol=1e-4)
+    expected = plain.generate(prompt, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(fused.generate(prompt, max_new_tokens=20, eos_token_id=[]), expected)
+    assert fused.engine.speculation_stats["drafted"] > 0
+
+
+def test_reference_checkpoint_with_heads_stays_greedy_exact_through_an_artifact(tmp_path, ref_path, ref_hf, heldout_prompts):
+    windows = torch.tensor([p[:24] for p in heldout_prompts] * 4)
+    heads, _ = train_heads(ref_hf, windows, count=3, steps=4, batch=4)
+    save_heads(tmp_path, heads, ref_hf, {"heldout_agreement": agreement(heads, ref_hf, windows[:3])})
+    fused, plain = lmforge.optimize(ref_path, _recipe(tmp_path)), lmforge.optimize(ref_path, PLAIN)
+    for prompt in heldout_prompts:
+        ids = torch.tensor([prompt])
+        assert torch.equal(fused.generate(ids, max_new_tokens=40), plain.generate(ids, max_new_tokens=40))
+    fused.save(tmp_path / "artifact")
+    loaded = lmforge.load(tmp_path / "artifact")
+    ids = torch.tensor([heldout_prompts[0]])
+    assert torch.equal(loaded.generate(ids, max_new_tokens=40), plain.generate(ids, max_new_tokens=40))
+
+
+def test_heads_of_another_model_are_refused(tmp_path):
+    other = tiny_model("llama", seed=1)
+    save_heads(tmp_path, MedusaHeads.initial(other.get_output_embeddings().weight, 2), other, {})
+    with pytest.raises(LmforgeError, match="trained for another model"):
+        lmforge.optimize(tiny_model("llama", seed=0), _recipe(tmp_path))
+    with pytest.raises(LmforgeError, match="holds no heads.json"):
+        lmforge.optimize(tiny_model("llama"), _recipe(tmp_path / "missing"))
