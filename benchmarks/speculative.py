@@ -1,13 +1,17 @@
-"""Speculative decoding with prompt-lookup drafts vs Hugging Face, one process, same prompts.
+"""Speculative decoding (prompt lookup, Medusa heads) vs Hugging Face, one process, same prompts.
 
 Rows: HF `generate` (eager), HF `generate(prompt_lookup_num_tokens=10)`, lmforge plain,
-lmforge with `prompt_lookup`: tokens/s (each engine timed alternately with the others, run
+lmforge with `prompt_lookup`, with `draft_heads`, and with both: tokens/s (each engine timed alternately with the others, run
 by run), ratio to HF eager and to HF prompt lookup, mean tokens per forward (1 = no draft
 accepted), and whether the greedy tokens are identical to HF's plain greedy output.
 Prompts are cut from held-out source code; the last column says how repetitive the
 generated text is (share of generated 4-grams seen before), since lookup thrives on it.
 
-    python benchmarks/speculative.py [--checkpoint DIR] [--prompts 4] [--new-tokens 128] [--json]
+Heads come from `--heads DIR` (written by `lmforge train-heads`), or are trained here first
+(`--train-steps`, self-distillation on the first part of heldout.txt; the prompts come from
+its end).
+
+    python benchmarks/speculative.py [--checkpoint DIR] [--heads DIR] [--prompts 4] [--new-tokens 128] [--json]
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,11 +29,27 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
 from lmforge.benchmarking import heldout_prompts, time_alternating
+from lmforge.draft_heads import agreement, save_heads, train_heads
+from lmforge.passes.calibrate import token_windows
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
-BASE = "passes: [{name: cleanup}, {name: fuse_projections}]\nruntime: {max_seq_len: 1024}\n"
-LOOKUP = ("passes: [{name: cleanup}, {name: fuse_projections}, {name: prompt_lookup, num_draft: 10, max_ngram: 3}]\n"
-          "runtime: {max_seq_len: 1024}\n")
+LOOKUP = "{name: prompt_lookup, num_draft: 10, max_ngram: 3}"
+
+
+def _recipe(*extra: str) -> str:
+    passes = ", ".join(["{name: cleanup}", *extra, "{name: fuse_projections}"])
+    return f"passes: [{passes}]\nruntime: {{max_seq_len: 1024}}\n"
+
+
+def _heads(args, hf, tokenizer) -> Path:
+    if args.heads is not None:
+        return args.heads
+    directory = Path(tempfile.mkdtemp(prefix="lmforge-heads-"))
+    windows = token_windows(args.checkpoint / "heldout.txt", tokenizer, 128)
+    train_ids, heldout_ids = windows[: len(windows) // 2], windows[-16:]
+    heads, _ = train_heads(hf, train_ids, count=3, steps=args.train_steps, lr=2e-3)
+    save_heads(directory, heads, hf, {"heldout_agreement": agreement(heads, hf, heldout_ids)})
+    return directory
 
 
 def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
@@ -47,22 +68,35 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--heads", type=Path, default=None, help="trained heads (default: train them here)")
+    parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
-    plain, lookup = lmforge.optimize(args.checkpoint, BASE), lmforge.optimize(args.checkpoint, LOOKUP)
+    heads_dir = _heads(args, hf, tokenizer)
+    heads_pass = f"{{name: draft_heads, path: {heads_dir}}}"
+    models = {
+        "lmforge plain": lmforge.optimize(args.checkpoint, _recipe()),
+        "lmforge + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(LOOKUP)),
+        "lmforge + draft_heads": lmforge.optimize(args.checkpoint, _recipe(heads_pass)),
+        "lmforge + draft_heads + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(heads_pass, LOOKUP)),
+    }
+    agreement_note = models["lmforge + draft_heads"].program.history[1]["measurements"]["heldout_agreement"]
     text = (args.checkpoint / "heldout.txt").read_text()
+    prompts_text = text[len(text) // 2 :]  # the heads trained on the first half
     totals: dict[str, dict] = {}
-    for prompt in heldout_prompts(text, tokenizer, args.prompts, args.prompt_len):
+    for prompt in heldout_prompts(prompts_text, tokenizer, args.prompts, args.prompt_len):
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
         forwards = {}
 
-        def run_lookup():
-            out = lookup.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[])
-            forwards["lookup"] = lookup.engine.speculation_stats["forwards"]
-            return out
+        def lmforge_run(name):
+            def run():
+                out = models[name].generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[])
+                forwards[name] = models[name].engine.speculation_stats["forwards"]
+                return out
+            return run
 
         def hf_generate(**extra):
             with torch.no_grad():
@@ -72,8 +106,7 @@ def main() -> None:
         engines = {
             "HF generate (eager)": hf_generate,
             "HF generate, prompt_lookup_num_tokens=10": lambda: hf_generate(prompt_lookup_num_tokens=10),
-            "lmforge plain": lambda: plain.generate(ids, max_new_tokens=args.new_tokens, eos_token_id=[]),
-            "lmforge + prompt_lookup": run_lookup,
+            **{name: lmforge_run(name) for name in models},
         }
         timings = time_alternating(engines, ids.shape[1], args.repeats)
         reference = timings["HF generate (eager)"].output
@@ -82,7 +115,7 @@ def main() -> None:
             total["seconds"] += timing.seconds
             total["tokens"] += timing.new_tokens
             total["identical"] &= bool(torch.equal(timing.output, reference))
-            total["forwards"] += forwards.get("lookup", timing.new_tokens) if name == "lmforge + prompt_lookup" else timing.new_tokens
+            total["forwards"] += forwards.get(name, timing.new_tokens)
             total.setdefault("repetition", []).append(repeated_ngrams(timing.output[0, ids.shape[1]:].tolist()))
     eager = totals["HF generate (eager)"]["tokens"] / totals["HF generate (eager)"]["seconds"]
     hf_lookup_name = "HF generate, prompt_lookup_num_tokens=10"
@@ -92,17 +125,17 @@ def main() -> None:
              "tokens_per_forward": t["tokens"] / t["forwards"], "identical_to_hf_greedy": t["identical"],
              "repeated_4grams": sum(t["repetition"]) / len(t["repetition"])} for name, t in totals.items()]
     if args.json:
-        json.dump({"rows": rows}, sys.stdout, indent=2)
+        json.dump({"rows": rows, "head_agreement": agreement_note}, sys.stdout, indent=2)
         return
     table = Table(title=f"greedy decoding on {args.checkpoint.name}: {args.prompts} held-out code prompts of "
-                        f"{args.prompt_len} tokens, {args.new_tokens} new tokens, batch 1")
+                        f"{args.prompt_len} tokens, {args.new_tokens} new tokens, batch 1; head agreement {agreement_note}")
     for column in ("engine", "tokens/s", "vs HF eager", "vs HF lookup", "tokens per forward", "identical to HF greedy",
                    "repeated 4-grams in output"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["engine"], f"{row['tokens_per_second']:.0f}", f"{row['vs_hf_eager']:.2f}",
                       f"{row['vs_hf_lookup']:.2f}",
-                      f"{row['tokens_per_forward']:.2f}" if row["engine"] == "lmforge + prompt_lookup" else "—",
+                      f"{row['tokens_per_forward']:.2f}" if row["engine"].startswith("lmforge") else "—",
                       "yes" if row["identical_to_hf_greedy"] else "NO", f"{row['repeated_4grams']:.0%}")
     Console(width=200).print(table)
 
