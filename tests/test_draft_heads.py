@@ -77,3 +77,79 @@ def test_heads_of_another_model_are_refused(tmp_path):
         lmforge.optimize(tiny_model("llama", seed=0), _recipe(tmp_path))
     with pytest.raises(LmforgeError, match="holds no heads.json"):
         lmforge.optimize(tiny_model("llama"), _recipe(tmp_path / "missing"))
+
+
+def test_tree_node_logits_equal_running_each_path_alone():
+    from lmforge.runtime.speculative import build_tree
+
+    model = tiny_model("llama", num_layers=2)
+    compiled = lmforge.optimize(model, PLAIN)
+    prompt = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(3))
+    guesses = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
+    tree = build_tree(int(prompt[0, -1]), guesses, [3, 2, 1])
+    assert len(tree.parents) == 1 + 3 + 6 + 6
+    engine = compiled.engine
+    engine._ensure_cache(1, 64)
+    engine.step(prompt[:, :-1], torch.arange(9)[None], 0, None)
+    tree_logits = engine.step(tree.tokens[None], (9 + tree.depths)[None], 9, None, every_position=True, tree=tree.mask())
+    for node in range(len(tree.parents)):
+        path = [node]
+        while path[-1] != 0:
+            path.append(tree.parents[path[-1]])
+        alone = torch.cat([prompt[0, :-1], tree.tokens[path[::-1]]])[None]
+        torch.testing.assert_close(tree_logits[0, node], compiled(alone).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_tree_verification_is_greedy_exact_and_compacts_the_cache(tmp_path, arch):
+    model = tiny_model(arch, num_layers=2)
+    ids = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    heads, _ = train_heads(model, ids, count=3, steps=3)
+    save_heads(tmp_path, heads, model, {})
+    recipe = (f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {tmp_path}, tree: [3, 2, 1]}}, "
+              "{name: fuse_projections}]\nruntime: {max_seq_len: 256}")
+    tree, plain = lmforge.optimize(model, recipe), lmforge.optimize(model, PLAIN)
+    prompt = ids[:1, :12]
+    tokens = tree.generate(prompt, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(tokens, plain.generate(prompt, max_new_tokens=30, eos_token_id=[]))
+    assert tree.engine.speculation_stats["drafted"] >= 15  # at least one tree of 15 candidates was verified
+    valid = tokens.shape[1] - 1  # every fed token's keys and values, at consecutive slots after compaction
+    buffers = tree.engine.cache.buffers
+    fresh = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in buffers]
+    with attention_context(AttentionContext(kv=fresh, start=0, q_len=valid)):
+        tree.engine.runner(tokens[:, :valid], torch.arange(valid)[None])
+    for (key, value), (fresh_key, fresh_value) in zip(buffers, fresh):
+        torch.testing.assert_close(key[:, :, :valid], fresh_key[:, :, :valid], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(value[:, :, :valid], fresh_value[:, :, :valid], atol=1e-5, rtol=1e-5)
+
+
+def test_compaction_moves_the_accepted_path_to_consecutive_slots():
+    from lmforge.runtime.speculative import compact_cache
+
+    key = torch.arange(16.0).view(1, 1, 16, 1).expand(1, 2, 16, 3).clone()
+    value = -key
+    compact_cache([(key, value), None], 4, [0, 2, 5, 9])  # root at slot 4, then nodes 2, 5, 9 of the tree
+    assert key[0, 1, 4:8, 2].tolist() == [4.0, 6.0, 9.0, 13.0] and value[0, 0, 5, 0] == -6.0
+    assert key[0, 0, :4, 0].tolist() == [0.0, 1.0, 2.0, 3.0]  # the prefix is untouched
+
+
+def test_tree_verification_on_the_reference_checkpoint(tmp_path, ref_path, ref_hf, ref_tokenizer):
+    from lmforge.passes.calibrate import token_windows
+
+    windows = token_windows(ref_path / "heldout.txt", ref_tokenizer, 128)
+    heads, _ = train_heads(ref_hf, windows[:200], count=3, steps=15, lr=2e-3)
+    save_heads(tmp_path, heads, ref_hf, {})
+    recipe = (f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {tmp_path}, tree: [3, 2, 1]}}, "
+              "{name: fuse_projections}]\nruntime: {max_seq_len: 512}")
+    tree, plain = lmforge.optimize(ref_path, recipe), lmforge.optimize(ref_path, PLAIN)
+    prompt = windows[-1:, :100]
+    tokens = tree.generate(prompt, max_new_tokens=64, eos_token_id=[])
+    assert torch.equal(tokens, plain.generate(prompt, max_new_tokens=64, eos_token_id=[]))
+    stats = tree.engine.speculation_stats
+    assert stats["accepted"] > 0 and stats["forwards"] < 64
+    valid = tokens.shape[1] - 1
+    fresh = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in tree.engine.cache.buffers]
+    with attention_context(AttentionContext(kv=fresh, start=0, q_len=valid)):
+        tree.engine.runner(tokens[:, :valid], torch.arange(valid)[None])
+    for (key, _), (fresh_key, _) in zip(tree.engine.cache.buffers, fresh):
+        torch.testing.assert_close(key[:, :, :valid], fresh_key[:, :, :valid], atol=1e-4, rtol=1e-4)

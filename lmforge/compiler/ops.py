@@ -40,6 +40,8 @@ class AttentionContext:
     `generated` counts the tokens decoded before this forward (0 for a prefill), which
     decode-time decisions such as dynamic FFN skipping use for their warm-up; when
     `skip_counts` is a dict, those decisions count the layers they skipped into it.
+    `tree` (q_len, q_len), when set, says which of this forward's tokens each one may
+    see (itself and its ancestors): a tree of draft candidates verified in one forward.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -48,6 +50,7 @@ class AttentionContext:
     pad: torch.Tensor | None = None
     generated: int = 0
     skip_counts: dict[int, int] | None = None
+    tree: torch.Tensor | None = None
     _masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int) -> torch.Tensor | None:
@@ -60,7 +63,9 @@ class AttentionContext:
     def _build_mask(self, window: int) -> torch.Tensor | None:
         kv_len = self.start + self.q_len
         window_active = 0 < window < kv_len
-        if self.pad is None and not window_active and (self.q_len == 1 or self.start == 0):
+        if self.tree is not None and window_active:
+            raise LmforgeError("tree verification with sliding-window attention is not supported; draft a chain instead")
+        if self.pad is None and self.tree is None and not window_active and (self.q_len == 1 or self.start == 0):
             return None
         device = self.pad.device if self.pad is not None else None
         query_slots = torch.arange(self.start, kv_len, device=device)[:, None]
@@ -68,6 +73,8 @@ class AttentionContext:
         allowed = key_slots <= query_slots
         if window_active:
             allowed = allowed & (key_slots > query_slots - window)
+        if self.tree is not None:
+            allowed[:, self.start :] = self.tree
         allowed = allowed[None, None]
         if self.pad is not None:
             allowed = allowed & (key_slots[None, None] >= self.pad[:, None, None, None])

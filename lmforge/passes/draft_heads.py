@@ -23,6 +23,10 @@ aten = torch.ops.aten
 
 class DraftHeadsConfig(PassConfig):
     path: str = Field(description="directory written by `lmforge train-heads` (heads.safetensors + heads.json)")
+    tree: list[int] | None = Field(
+        None, description="greedy decoding at batch 1: verify a tree with the top-k of each head (e.g. [3, 2, 1]) "
+        "instead of the heads' top-1 chain"
+    )
 
 
 def _final_projection(program: Program) -> torch.fx.Node:
@@ -57,7 +61,8 @@ class DraftHeads(Pass):
             base = graph.call_function(aten.unsqueeze.default, (projection, -2))
             combined = graph.call_function(aten.cat.default, ([base, head_logits], -2))
         graph.output_node().args = (combined,)
-        program.meta.setdefault("speculation", {})["draft_heads"] = {"count": heads.count, "kind": config["kind"]}
+        program.meta.setdefault("speculation", {})["draft_heads"] = {"count": heads.count, "kind": config["kind"],
+                                                                     "tree": self.config.tree}
         agreement = config.get("heldout_agreement")
         return PassResult(rewrites=1, notes=(f"{heads.count} Medusa heads; held-out agreement with greedy {agreement}",),
                           measurements={"heads": heads.count, "heldout_agreement": agreement})

@@ -17,7 +17,15 @@ from lmforge.compiler.program import base_logits
 from lmforge.errors import LmforgeError
 from lmforge.runtime.kv_cache import StaticKVCache
 from lmforge.runtime.sampling import SamplingParams, select_next
-from lmforge.runtime.speculative import ProfitabilityGate, PromptLookup, accept
+from lmforge.runtime.speculative import (
+    ProfitabilityGate,
+    PromptLookup,
+    TokenTree,
+    accept,
+    accept_tree,
+    build_tree,
+    compact_cache,
+)
 
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -112,13 +120,14 @@ class Engine:
         pad: torch.Tensor | None,
         generated: int = 0,
         every_position: bool = False,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run `input_ids` (written to cache slots `start..`) and return the last position's
         logits, or every position's with `every_position` (to verify drafts); `generated` is
         how many decode steps came before (0 for the prefill)."""
         context = AttentionContext(
             kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad, generated=generated,
-            skip_counts=self.skip_counts,
+            skip_counts=self.skip_counts, tree=tree,
         )
         with attention_context(context):
             output = self.runner(input_ids, positions)
@@ -158,6 +167,7 @@ class Engine:
         unfinished = torch.ones(batch, dtype=torch.bool)
         lookup = self.speculation.get("prompt_lookup")
         lookups = [PromptLookup(**lookup) for _ in range(batch)] if lookup else []
+        tree_widths = self.speculation.get("draft_heads", {}).get("tree")
         gate = ProfitabilityGate()
         self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
         if streamer is not None:
@@ -168,6 +178,14 @@ class Engine:
             head_index = -1  # the position whose token was accepted last
             if drafts is None:
                 new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
+            elif isinstance(drafts, TokenTree):
+                path, own = accept_tree(logits[0], drafts)
+                compact_cache(self.cache.buffers, length - 1, path)
+                head_index, accepted = path[-1], len(path) - 1
+                gate.record(accepted)
+                self.speculation_stats["drafted"] += len(drafts.parents) - 1
+                self.speculation_stats["accepted"] += accepted
+                new_tokens = torch.cat([drafts.tokens[path[1:]], torch.tensor([own])])[None]
             else:
                 accepted, own = accept(logits, drafts, sampling, generator)
                 head_index = accepted
@@ -190,26 +208,46 @@ class Engine:
             if length == total or not bool(unfinished.any()):
                 break
             # the heads at the position of the last accepted token guess the tokens after the next one
-            guesses = self.head_logits[:, head_index].argmax(-1) if self.draft_heads else None
-            drafts = self._drafts(lookups, guesses, gate, tokens[:, :length], room=total - length - 1)
-            feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
-            feed_positions = last_prompt_position + (length - prompt_len) + torch.arange(feed.shape[1])
-            logits = self.step(feed, feed_positions, length - 1, pad, generated=length - 1 - prompt_len, every_position=True)
+            guesses = self.head_logits[:, head_index] if self.draft_heads else None
+            widths = tree_widths if batch == 1 and not sampling.do_sample and self._plain_cache() else None
+            drafts = self._drafts(lookups, guesses, widths, gate, tokens[:, :length], room=total - length - 1)
+            if isinstance(drafts, TokenTree):
+                feed, offsets, tree = drafts.tokens[None], drafts.depths, drafts.mask()
+            else:
+                feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
+                offsets, tree = torch.arange(feed.shape[1]), None
+            logits = self.step(feed, last_prompt_position + (length - prompt_len) + offsets, length - 1, pad,
+                               generated=length - 1 - prompt_len, every_position=True, tree=tree)
             self.speculation_stats["forwards"] += 1
         if streamer is not None:
             streamer.end()
         return tokens[:, :length]
 
+    def _plain_cache(self) -> bool:
+        """Trees move cache entries after verification, which only plain slots support."""
+        return all(buffer is None or isinstance(buffer, tuple) for buffer in self.cache.buffers)
+
     @staticmethod
     def _drafts(
-        lookups: list[PromptLookup], guesses: torch.Tensor | None, gate: ProfitabilityGate, tokens: torch.Tensor, room: int
-    ) -> torch.Tensor | None:
-        """One equal-length draft per row, cut to the shortest row's and to `room`: prompt
-        lookup's when every row has a match, else the draft heads' top-1 chain, else None."""
+        lookups: list[PromptLookup],
+        guesses: torch.Tensor | None,
+        widths: list[int] | None,
+        gate: ProfitabilityGate,
+        tokens: torch.Tensor,
+        room: int,
+    ) -> torch.Tensor | TokenTree | None:
+        """Prompt lookup's drafts when every row has a match (one equal-length chain per row,
+        cut to the shortest and to `room`); else the draft heads' candidates (`guesses`:
+        their logits at the last accepted token), as a tree of top-`widths` tokens when
+        given, else as their top-1 chain; else None."""
         if (not lookups and guesses is None) or room < 1 or not gate.should_draft():
             return None
         proposals = [lookup.propose(row) for lookup, row in zip(lookups, tokens.tolist())]
         length = min((len(proposal) for proposal in proposals), default=0)
         if length > 0:
             return torch.tensor([proposal[: min(length, room)] for proposal in proposals], dtype=torch.long)
-        return guesses[:, :room] if guesses is not None else None
+        if guesses is None:
+            return None
+        if widths:
+            return build_tree(int(tokens[0, -1]), guesses[0], widths[:room])
+        return guesses.argmax(-1)[:, :room]

@@ -100,3 +100,70 @@ def accept(
             distribution = distribution / distribution.sum()
         tokens[row] = torch.multinomial(distribution, 1, generator=generator)[0]
     return accepted, tokens
+
+
+@dataclass
+class TokenTree:
+    """Draft candidates as a tree below the last accepted token (node 0, the root):
+    `parents[i]` is node i's parent, `tokens[i]` its token, `depths[i]` its distance from
+    the root; nodes are in breadth-first order, so parents come first."""
+
+    parents: list[int]
+    tokens: torch.Tensor
+    depths: torch.Tensor
+
+    def mask(self) -> torch.Tensor:
+        """(n, n): node i may see node j when j is i or an ancestor of i."""
+        size = len(self.parents)
+        allowed = torch.eye(size, dtype=torch.bool)
+        for node in range(1, size):
+            allowed[node] |= allowed[self.parents[node]]
+        return allowed
+
+
+def build_tree(root_token: int, guesses: torch.Tensor, widths: list[int]) -> TokenTree:
+    """A tree whose depth-d level holds, under every node of level d-1, the top `widths[d-1]`
+    tokens of head d-1 (`guesses`: (heads, vocab) logits of the heads at the root)."""
+    parents, tokens, depths, level = [-1], [root_token], [0], [0]
+    for depth, width in enumerate(widths[: guesses.shape[0]], start=1):
+        candidates = guesses[depth - 1].topk(width).indices.tolist()
+        next_level = []
+        for parent in level:
+            for token in candidates:
+                parents.append(parent)
+                tokens.append(token)
+                depths.append(depth)
+                next_level.append(len(tokens) - 1)
+        level = next_level
+    return TokenTree(parents, torch.tensor(tokens), torch.tensor(depths))
+
+
+def accept_tree(logits: torch.Tensor, tree: TokenTree) -> tuple[list[int], int]:
+    """Greedy verification of a tree from its forward's logits (n, vocab): the deepest
+    path of nodes each equal to the model's choice after its parent, and the model's own
+    next token after that path. Returns the path's node indices (root first)."""
+    predicted = logits.argmax(-1).tolist()
+    accepted = [True] + [False] * (len(tree.parents) - 1)
+    best = 0
+    for node in range(1, len(tree.parents)):
+        parent = tree.parents[node]
+        accepted[node] = accepted[parent] and int(tree.tokens[node]) == predicted[parent]
+        if accepted[node] and tree.depths[node] > tree.depths[best]:
+            best = node
+    path = [best]
+    while path[-1] != 0:
+        path.append(tree.parents[path[-1]])
+    return path[::-1], predicted[best]
+
+
+def compact_cache(buffers: list, start: int, path: list[int]) -> None:
+    """Move the keys and values of the accepted path's nodes (written at slots
+    `start + node`) to consecutive slots `start + depth`, as if only the path had been fed."""
+    for depth, node in enumerate(path):
+        if node == depth:
+            continue
+        for buffer in buffers:
+            if buffer is None:
+                continue
+            for tensor in buffer:
+                tensor[:, :, start + depth] = tensor[:, :, start + node]
