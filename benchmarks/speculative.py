@@ -1,7 +1,8 @@
 """Speculative decoding (prompt lookup, Medusa heads) vs Hugging Face, one process, same prompts.
 
 Rows: HF `generate` (eager), HF `generate(prompt_lookup_num_tokens=10)`, lmforge plain,
-lmforge with `prompt_lookup`, with `draft_heads`, and with both: tokens/s (each engine timed alternately with the others, run
+lmforge with `prompt_lookup`, with `draft_heads` (top-1 chain, and a tree of each head's
+top 3/2/1), and heads with lookup: tokens/s (each engine timed alternately with the others, run
 by run), ratio to HF eager and to HF prompt lookup, mean tokens per forward (1 = no draft
 accepted), and whether the greedy tokens are identical to HF's plain greedy output.
 Prompts are cut from held-out source code; the last column says how repetitive the
@@ -76,11 +77,14 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     heads_dir = _heads(args, hf, tokenizer)
     heads_pass = f"{{name: draft_heads, path: {heads_dir}}}"
+    tree_pass = f"{{name: draft_heads, path: {heads_dir}, tree: [3, 2, 1]}}"
     models = {
         "lmforge plain": lmforge.optimize(args.checkpoint, _recipe()),
         "lmforge + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(LOOKUP)),
         "lmforge + draft_heads": lmforge.optimize(args.checkpoint, _recipe(heads_pass)),
         "lmforge + draft_heads + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(heads_pass, LOOKUP)),
+        "lmforge + draft_heads tree [3,2,1]": lmforge.optimize(args.checkpoint, _recipe(tree_pass)),
+        "lmforge + draft_heads tree [3,2,1] + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(tree_pass, LOOKUP)),
     }
     agreement_note = models["lmforge + draft_heads"].program.history[1]["measurements"]["heldout_agreement"]
     text = (args.checkpoint / "heldout.txt").read_text()
