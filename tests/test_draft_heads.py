@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from cache_checks import assert_cache_holds_only_accepted_tokens
 from tiny_models import tiny_model
 from typer.testing import CliRunner
 
@@ -16,6 +17,14 @@ from lmforge.errors import LmforgeError
 
 runner = CliRunner()
 PLAIN = "passes: [{name: cleanup}, {name: fuse_projections}]\nruntime: {max_seq_len: 256}"
+
+
+def _tiny_heads(directory, model) -> tuple[MedusaHeads, torch.Tensor]:
+    """Heads for a tiny model after a few real training steps, saved to `directory`."""
+    ids = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    heads, _ = train_heads(model, ids, count=3, steps=3)
+    save_heads(directory, heads, model, {})
+    return heads, ids
 
 
 def _recipe(heads_dir) -> str:
@@ -39,9 +48,7 @@ def test_train_heads_cli_improves_agreement_and_resumes(tmp_path, ref_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_fused_heads_keep_base_logits_and_greedy_output(tmp_path, arch):
     model = tiny_model(arch, num_layers=2)
-    ids = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    heads, _ = train_heads(model, ids, count=2, steps=3)
-    save_heads(tmp_path, heads, model, {})
+    heads, ids = _tiny_heads(tmp_path, model)
     fused, plain = lmforge.optimize(model, _recipe(tmp_path)), lmforge.optimize(model, PLAIN)
     assert fused.program.history[-1]["measurements"]["greedy_match"]  # verify: base logits unchanged
     prompt = ids[:2, :12]
@@ -93,19 +100,14 @@ def test_tree_node_logits_equal_running_each_path_alone():
     engine.step(prompt[:, :-1], torch.arange(9)[None], 0, None)
     tree_logits = engine.step(tree.tokens[None], (9 + tree.depths)[None], 9, None, every_position=True, tree=tree.mask())
     for node in range(len(tree.parents)):
-        path = [node]
-        while path[-1] != 0:
-            path.append(tree.parents[path[-1]])
-        alone = torch.cat([prompt[0, :-1], tree.tokens[path[::-1]]])[None]
+        alone = torch.cat([prompt[0, :-1], tree.tokens[tree.path_to(node)]])[None]
         torch.testing.assert_close(tree_logits[0, node], compiled(alone).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_tree_verification_is_greedy_exact_and_compacts_the_cache(tmp_path, arch):
     model = tiny_model(arch, num_layers=2)
-    ids = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    heads, _ = train_heads(model, ids, count=3, steps=3)
-    save_heads(tmp_path, heads, model, {})
+    _, ids = _tiny_heads(tmp_path, model)
     recipe = (f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {tmp_path}, tree: [3, 2, 1]}}, "
               "{name: fuse_projections}]\nruntime: {max_seq_len: 256}")
     tree, plain = lmforge.optimize(model, recipe), lmforge.optimize(model, PLAIN)
@@ -113,14 +115,7 @@ def test_tree_verification_is_greedy_exact_and_compacts_the_cache(tmp_path, arch
     tokens = tree.generate(prompt, max_new_tokens=30, eos_token_id=[])
     assert torch.equal(tokens, plain.generate(prompt, max_new_tokens=30, eos_token_id=[]))
     assert tree.engine.speculation_stats["drafted"] >= 15  # at least one tree of 15 candidates was verified
-    valid = tokens.shape[1] - 1  # every fed token's keys and values, at consecutive slots after compaction
-    buffers = tree.engine.cache.buffers
-    fresh = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in buffers]
-    with attention_context(AttentionContext(kv=fresh, start=0, q_len=valid)):
-        tree.engine.runner(tokens[:, :valid], torch.arange(valid)[None])
-    for (key, value), (fresh_key, fresh_value) in zip(buffers, fresh):
-        torch.testing.assert_close(key[:, :, :valid], fresh_key[:, :, :valid], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(value[:, :, :valid], fresh_value[:, :, :valid], atol=1e-5, rtol=1e-5)
+    assert_cache_holds_only_accepted_tokens(tree.engine, tokens)
 
 
 def test_compaction_moves_the_accepted_path_to_consecutive_slots():
@@ -147,9 +142,4 @@ def test_tree_verification_on_the_reference_checkpoint(tmp_path, ref_path, ref_h
     assert torch.equal(tokens, plain.generate(prompt, max_new_tokens=64, eos_token_id=[]))
     stats = tree.engine.speculation_stats
     assert stats["accepted"] > 0 and stats["forwards"] < 64
-    valid = tokens.shape[1] - 1
-    fresh = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in tree.engine.cache.buffers]
-    with attention_context(AttentionContext(kv=fresh, start=0, q_len=valid)):
-        tree.engine.runner(tokens[:, :valid], torch.arange(valid)[None])
-    for (key, _), (fresh_key, _) in zip(tree.engine.cache.buffers, fresh):
-        torch.testing.assert_close(key[:, :, :valid], fresh_key[:, :, :valid], atol=1e-4, rtol=1e-4)
+    assert_cache_holds_only_accepted_tokens(tree.engine, tokens, tolerance=1e-4)

@@ -112,6 +112,13 @@ class TokenTree:
     tokens: torch.Tensor
     depths: torch.Tensor
 
+    def path_to(self, node: int) -> list[int]:
+        """The nodes from the root down to `node`."""
+        path = [node]
+        while path[-1] != 0:
+            path.append(self.parents[path[-1]])
+        return path[::-1]
+
     def mask(self) -> torch.Tensor:
         """(n, n): node i may see node j when j is i or an ancestor of i."""
         size = len(self.parents)
@@ -150,10 +157,7 @@ def accept_tree(logits: torch.Tensor, tree: TokenTree) -> tuple[list[int], int]:
         accepted[node] = accepted[parent] and int(tree.tokens[node]) == predicted[parent]
         if accepted[node] and tree.depths[node] > tree.depths[best]:
             best = node
-    path = [best]
-    while path[-1] != 0:
-        path.append(tree.parents[path[-1]])
-    return path[::-1], predicted[best]
+    return tree.path_to(best), predicted[best]
 
 
 def compact_cache(buffers: list, start: int, path: list[int]) -> None:

@@ -3,11 +3,11 @@ cache contents after rejection, and the draft source and gate on their own."""
 
 import pytest
 import torch
+from cache_checks import assert_cache_holds_only_accepted_tokens
 from scipy_free_chi2 import chi_square_p_value
 from tiny_models import tiny_model
 
 import lmforge
-from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.runtime.sampling import SamplingParams
 from lmforge.runtime.speculative import ProfitabilityGate, PromptLookup, accept
 
@@ -80,14 +80,7 @@ def test_cache_after_a_rejected_draft_holds_the_accepted_path_only():
     prompt = _repetitive_prompts(1, model.config.vocab_size)
     tokens = lookup.generate(prompt, max_new_tokens=30, eos_token_id=[])
     assert lookup.engine.speculation_stats["accepted"] < lookup.engine.speculation_stats["drafted"]  # some rejected
-    valid = tokens.shape[1] - 1  # the last token was never fed back
-    buffers = lookup.engine.cache.buffers
-    fresh = [(torch.zeros_like(k), torch.zeros_like(v)) if k is not None else None for k, v in buffers]
-    with attention_context(AttentionContext(kv=fresh, start=0, q_len=valid)):
-        lookup.engine.runner(tokens[:, :valid], torch.arange(valid)[None])
-    for (key, value), (fresh_key, fresh_value) in zip(buffers, fresh):
-        torch.testing.assert_close(key[:, :, :valid], fresh_key[:, :, :valid], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(value[:, :, :valid], fresh_value[:, :, :valid], atol=1e-5, rtol=1e-5)
+    assert_cache_holds_only_accepted_tokens(lookup.engine, tokens)
 
 
 def test_sampled_acceptance_keeps_the_model_distribution():
