@@ -181,9 +181,10 @@ def render_report(run: DebugRun) -> str:
         f"architecture {html.escape(program.meta['architecture'])} · {program.meta['num_layers']} layers · "
         f"{len(run.compiled.rewrite_log)} rewrites</p>",
         "<h2>Passes</h2>" + _pass_rows(history),
-        "<p>Quality is measured after every pass against the original model on the same batch. A greedy flip "
-        "where the reference's top-2 logits were within the near-tie margin is marked <span class='tie'>near-tie"
-        "</span>; any other flip after a lossless pass is an <span class='error'>error</span>.</p>",
+        "<p>Quality is measured after every pass against the original model on the same batch. A lossless pass is "
+        "also checked against the program before it: a greedy flip where that program's top-2 logits and the pass's "
+        "logit change are both within the near-tie margin is marked <span class='tie'>near-tie</span>; any other "
+        "flip is an <span class='error'>error</span>.</p>",
     ]
     if run.records:
         sections.append("<h2>Quality after each pass</h2>" + _figure(quality_plot(run.records), "against the original model"))
