@@ -395,7 +395,7 @@ def train_heads_command(
     with the model's own greedy choice before and after training."""
     from lmforge.api import load_tokenizer
     from lmforge.compiler.capture import load_reference
-    from lmforge.draft_heads import MedusaHeads, agreement, save_heads, train_heads
+    from lmforge.draft_heads import MedusaHeads, agreement, rank_hits, save_heads, train_heads
     from lmforge.errors import LmforgeError
     from lmforge.passes.calibrate import token_windows
 
@@ -412,9 +412,10 @@ def train_heads_command(
     with progress:
         trained, run = train_heads(model, train_ids, count=heads, steps=steps, lr=lr,
                                    checkpoint=output / "training.safetensors", progress=within)
-    after = agreement(trained, model, heldout_ids)
+    ranks = rank_hits(trained, model, heldout_ids)
+    after = [head[0] for head in ranks]
     record = {"heads": heads, "steps": steps, "resumed_from": run.resumed_from, "train_windows": train_ids.shape[0],
-              "heldout_agreement_untrained": before, "heldout_agreement": after,
+              "heldout_agreement_untrained": before, "heldout_agreement": after, "heldout_rank_hits": ranks,
               "final_loss": run.losses[-1] if run.losses else None}
     save_heads(output, trained, model, record)
     if as_json:

@@ -73,21 +73,26 @@ def _base_outputs(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return out.hidden_states[-1].float(), out.logits.float().log_softmax(-1)
 
 
-def agreement(heads: MedusaHeads, model: Any, ids: torch.Tensor, batch: int = 4) -> list[float]:
-    """Per head, how often its top-1 equals the base model's own greedy choice for the
-    token it predicts (what speculative verification would accept)."""
-    hits, total = torch.zeros(heads.count), 0
+def rank_hits(heads: MedusaHeads, model: Any, ids: torch.Tensor, ranks: int = 4, batch: int = 4) -> list[list[float]]:
+    """Per head, how often the base model's own greedy choice for the token it predicts is
+    the head's r-th best guess, for r < `ranks`: what a tree of width w would catch."""
+    hits, total = torch.zeros(heads.count, ranks), torch.zeros(heads.count)
     for chunk in ids.split(batch):
         hidden, logprobs = _base_outputs(model, chunk)
         with torch.no_grad():
-            predicted = heads.logits(hidden).argmax(-1)
+            guesses = heads.logits(hidden).topk(ranks, dim=-1).indices
         greedy = logprobs.argmax(-1)
         for i in range(heads.count):
             shift = i + 1
-            hits[i] += (predicted[:, :-shift, i] == greedy[:, shift:]).float().sum()
-        total += chunk.shape[0] * chunk.shape[1]
-    positions = [ids.shape[0] * (ids.shape[1] - i - 1) for i in range(heads.count)]
-    return [round((hits[i] / positions[i]).item(), 4) for i in range(heads.count)]
+            hits[i] += (guesses[:, :-shift, i] == greedy[:, shift:, None]).float().sum((0, 1))
+            total[i] += greedy[:, shift:].numel()
+    return [[round(value, 4) for value in head] for head in (hits / total[:, None]).tolist()]
+
+
+def agreement(heads: MedusaHeads, model: Any, ids: torch.Tensor, batch: int = 4) -> list[float]:
+    """Per head, how often its top-1 equals the base model's own greedy choice for the
+    token it predicts (what speculative verification would accept)."""
+    return [head[0] for head in rank_hits(heads, model, ids, ranks=1, batch=batch)]
 
 
 def train_heads(

@@ -2,6 +2,7 @@
 runtime drafts with them and greedy output stays exact, and heads for another model are refused."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -143,3 +144,24 @@ def test_tree_verification_on_the_reference_checkpoint(tmp_path, ref_path, ref_h
     stats = tree.engine.speculation_stats
     assert stats["accepted"] > 0 and stats["forwards"] < 64
     assert_cache_holds_only_accepted_tokens(tree.engine, tokens, tolerance=1e-4)
+
+
+def test_auto_tree_picks_the_most_tokens_per_second_from_measurements(tmp_path):
+    from lmforge.passes.draft_heads import expected_accepted
+
+    hits = [[0.5, 0.2, 0.1, 0.05], [0.4, 0.2, 0.1, 0.05], [0.3, 0.1, 0.1, 0.05]]
+    assert expected_accepted([1, 1], hits) == pytest.approx(0.5 + 0.5 * 0.4)
+    assert expected_accepted([2, 1, 1], hits) == pytest.approx(0.7 + 0.7 * 0.4 + 0.7 * 0.4 * 0.3)
+    model = tiny_model("llama", num_layers=2)
+    heads, _ = _tiny_heads(tmp_path, model)
+    save_heads(tmp_path, heads, model, {"heldout_rank_hits": hits})
+    recipe = f"passes: [{{name: draft_heads, path: {tmp_path}, tree: auto}}]\nruntime: {{max_seq_len: 128}}"
+    compiled = lmforge.optimize(model, recipe)
+    candidates = compiled.program.history[0]["measurements"]["tree_candidates"]
+    best = max(candidates, key=lambda candidate: candidate["tokens_per_second"])
+    assert compiled.program.meta["speculation"]["draft_heads"]["tree"] == best["tree"]
+    assert all(c["verify_ms"] > 0 and c["nodes"] == 1 + sum(math.prod(c["tree"][: d + 1]) for d in range(len(c["tree"])))
+               for c in candidates)
+    save_heads(tmp_path, heads, model, {})
+    with pytest.raises(LmforgeError, match="per-rank hit rates"):
+        lmforge.optimize(model, recipe)

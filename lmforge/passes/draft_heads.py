@@ -10,9 +10,16 @@ heads' top-1 chain when prompt lookup has nothing (`runtime/speculative.py`).
 
 from __future__ import annotations
 
+import math
+import statistics
+import time
+from typing import Literal
+
 import torch
 from pydantic import Field
 
+from lmforge.compiler.kv_layout import allocate_kv_buffers
+from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import Program
 from lmforge.draft_heads import load_heads
 from lmforge.errors import LmforgeError
@@ -23,9 +30,10 @@ aten = torch.ops.aten
 
 class DraftHeadsConfig(PassConfig):
     path: str = Field(description="directory written by `lmforge train-heads` (heads.safetensors + heads.json)")
-    tree: list[int] | None = Field(
+    tree: list[int] | Literal["auto"] | None = Field(
         None, description="greedy decoding at batch 1: verify a tree with the top-k of each head (e.g. [3, 2, 1]) "
-        "instead of the heads' top-1 chain"
+        "instead of the heads' top-1 chain; auto: the tree with the best expected tokens per second, from the heads' "
+        "measured per-rank hit rates and verify latencies measured here"
     )
 
 
@@ -61,8 +69,63 @@ class DraftHeads(Pass):
             base = graph.call_function(aten.unsqueeze.default, (projection, -2))
             combined = graph.call_function(aten.cat.default, ([base, head_logits], -2))
         graph.output_node().args = (combined,)
+        measurements = {"heads": heads.count, "heldout_agreement": config.get("heldout_agreement")}
+        notes = [f"{heads.count} Medusa heads; held-out agreement with greedy {measurements['heldout_agreement']}"]
+        tree = self.config.tree
+        if tree == "auto":
+            tree, measurements["tree_candidates"] = choose_tree(program, config)
+            notes.append(f"tree {tree} chosen from measured hit rates and verify latency")
         program.meta.setdefault("speculation", {})["draft_heads"] = {"count": heads.count, "kind": config["kind"],
-                                                                     "tree": self.config.tree}
-        agreement = config.get("heldout_agreement")
-        return PassResult(rewrites=1, notes=(f"{heads.count} Medusa heads; held-out agreement with greedy {agreement}",),
-                          measurements={"heads": heads.count, "heldout_agreement": agreement})
+                                                                     "tree": tree}
+        return PassResult(rewrites=1, notes=tuple(notes), measurements=measurements)
+
+
+TREE_CANDIDATES = ([1], [1, 1], [1, 1, 1], [2, 1, 1], [2, 2, 1], [3, 2, 1], [3, 3, 2], [4, 2, 2], [4, 3, 2])
+
+
+def expected_accepted(widths: list[int], hits: list[list[float]]) -> float:
+    """Expected drafted tokens a tree accepts if heads hit independently: depth d is
+    reached when every level above it caught the model's token in its top `widths`."""
+    expected, reach = 0.0, 1.0
+    for depth, width in enumerate(widths):
+        reach *= sum(hits[depth][:width])
+        expected += reach
+    return expected
+
+
+def verify_seconds(program: Program, nodes: int, prefix: int = 64, repeats: int = 5) -> float:
+    """Median time of one forward verifying `nodes` tokens after a cached prefix."""
+    layout = program.meta["kv_cache"]
+    buffers = allocate_kv_buffers(layout, 1, prefix + nodes, getattr(torch, program.meta["dtype"]))
+    ids = torch.zeros(1, prefix + nodes, dtype=torch.long)
+    positions = torch.arange(prefix + nodes)[None]
+    with torch.no_grad(), attention_context(AttentionContext(kv=buffers, start=0, q_len=prefix)):
+        program(ids[:, :prefix], positions[:, :prefix])
+    times = []
+    for _ in range(repeats + 1):
+        mask = torch.ones(nodes, nodes, dtype=torch.bool).tril()
+        context = AttentionContext(kv=buffers, start=prefix, q_len=nodes, tree=mask)
+        start = time.perf_counter()
+        with torch.no_grad(), attention_context(context):
+            program(ids[:, prefix:], positions[:, prefix:])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def choose_tree(program: Program, config: dict) -> tuple[list[int], list[dict]]:
+    """The candidate tree with the most expected tokens per second of verification."""
+    hits = config.get("heldout_rank_hits")
+    if not hits:
+        raise LmforgeError("draft_heads tree: auto needs the heads' per-rank hit rates; retrain them with "
+                           "`lmforge train-heads`, which records them in heads.json")
+    candidates = []
+    for widths in TREE_CANDIDATES:
+        if len(widths) > len(hits) or max(widths) > len(hits[0]):
+            continue
+        nodes = 1 + sum(math.prod(widths[: depth + 1]) for depth in range(len(widths)))
+        expected = expected_accepted(widths, hits)
+        seconds = verify_seconds(program, nodes)
+        candidates.append({"tree": widths, "nodes": nodes, "expected_accepted": round(expected, 4),
+                           "verify_ms": round(seconds * 1e3, 3), "tokens_per_second": round((1 + expected) / seconds, 1)})
+    best = max(candidates, key=lambda candidate: candidate["tokens_per_second"])
+    return best["tree"], candidates
