@@ -165,3 +165,17 @@ def test_auto_tree_picks_the_most_tokens_per_second_from_measurements(tmp_path):
     save_heads(tmp_path, heads, model, {})
     with pytest.raises(LmforgeError, match="per-rank hit rates"):
         lmforge.optimize(model, recipe)
+
+
+def test_typical_acceptance_is_used_for_sampled_decoding_with_heads(tmp_path):
+    model = tiny_model("llama", num_layers=2)
+    _, ids = _tiny_heads(tmp_path, model)
+    recipe = (f"passes: [{{name: draft_heads, path: {tmp_path}, typical_acceptance: {{epsilon: 0.0001, delta: 0.0001}}}}]"
+              "\nruntime: {max_seq_len: 128}")
+    compiled = lmforge.optimize(model, recipe)
+    assert compiled.program.meta["speculation"]["draft_heads"]["typical_acceptance"] == {"epsilon": 0.0001, "delta": 0.0001}
+    out = compiled.generate(ids[:1, :8], max_new_tokens=24, do_sample=True, seed=0, eos_token_id=[])
+    stats = compiled.engine.speculation_stats
+    assert out.shape == (1, 32)
+    # a near-zero threshold keeps almost every drafted token: far fewer forwards than tokens
+    assert stats["accepted"] > 0.8 * stats["drafted"] and stats["forwards"] < 14

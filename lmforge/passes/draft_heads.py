@@ -16,7 +16,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.ops import AttentionContext, attention_context
@@ -28,12 +28,22 @@ from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, regis
 aten = torch.ops.aten
 
 
+class TypicalAcceptanceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    epsilon: float = Field(0.09, gt=0, le=1, description="probability above which a draft token is always kept")
+    delta: float = Field(0.3, gt=0, description="scale of the entropy-adaptive threshold delta * exp(-entropy)")
+
+
 class DraftHeadsConfig(PassConfig):
     path: str = Field(description="directory written by `lmforge train-heads` (heads.safetensors + heads.json)")
     tree: list[int] | Literal["auto"] | None = Field(
         None, description="greedy decoding at batch 1: verify a tree with the top-k of each head (e.g. [3, 2, 1]) "
         "instead of the heads' top-1 chain; auto: the tree with the best expected tokens per second, from the heads' "
         "measured per-rank hit rates and verify latencies measured here"
+    )
+    typical_acceptance: TypicalAcceptanceConfig | None = Field(
+        None, description="sampled decoding, opt-in and approximate: Medusa's typical acceptance instead of the exact "
+        "rejection rule, for every draft (heads or lookup)"
     )
 
 
@@ -75,8 +85,9 @@ class DraftHeads(Pass):
         if tree == "auto":
             tree, measurements["tree_candidates"] = choose_tree(program, config)
             notes.append(f"tree {tree} chosen from measured hit rates and verify latency")
+        typical = self.config.typical_acceptance.model_dump() if self.config.typical_acceptance else None
         program.meta.setdefault("speculation", {})["draft_heads"] = {"count": heads.count, "kind": config["kind"],
-                                                                     "tree": tree}
+                                                                     "tree": tree, "typical_acceptance": typical}
         return PassResult(rewrites=1, notes=tuple(notes), measurements=measurements)
 
 

@@ -21,6 +21,7 @@ from lmforge.runtime.speculative import (
     ProfitabilityGate,
     PromptLookup,
     TokenTree,
+    TypicalAcceptance,
     accept,
     accept_tree,
     build_tree,
@@ -168,6 +169,8 @@ class Engine:
         lookup = self.speculation.get("prompt_lookup")
         lookups = [PromptLookup(**lookup) for _ in range(batch)] if lookup else []
         tree_widths = self.speculation.get("draft_heads", {}).get("tree")
+        typical_options = self.speculation.get("draft_heads", {}).get("typical_acceptance")
+        typical = TypicalAcceptance(**typical_options) if typical_options else None
         gate = ProfitabilityGate()
         self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
         if streamer is not None:
@@ -187,7 +190,7 @@ class Engine:
                 self.speculation_stats["accepted"] += accepted
                 new_tokens = torch.cat([drafts.tokens[path[1:]], torch.tensor([own])])[None]
             else:
-                accepted, own = accept(logits, drafts, sampling, generator)
+                accepted, own = accept(logits, drafts, sampling, generator, typical)
                 head_index = accepted
                 gate.record(accepted)
                 self.speculation_stats["drafted"] += drafts.shape[1]

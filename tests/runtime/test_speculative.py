@@ -100,3 +100,16 @@ def test_sampled_acceptance_keeps_the_model_distribution():
     support = expected > 0
     assert counts[~support].sum() == 0
     assert chi_square_p_value(counts[support], expected[support]) > 0.01
+
+
+def test_typical_acceptance_keeps_drafts_above_the_entropy_threshold():
+    from lmforge.runtime.speculative import TypicalAcceptance
+
+    probs = torch.tensor([0.7, 0.2, 0.05, 0.05])
+    logits = probs.log().expand(1, 4, 4).clone()
+    params = SamplingParams(do_sample=True, seed=0)
+    # entropy 0.87 nats: threshold min(0.09, 0.3 * exp(-0.87)) = 0.09 keeps tokens 0 and 1, stops at token 2
+    accepted, own = accept(logits, torch.tensor([[0, 1, 2]]), params, torch.Generator().manual_seed(0), TypicalAcceptance())
+    assert accepted == 2 and 0 <= int(own[0]) < 4
+    strict = TypicalAcceptance(epsilon=0.9, delta=2.0)  # threshold min(0.9, 0.84) = 0.84: nothing is typical enough
+    assert accept(logits, torch.tensor([[0, 1, 2]]), params, torch.Generator().manual_seed(0), strict)[0] == 0
