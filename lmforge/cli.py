@@ -307,10 +307,21 @@ def _compile_progress(total_passes: int, as_json: bool):
     return progress, on_pass, within_pass
 
 
-def _budget_from(max_logit_error, max_kl, min_top1, max_ppl_increase):
+def _budget_from(text: str | None, **limits):
+    """The bisect budget from `--budget max_kl=0.01,min_top1=0.9` and the single-limit flags."""
     from lmforge.debug.bisect import BisectBudget
+    from lmforge.errors import LmforgeError
 
-    return BisectBudget(max_logit_error=max_logit_error, max_kl=max_kl, min_top1=min_top1, max_ppl_increase=max_ppl_increase)
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in limits:
+            raise LmforgeError(f"--budget: unknown limit {key!r}; choose from {', '.join(limits)}")
+        try:
+            limits[key] = float(value)
+        except ValueError:
+            raise LmforgeError(f"--budget: {key} needs a number, got {value!r}") from None
+    return BisectBudget(**limits)
 
 
 @app.command()
@@ -327,6 +338,9 @@ def debug(
     max_kl: Optional[float] = typer.Option(None, help="bisect budget: largest mean KL"),
     min_top1: Optional[float] = typer.Option(None, help="bisect budget: smallest top-1 agreement"),
     max_ppl_increase: Optional[float] = typer.Option(None, help="bisect budget: largest perplexity increase"),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", help="bisect budget in one option, e.g. max_kl=0.01,min_top1=0.9 (default max_logit_error=1e-3)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print a JSON record"),
 ) -> None:
     """Pass-level debugging. `lmforge debug CKPT -o DIR` compiles with every instrument on
@@ -344,7 +358,9 @@ def debug(
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=errors,
                       disable=as_json) as progress:
             task = progress.add_task("bisecting", total=None)
-            result = bisect(checkpoint_for_bisect, parsed, _budget_from(max_logit_error, max_kl, min_top1, max_ppl_increase),
+            limits = _budget_from(budget, max_logit_error=max_logit_error, max_kl=max_kl, min_top1=min_top1,
+                                  max_ppl_increase=max_ppl_increase)
+            result = bisect(checkpoint_for_bisect, parsed, limits,
                             progress=lambda description, done, total: progress.update(task, description=description))
         if as_json:
             _print_json(result.as_dict())

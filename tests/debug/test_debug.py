@@ -121,9 +121,11 @@ def test_debug_json_holds_per_pass_records(tmp_path):
 
 def test_debug_bisect_command(tmp_path):
     checkpoint = _tiny_checkpoint(tmp_path)
-    result = runner.invoke(app, ["debug", "bisect", str(checkpoint), "--json"])
+    result = runner.invoke(app, ["debug", "bisect", str(checkpoint), "--budget", "max_kl=0.001,min_top1=0.99", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["culprit"] is None
+    wrong = runner.invoke(app, ["debug", "bisect", str(checkpoint), "--budget", "max_klx=1"])
+    assert wrong.exit_code == 1 and "unknown limit 'max_klx'; choose from max_logit_error, max_kl" in wrong.stderr
 
 
 def test_diff_of_two_artifacts(tmp_path):
