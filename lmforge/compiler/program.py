@@ -136,11 +136,12 @@ class Program:
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """The base model's logits (without the draft heads' a `draft_heads` pass adds)."""
-        return base_logits(self.graph_module(input_ids, position_ids), draft_head_count(self.meta))
+        return base_logits(self.graph_module(input_ids, position_ids), draft_head_count(self.meta.get("speculation")))
 
 
-def draft_head_count(meta: dict) -> int:
-    return meta.get("speculation", {}).get("draft_heads", {}).get("count", 0)
+def draft_head_count(speculation: dict | None) -> int:
+    """How many draft heads a program's `meta["speculation"]` says it returns logits for."""
+    return (speculation or {}).get("draft_heads", {}).get("count", 0)
 
 
 def base_logits(output: torch.Tensor, draft_heads: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from lmforge.compiler.layermap import role_of
 from lmforge.compiler.pipeline import Instrument
 from lmforge.compiler.program import Program
 from lmforge.passes import Pass, PassResult
-from lmforge.passes.calibrate import compare, full_logits, node_values
+from lmforge.passes.calibrate import compare, full_logits, greedy_extend, node_values
 
 
 def layer_outputs(program: Program) -> list:
@@ -56,13 +56,6 @@ def first_divergent_layer(program: Program, reference, ids: torch.Tensor, tolera
     return None
 
 
-def _greedy(next_logits, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    ids = prompt
-    for _ in range(steps):
-        ids = torch.cat([ids, next_logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids
-
-
 def greedy_check(after: Program, before: Program, prompt: torch.Tensor, steps: int, near_tie_margin: float) -> dict:
     """Did the pass (the program `before` it → `after` it) change the greedy tokens? On a
     difference: where, and whether it is a near-tie: the input program's top-2 margin at
@@ -70,8 +63,8 @@ def greedy_check(after: Program, before: Program, prompt: torch.Tensor, steps: i
     rounding alone can explain the flip."""
     with torch.no_grad():
         change = (full_logits(after, prompt) - full_logits(before, prompt)).abs().max().item()
-        ours = _greedy(lambda ids: full_logits(after, ids), prompt, steps)
-        theirs = _greedy(lambda ids: full_logits(before, ids), prompt, steps)
+        ours = greedy_extend(lambda ids: full_logits(after, ids), prompt, steps)
+        theirs = greedy_extend(lambda ids: full_logits(before, ids), prompt, steps)
     differing = (ours != theirs).any(0).nonzero()
     if len(differing) == 0:
         return {"greedy_match": True, "max_logit_change": change, "status": "ok"}

@@ -137,6 +137,15 @@ def full_logits(program: Program, input_ids: torch.Tensor) -> torch.Tensor:
         return program(input_ids, positions)
 
 
+def greedy_extend(next_logits: LogitsFn, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """`prompt` followed by `steps` greedy tokens, recomputing the full sequence each step
+    (no cache): the yardstick the verify checks compare programs with."""
+    ids = prompt
+    for _ in range(steps):
+        ids = torch.cat([ids, next_logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 def decoded_logits(
     program: Program, input_ids: torch.Tensor, prompt_len: int, skip_counts: dict[int, int] | None = None
 ) -> torch.Tensor:

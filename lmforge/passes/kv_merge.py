@@ -71,19 +71,20 @@ def merge_pairs(
     for pair, threshold in zip(pairs, thresholds):
         if allow is not None and not allow(pair[1]):
             continue
+        threshold = min(threshold, math.pi)  # directions are never further apart than pi
         for member, layer in enumerate(pair):
             old = program.layers[layer].attention
             q, k, v, _, scale, window, softcap = old.args
             with graph.inserting_before(old):
                 new = graph.call_function(
-                    merged_attention, (q, k, v, pair[0], member, t, min(threshold, math.pi), scale, window, softcap)
+                    merged_attention, (q, k, v, pair[0], member, t, threshold, scale, window, softcap)
                 )
             new.meta = dict(old.meta)
             set_role(new, layer, "attention")
             old.replace_all_uses_with(new)
             graph.erase_node(old)
             layout[layer].update(cache=pair[0], kind="merged", member=member, t=t,
-                                 retain_threshold=min(threshold, math.pi), retain_fraction=retain_fraction)
+                                 retain_threshold=threshold, retain_fraction=retain_fraction)
         merged += 1
     program.refresh()
     return merged

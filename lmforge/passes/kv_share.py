@@ -208,7 +208,7 @@ class KVShare(LossyPass):
         num_layers = program.meta["num_layers"]
         similarity = kv_similarity(program, data.ids("calibration")[:2])
         if config.mode == "merge":
-            return self._merge(program, data, budget, similarity, ctx)
+            return self._merge_mode(program, data, budget, similarity, ctx)
         notes: list[str] = []
         trials: list[dict] = []
         if config.mode == "explicit":
@@ -244,15 +244,25 @@ class KVShare(LossyPass):
         notes.append(f"{kv_before} → {len(groups)} KV caches; held-out {quality.describe()}")
         return PassResult(rewrites=rewired, notes=tuple(notes), measurements=measurements)
 
-    def _merge(self, program: Program, data: CalibrationData, budget: QualityBudget | None,
+    def _merge_mode(self, program: Program, data: CalibrationData, budget: QualityBudget | None,
                similarity: list[list[float]], ctx: PassContext) -> PassResult:
         config, num_layers = self.config, program.meta["num_layers"]
         calibration_ids = data.ids("calibration")[:2]
 
+        known: dict[tuple[int, ...], float] = {}
+
+        def thresholds_for(pairs: Groups) -> list[float]:
+            """Each pair's retention angle, measured once: merging other pairs does not
+            change the keys and values of a cache-free forward."""
+            missing = [pair for pair in pairs if tuple(pair) not in known]
+            if missing:
+                measured = retain_thresholds(program, calibration_ids, missing, config.retain_fraction, config.t)
+                known.update(zip(map(tuple, missing), measured))
+            return [known[tuple(pair)] for pair in pairs]
+
         def merged(pairs: Groups) -> Program:
             trial = program.clone()
-            merge_pairs(trial, pairs, config.t, config.retain_fraction,
-                        retain_thresholds(trial, calibration_ids, pairs, config.retain_fraction, config.t))
+            merge_pairs(trial, pairs, config.t, config.retain_fraction, thresholds_for(pairs))
             return trial
 
         notes, trials = [], []
@@ -273,7 +283,7 @@ class KVShare(LossyPass):
                                    lambda steps: ctx.report("kv_share: choosing pairs to merge", steps, num_layers // 2))
             pairs, trials, notes = search.chosen, search.trials, search.notes
         before = kv_cache_bytes(program.meta["kv_cache"], 2048)
-        thresholds = retain_thresholds(program, calibration_ids, pairs, config.retain_fraction, config.t)
+        thresholds = thresholds_for(pairs)
         done = merge_pairs(program, pairs, config.t, config.retain_fraction, thresholds,
                            lambda layer: ctx.allow_rewrite(self.name, f"merge layers {layer - 1} and {layer}", layer))
         quality = data.program_quality(program)

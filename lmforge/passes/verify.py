@@ -18,20 +18,19 @@ from pydantic import Field
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PASSES, Pass, PassConfig, PassContext, PassResult, register_pass
-from lmforge.passes.calibrate import decoded_logits, enforce_budget, full_logits, makes_decode_time_decisions
+from lmforge.passes.calibrate import (
+    decoded_logits,
+    enforce_budget,
+    full_logits,
+    greedy_extend,
+    makes_decode_time_decisions,
+)
 
 
 class VerifyConfig(PassConfig):
     max_logit_error: float = Field(1e-3, gt=0, description="largest allowed |logit - reference logit|")
     greedy_tokens: int = Field(8, ge=0, description="greedy tokens decoded by both models and compared")
     fail: bool = Field(True, description="raise when a check fails (false: only record the numbers)")
-
-
-def _greedy(next_logits, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
-    ids = input_ids
-    for _ in range(steps):
-        ids = torch.cat([ids, next_logits(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[:, input_ids.shape[1] :]
 
 
 @register_pass("verify")
@@ -59,8 +58,8 @@ class Verify(Pass):
         error = (logits - reference).abs().max().item()
         top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
         with torch.no_grad():
-            ours = _greedy(lambda x: full_logits(program, x), ids, self.config.greedy_tokens)
-            theirs = _greedy(lambda x: ctx.reference(x).logits, ids, self.config.greedy_tokens)
+            ours = greedy_extend(lambda x: full_logits(program, x), ids, self.config.greedy_tokens)
+            theirs = greedy_extend(lambda x: ctx.reference(x).logits, ids, self.config.greedy_tokens)
         greedy_match = bool(torch.equal(ours, theirs))
         measurements.update({"max_logit_error": error, "top1_agreement": top1, "greedy_match": greedy_match})
         failed = error > self.config.max_logit_error or not greedy_match

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lmforge.compiler.ops import AttentionContext, attention_context
-from lmforge.compiler.program import base_logits
+from lmforge.compiler.program import base_logits, draft_head_count
 from lmforge.errors import LmforgeError
 from lmforge.runtime.kv_cache import StaticKVCache
 from lmforge.runtime.sampling import SamplingParams, select_next
@@ -87,7 +87,7 @@ class Engine:
         speculation: dict | None = None,
     ) -> None:
         self.speculation = speculation or {}
-        self.draft_heads = self.speculation.get("draft_heads", {}).get("count", 0)
+        self.draft_heads = draft_head_count(self.speculation)
         self.head_logits: torch.Tensor | None = None
         self.speculation_stats: dict[str, int] = {}
         self.runner, self.kv_layout, self.max_seq_len, self.dtype = runner, kv_layout, max_seq_len, dtype
@@ -125,7 +125,8 @@ class Engine:
     ) -> torch.Tensor:
         """Run `input_ids` (written to cache slots `start..`) and return the last position's
         logits, or every position's with `every_position` (to verify drafts); `generated` is
-        how many decode steps came before (0 for the prefill)."""
+        how many decode steps came before (0 for the prefill); `tree` is the ancestor mask
+        of a tree of drafts fed at once."""
         context = AttentionContext(
             kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad, generated=generated,
             skip_counts=self.skip_counts, tree=tree,
@@ -169,6 +170,8 @@ class Engine:
         lookup = self.speculation.get("prompt_lookup")
         lookups = [PromptLookup(**lookup) for _ in range(batch)] if lookup else []
         tree_widths = self.speculation.get("draft_heads", {}).get("tree")
+        if batch > 1 or sampling.do_sample or not self._plain_cache():
+            tree_widths = None  # trees: greedy, one row, and plain cache slots that can be compacted
         typical_options = self.speculation.get("draft_heads", {}).get("typical_acceptance")
         typical = TypicalAcceptance(**typical_options) if typical_options else None
         gate = ProfitabilityGate()
@@ -181,21 +184,19 @@ class Engine:
             head_index = -1  # the position whose token was accepted last
             if drafts is None:
                 new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
-            elif isinstance(drafts, TokenTree):
-                path, own = accept_tree(logits[0], drafts)
-                compact_cache(self.cache.buffers, length - 1, path)
-                head_index, accepted = path[-1], len(path) - 1
-                gate.record(accepted)
-                self.speculation_stats["drafted"] += len(drafts.parents) - 1
-                self.speculation_stats["accepted"] += accepted
-                new_tokens = torch.cat([drafts.tokens[path[1:]], torch.tensor([own])])[None]
             else:
-                accepted, own = accept(logits, drafts, sampling, generator, typical)
-                head_index = accepted
+                if isinstance(drafts, TokenTree):
+                    path, own = accept_tree(logits[0], drafts)
+                    compact_cache(self.cache.buffers, length - 1, path)
+                    head_index, accepted, drafted = path[-1], len(path) - 1, len(drafts.parents) - 1
+                    new_tokens = torch.cat([drafts.tokens[path[1:]], torch.tensor([own])])[None]
+                else:
+                    accepted, own = accept(logits, drafts, sampling, generator, typical)
+                    head_index, drafted = accepted, drafts.shape[1]
+                    new_tokens = torch.cat([drafts[:, :accepted], own[:, None]], dim=1)
                 gate.record(accepted)
-                self.speculation_stats["drafted"] += drafts.shape[1]
+                self.speculation_stats["drafted"] += drafted
                 self.speculation_stats["accepted"] += accepted
-                new_tokens = torch.cat([drafts[:, :accepted], own[:, None]], dim=1)
             for column in new_tokens.unbind(1):
                 next_tokens = torch.where(unfinished, column, self.pad_token_id)
                 tokens[:, length] = next_tokens
@@ -212,8 +213,7 @@ class Engine:
                 break
             # the heads at the position of the last accepted token guess the tokens after the next one
             guesses = self.head_logits[:, head_index] if self.draft_heads else None
-            widths = tree_widths if batch == 1 and not sampling.do_sample and self._plain_cache() else None
-            drafts = self._drafts(lookups, guesses, widths, gate, tokens[:, :length], room=total - length - 1)
+            drafts = self._drafts(lookups, guesses, tree_widths, gate, tokens[:, :length], room=total - length - 1)
             if isinstance(drafts, TokenTree):
                 feed, offsets, tree = drafts.tokens[None], drafts.depths, drafts.mask()
             else:
