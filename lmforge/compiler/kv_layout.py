@@ -2,10 +2,13 @@
 
 `meta["kv_cache"]` has one entry per layer: `{layer, cache, kv_heads, head_dim}` and, for
 layers whose cache is merged with a neighbour's (`kv_share` mode `merge`, MiniCache),
-`{kind: "merged", member: 0|1, t, retain_threshold, retain_fraction}`. A plain slot is a
-`(key, value)` pair of `(batch, kv_heads, max_len, head_dim)` buffers; a merged slot is a
-`MergedSlot`. Both the runtime's cache and the passes that measure cached decoding
-allocate through `allocate_kv_buffers`, so they cannot disagree.
+`{kind: "merged", member: 0|1, t, retain_threshold, retain_fraction}`. A layer whose KV heads
+are split into retrieval and streaming heads (`streaming_heads`, DuoAttention) keeps its
+retrieval heads in its own slot (`kv_heads` counts only them; 0 when every head streams)
+and has `streaming: {cache, kv_heads, head_dim, sink, window, capacity}` for a `RingSlot`.
+A plain slot is a `(key, value)` pair of `(batch, kv_heads, max_len, head_dim)` buffers; a
+merged slot is a `MergedSlot`. Both the runtime's cache and the passes that measure cached
+decoding allocate through `allocate_kv_buffers`, so they cannot disagree.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+
+from lmforge.errors import LmforgeError
 
 
 @dataclass
@@ -51,15 +56,74 @@ class MergedSlot:
         return sum(getattr(self, f.name).nbytes for f in fields(self) if not f.name.startswith("staged"))
 
 
+@dataclass
+class RingSlot:
+    """A streaming head group's cache, of fixed size whatever the sequence length: the first
+    `sink` real tokens of each row, then a ring of the most recent tokens (position p at
+    entry `sink + p % (capacity - sink)`). `slots[b, i]` is the sequence slot entry i holds,
+    -1 when empty; entries at or after a forward's start are stale (rejected drafts) and are
+    masked, then overwritten. The ring holds `window` plus slack for the tokens of one
+    forward, so a verification forward never overwrites a token a later query still sees."""
+
+    keys: torch.Tensor    # (B, H, C, D)
+    values: torch.Tensor  # (B, H, C, D)
+    slots: torch.Tensor   # (B, C) int64
+    sink: int
+    window: int
+
+    @classmethod
+    def allocate(cls, batch: int, heads: int, head_dim: int, sink: int, window: int, capacity: int,
+                 dtype: torch.dtype) -> RingSlot:
+        return cls(
+            keys=torch.zeros(batch, heads, capacity, head_dim, dtype=dtype),
+            values=torch.zeros(batch, heads, capacity, head_dim, dtype=dtype),
+            slots=torch.full((batch, capacity), -1, dtype=torch.long),
+            sink=sink,
+            window=window,
+        )
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.slots.nbytes
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, start: int, pad: torch.Tensor | None) -> None:
+        """Store the tokens of slots `start..` that a later query can still see: each row's
+        first `sink` real tokens and the last `capacity - sink` of the rest."""
+        capacity = self.keys.shape[2]
+        ring = capacity - self.sink
+        length = keys.shape[2]
+        end = start + length
+        if start == 0:
+            self.slots.fill_(-1)  # a new sequence: nothing of the previous one may stay visible
+        elif length - 1 > ring - self.window:
+            raise LmforgeError(
+                f"streaming heads: a forward of {length} tokens after a cached prefix needs a ring slack of at least "
+                f"{length - 1}, this cache has {ring - self.window}; raise `slack` in streaming_heads"
+            )
+        positions = torch.arange(start, end)
+        relative = positions - (pad[:, None] if pad is not None else 0)
+        relative = relative.expand(keys.shape[0], -1)
+        entry = torch.where(relative < self.sink, relative, self.sink + positions % ring)
+        keep = (relative >= 0) & ((relative < self.sink) | (positions >= end - ring))
+        rows, tokens = keep.nonzero(as_tuple=True)
+        entries = entry[rows, tokens]
+        self.keys[rows, :, entries] = keys[rows, :, tokens]
+        self.values[rows, :, entries] = values[rows, :, tokens]
+        self.slots[rows, entries] = positions[tokens]
+
+
 def retained_capacity(entry: dict, max_len: int) -> int:
     return math.ceil(entry.get("retain_fraction", 0.0) * max_len)
 
 
 def cache_slots(layout: list[dict]) -> dict[int, dict]:
-    """Distinct cache slots of a layout, with their shapes."""
+    """Distinct cache slots of a layout, with their shapes (streaming rings included, with
+    `kind: "ring"`; slots without heads left out)."""
     slots: dict[int, dict] = {}
     for entry in layout:
-        slots.setdefault(entry["cache"], entry)
+        if entry["kv_heads"] > 0:
+            slots.setdefault(entry["cache"], entry)
+        if "streaming" in entry:
+            slots[entry["streaming"]["cache"]] = {**entry["streaming"], "kind": "ring"}
     return slots
 
 
@@ -72,6 +136,9 @@ def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: tor
         if slot.get("kind") == "merged":
             buffers[index] = MergedSlot.allocate(batch, slot["kv_heads"], max_len, slot["head_dim"],
                                                  retained_capacity(slot, max_len), dtype)
+        elif slot.get("kind") == "ring":
+            buffers[index] = RingSlot.allocate(batch, slot["kv_heads"], slot["head_dim"], slot["sink"], slot["window"],
+                                               slot["capacity"], dtype)
         else:
             shape = (batch, slot["kv_heads"], max_len, slot["head_dim"])
             buffers[index] = (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
@@ -79,7 +146,7 @@ def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: tor
 
 
 def buffer_bytes(buffer) -> int:
-    if isinstance(buffer, MergedSlot):
+    if isinstance(buffer, (MergedSlot, RingSlot)):
         return buffer.nbytes()
     return 0 if buffer is None else buffer[0].nbytes + buffer[1].nbytes
 

@@ -1,4 +1,5 @@
-"""lmforge's custom ops (`attention`, `merged_attention`, `ffn_skip_gate`) and the forward context they read.
+"""lmforge's custom ops (`attention` and its siblings `merged_attention`, `streaming_attention`,
+`sparse_attention`; `ffn_skip_gate`) and the forward context they read.
 
 Attention is one opaque op in the captured graph so that passes can rewrite it by changing
 its arguments (which cache slot, which window) instead of pattern-matching dozens of aten
@@ -17,6 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.compiler.kv_layout import merge_into, restore
+from lmforge.compiler.sparse_attention import (
+    block_sparse_attention,
+    first_real_slot,
+    pattern_blocks,
+    streaming_allowed,
+    streaming_blocks,
+)
 from lmforge.errors import LmforgeError
 
 ATTENTION_SCHEMA = (
@@ -274,7 +282,147 @@ def _merged_attention_fake(q, k, v, cache_index, member, t, retain_threshold, sc
 
 
 merged_attention = torch.ops.lmforge.merged_attention.default
-ATTENTION_OPS = (attention, merged_attention)
+
+STREAMING_ATTENTION_SCHEMA = (
+    "streaming_attention(Tensor q, Tensor k, Tensor v, int cache_index, int sink, int window, float scale, "
+    "float softcap) -> Tensor"
+)
+_lib.define(STREAMING_ATTENTION_SCHEMA)
+STREAMING_BLOCK = 64
+
+
+def _streaming_full(q, k, v, pad, sink: int, window: int, scale: float, softcap: float) -> torch.Tensor:
+    """Streaming attention of a sequence starting at slot 0: block-sparse over the sink and
+    window blocks once the sequence is long enough to leave blocks out, else dense masked."""
+    length = q.shape[2]
+    if length > sink + window + STREAMING_BLOCK:
+        blocks = streaming_blocks(length, STREAMING_BLOCK, sink, window, pad)
+        return block_sparse_attention(q, k, v, blocks, STREAMING_BLOCK, scale, softcap, pad, (sink, window))
+    slots = torch.arange(length)
+    allowed = streaming_allowed(slots.view(1, 1, -1, 1), slots.view(1, 1, 1, -1), first_real_slot(pad), sink, window)
+    return attention_reference(q, k, v, allowed, scale, softcap)
+
+
+def _streaming_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_index: int,
+    sink: int,
+    window: int,
+    scale: float,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention of streaming heads (DuoAttention): each query sees its row's first `sink`
+    real tokens and the last `window` tokens. With a cache the heads read and write a
+    fixed-size `RingSlot`, so their memory and decode cost do not grow with the context."""
+    ctx = current_context()
+    if ctx.tree is not None:
+        raise LmforgeError("tree verification is not supported with streaming heads; draft a chain instead")
+    if ctx.kv is None or ctx.start == 0:
+        out = _streaming_full(q, k, v, ctx.pad, sink, window, scale, softcap)
+    else:
+        ring = ctx.kv[cache_index]
+        past = torch.where(ring.slots < ctx.start, ring.slots, -1)  # stale entries are hidden like empty ones
+        new = torch.arange(ctx.start, ctx.start + q.shape[2])
+        key_slots = torch.cat([past, new.expand(q.shape[0], -1)], dim=1).view(q.shape[0], 1, 1, -1)
+        allowed = streaming_allowed(new.view(1, 1, -1, 1), key_slots, first_real_slot(ctx.pad), sink, window)
+        keys, values = torch.cat([ring.keys, k], dim=2), torch.cat([ring.values, v], dim=2)
+        out = attention_reference(q, keys, values, allowed, scale, softcap)
+    if ctx.kv is not None:
+        ctx.kv[cache_index].write(k, v, ctx.start, ctx.pad)
+    return out.transpose(1, 2).contiguous()
+
+
+_lib.impl("streaming_attention", _streaming_attention, "CompositeExplicitAutograd")
+
+
+def _streaming_setup_context(ctx, inputs, output) -> None:
+    q, k, v, _, sink, window, scale, softcap = inputs
+    context = current_context()
+    if context.kv is not None:
+        raise LmforgeError("gradients through lmforge::streaming_attention need a cache-free forward (kv=None)")
+    ctx.save_for_backward(q, k, v)
+    ctx.pad, ctx.options = context.pad, (sink, window, scale, softcap)
+
+
+def _streaming_backward(ctx, grad: torch.Tensor):
+    """Recompute under autograd, as `attention` does: head-gate training needs gradients."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        out = _streaming_full(q, k, v, ctx.pad, *ctx.options).transpose(1, 2)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "lmforge::streaming_attention", _streaming_backward, setup_context=_streaming_setup_context
+)
+
+
+@torch.library.register_fake("lmforge::streaming_attention")
+def _streaming_attention_fake(q, k, v, cache_index, sink, window, scale, softcap):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim)
+
+
+streaming_attention = torch.ops.lmforge.streaming_attention.default
+
+SPARSE_ATTENTION_SCHEMA = (
+    "sparse_attention(Tensor q, Tensor k, Tensor v, int cache_index, float scale, int window, float softcap, "
+    "int[] patterns, int budget, int block, int min_length) -> Tensor"
+)
+_lib.define(SPARSE_ATTENTION_SCHEMA)
+
+
+def _sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_index: int,
+    scale: float,
+    window: int,
+    softcap: float,
+    patterns: list[int],
+    budget: int,
+    block: int,
+    min_length: int,
+) -> torch.Tensor:
+    """`attention` whose prefill of `min_length` tokens or more computes, per query head,
+    only the `budget` key blocks per query block its MInference pattern selects (indices
+    estimated from this prefill's own queries and keys). Decoding, verification and short
+    prompts are dense and exact."""
+    ctx = current_context()
+    if ctx.start != 0 or q.shape[2] < min_length or ctx.tree is not None:
+        return _attention(q, k, v, cache_index, scale, window, softcap)
+    if ctx.kv is not None:
+        key_cache, value_cache = ctx.kv[cache_index]
+        key_cache[:, :, : q.shape[2]] = k
+        value_cache[:, :, : q.shape[2]] = v
+    groups = q.shape[1] // k.shape[1]
+    expanded = k.repeat_interleave(groups, dim=1) if groups > 1 else k
+    selected = pattern_blocks(patterns, q, expanded, block, budget, scale)
+    out = block_sparse_attention(q, k, v, selected, block, scale, softcap, ctx.pad)
+    return out.transpose(1, 2).contiguous()
+
+
+_lib.impl("sparse_attention", _sparse_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmforge::sparse_attention")
+def _sparse_attention_fake(q, k, v, cache_index, scale, window, softcap, patterns, budget, block, min_length):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim)
+
+
+sparse_attention = torch.ops.lmforge.sparse_attention.default
+ATTENTION_OPS = (attention, merged_attention, streaming_attention, sparse_attention)
 
 # Each op's Python kernel by op, for code generators that call it without the dispatcher.
-PYTHON_KERNELS = {attention: _attention, ffn_skip_gate: _ffn_skip_gate, merged_attention: _merged_attention}
+PYTHON_KERNELS = {
+    attention: _attention,
+    ffn_skip_gate: _ffn_skip_gate,
+    merged_attention: _merged_attention,
+    streaming_attention: _streaming_attention,
+    sparse_attention: _sparse_attention,
+}
