@@ -3,7 +3,8 @@
 Layout: `manifest.json` (versions, architecture, recipe, pass history, sha256 of every
 file), `weights.safetensors`, `program.pt2` (the graph, exported with the weights lifted to
 inputs so they are stored once, in safetensors), `config.json`, tokenizer files,
-`recipe.yaml`, and `kernels/` for generated kernel sources. The directory is written under a
+`recipe.yaml`, `kernels/` for generated kernel sources, and `attention_patterns.json` when
+sparse-attention passes made per-head decisions (checked against the model on load). The directory is written under a
 temporary name and renamed into place; loading checks every hash first.
 """
 
@@ -21,6 +22,8 @@ import safetensors.torch
 import torch
 from torch import fx
 
+from lmforge.compiler.attention_patterns import FILENAME as PATTERNS_FILE
+from lmforge.compiler.attention_patterns import load_patterns, patterns_document
 from lmforge.compiler.architectures import spec_for
 from lmforge.compiler.layermap import build_layer_map
 from lmforge.compiler.program import Program, plain_graph_module
@@ -122,6 +125,9 @@ def save_artifact(
         torch.export.save(_export_graph(program.graph_module), staging / PROGRAM)
         (staging / "config.json").write_text(program.config.to_json_string())
         (staging / "recipe.yaml").write_text(recipe_yaml)
+        patterns = patterns_document(program.meta, program.config)
+        if patterns is not None:
+            _write_json(staging / PATTERNS_FILE, patterns)
         (staging / KERNELS).mkdir()
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -189,6 +195,8 @@ def load_artifact(artifact: str | Path) -> tuple[Program, dict]:
     weights = safetensors.torch.load_file(artifact / WEIGHTS)
     graph_module = _attach_weights(torch.export.load(artifact / PROGRAM), weights)
     meta = manifest["meta"]
+    if (artifact / PATTERNS_FILE).is_file():
+        load_patterns(artifact, meta, config)
     program = Program(
         graph_module=graph_module,
         layers=build_layer_map(graph_module, spec_for(config), meta["num_layers"]),

@@ -127,6 +127,7 @@ def capture(model: nn.Module) -> Program:
         config=model.config,
         meta={
             "architecture": model.config.model_type,
+            "model_name": Path(getattr(model.config, "_name_or_path", "") or model.config.model_type).name,
             "num_layers": num_layers,
             "kv_cache": kv_cache_layout(layers),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

@@ -139,6 +139,15 @@ class Program:
         return base_logits(self.graph_module(input_ids, position_ids), draft_head_count(self.meta.get("speculation")))
 
 
+def final_hidden_state(program: Program) -> fx.Node:
+    """The LM head's input (the last hidden state) when the output is a plain projection,
+    else the output itself: what distillation of a program's last layer compares."""
+    result = program.graph_module.graph.output_node().args[0]
+    if isinstance(result, fx.Node) and result.target is torch.ops.aten.linear.default:
+        return result.args[0]
+    return result
+
+
 def draft_head_count(speculation: dict | None) -> int:
     """How many draft heads a program's `meta["speculation"]` says it returns logits for."""
     return (speculation or {}).get("draft_heads", {}).get("count", 0)

@@ -191,15 +191,25 @@ def node_values(program: Program, input_ids: torch.Tensor, nodes: list[torch.fx.
 class CalibrationData:
     """The two splits plus the reference model's log-probabilities on them (computed once)."""
 
-    def __init__(self, calibration_ids: torch.Tensor, heldout_ids: torch.Tensor, reference: Any, batch: int = 4) -> None:
+    def __init__(self, calibration_ids: torch.Tensor, heldout_ids: torch.Tensor, reference: Any, batch: int = 4,
+                 source: tuple[CalibrationConfig, Any] | None = None) -> None:
         self.splits = {"calibration": calibration_ids, "heldout": heldout_ids}
-        self.reference, self.batch = reference, batch
+        self.reference, self.batch, self.source = reference, batch, source
         self._reference_logprobs: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, config: CalibrationConfig, tokenizer: Any, reference: Any) -> CalibrationData:
         calibration, heldout = tokenize_windows(config, tokenizer)
-        return cls(calibration, heldout, reference)
+        return cls(calibration, heldout, reference, source=(config, tokenizer))
+
+    def at_length(self, seq_len: int, samples: int, eval_samples: int) -> CalibrationData:
+        """The same text cut into windows of another length (long-context passes judge
+        themselves beyond their window, which the recipe's short windows never reach)."""
+        if self.source is None:
+            raise LmforgeError("these calibration windows were given as token ids; long windows need the text and tokenizer")
+        config, tokenizer = self.source
+        config = config.model_copy(update={"seq_len": seq_len, "samples": samples, "eval_samples": eval_samples})
+        return CalibrationData.from_config(config, tokenizer, self.reference)
 
     def ids(self, split: str) -> torch.Tensor:
         return self.splits[split]
