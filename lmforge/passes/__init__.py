@@ -7,6 +7,7 @@ from lmforge.passes import (  # noqa: F401  (registration side effect)
     fuse_projections,
     kv_share,
     prompt_lookup,
+    sparse_prefill,
     streaming_heads,
     verify,
 )

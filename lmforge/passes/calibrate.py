@@ -88,7 +88,7 @@ class Quality:
         return {key: round(value, 6) for key, value in asdict(self).items()}
 
     def describe(self) -> str:
-        return f"perplexity +{self.ppl_increase:.2%}, top-1 {self.top1:.4f}, KL {self.kl:.4f}"
+        return f"perplexity {self.ppl_increase:+.2%}, top-1 {self.top1:.4f}, KL {self.kl:.4f}"
 
 
 def _read_text(path: Path) -> list[str]:
