@@ -22,9 +22,9 @@ import safetensors.torch
 import torch
 from torch import fx
 
+from lmforge.compiler.architectures import spec_for
 from lmforge.compiler.attention_patterns import FILENAME as PATTERNS_FILE
 from lmforge.compiler.attention_patterns import load_patterns, patterns_document
-from lmforge.compiler.architectures import spec_for
 from lmforge.compiler.layermap import build_layer_map
 from lmforge.compiler.program import Program, plain_graph_module
 from lmforge.errors import LmforgeError
