@@ -79,32 +79,59 @@ def block_sparse_attention(
     groups = heads // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    padded = -(-length // block) * block
+    count = -(-length // block)
+    padded = count * block
     if padded != length:
         q, k, v = (F.pad(t, (0, 0, 0, padded - length)) for t in (q, k, v))
     blocks = blocks.expand(batch, heads, -1, -1)
     counts = blocks.sum(-1)
     # selected blocks first, in ascending order, so each query block gathers a prefix
     order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices
+    # keys and values as rows of whole blocks, so gathering a block is one contiguous copy
+    key_rows = k.contiguous().view(batch * heads * count, block * dim)
+    value_rows = v.contiguous().view(batch * heads * count, block * dim)
+    first_row = (torch.arange(batch * heads) * count).view(batch, heads, 1)
+    table = _relative_masks(block, count, streaming) if pad is None and (streaming is None or streaming[0] <= block) else None
     offsets = torch.arange(block)
     out = torch.empty_like(q)
-    for index in range(padded // block):
+    for index in range(count):
         width = int(counts[:, :, index].max())
         chosen = order[:, :, index, :width]
         valid = torch.arange(width) < counts[:, :, index, None]
-        key_slots = (chosen[..., None] * block + offsets).flatten(-2)
-        gather = key_slots[..., None].expand(-1, -1, -1, dim)
-        keys, values = k.gather(2, gather), v.gather(2, gather)
-        query_slots = torch.arange(index * block, (index + 1) * block)[:, None]
-        key_slots = key_slots[:, :, None, :]
-        if streaming is not None:
-            allowed = streaming_allowed(query_slots, key_slots, first_real_slot(pad), *streaming)
+        rows = (first_row + chosen).flatten()
+        keys = key_rows.index_select(0, rows).view(batch, heads, width * block, dim)
+        values = value_rows.index_select(0, rows).view(batch, heads, width * block, dim)
+        if table is not None:
+            entry = torch.where(valid, 1 + index - chosen + (count if streaming else 0) * (chosen == 0), 0)
+            allowed = table.index_select(0, entry.flatten()).view(batch, heads, width, block, block)
+            allowed = allowed.transpose(2, 3).reshape(batch, heads, block, width * block)
         else:
-            allowed = (key_slots <= query_slots) & (key_slots >= first_real_slot(pad)) | (key_slots == query_slots)
-        allowed = allowed & valid.repeat_interleave(block, -1)[:, :, None, :]
-        rows = slice(index * block, (index + 1) * block)
-        out[:, :, rows] = _scores_attention(q[:, :, rows], keys, values, allowed, scale, softcap)
+            key_slots = (chosen[..., None] * block + offsets).flatten(-2)[:, :, None, :]
+            query_slots = torch.arange(index * block, (index + 1) * block)[:, None]
+            if streaming is not None:
+                allowed = streaming_allowed(query_slots, key_slots, first_real_slot(pad), *streaming)
+            else:
+                allowed = (key_slots <= query_slots) & (key_slots >= first_real_slot(pad)) | (key_slots == query_slots)
+            allowed = allowed & valid.repeat_interleave(block, -1)[:, :, None, :]
+        queries = slice(index * block, (index + 1) * block)
+        out[:, :, queries] = _scores_attention(q[:, :, queries], keys, values, allowed, scale, softcap)
     return out[:, :, :length]
+
+
+def _relative_masks(block: int, count: int, streaming: tuple[int, int] | None) -> torch.Tensor:
+    """Token masks of a (query block, key block) pair without padding, which depend only on
+    their distance d: entry 0 masks everything (an unselected block), entry 1 + d is key
+    block i - d seen from query block i, and with streaming, entry 1 + count + d the same
+    for key block 0, whose first `sink` tokens stay visible (sink <= block)."""
+    distance = torch.arange(count).view(-1, 1, 1) * block + torch.arange(block).view(1, -1, 1) - torch.arange(block)
+    allowed = distance >= 0
+    masks = [torch.zeros(1, block, block, dtype=torch.bool)]
+    if streaming is None:
+        return torch.cat(masks + [allowed])
+    sink, window = streaming
+    recent = allowed & (distance < window)
+    sinks = allowed & (torch.arange(block) < sink)
+    return torch.cat(masks + [recent, recent | sinks])
 
 
 def causal_blocks(length: int, block: int) -> torch.Tensor:

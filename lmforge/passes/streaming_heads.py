@@ -22,7 +22,8 @@ The recipe sets `streaming_fraction`, or a quality budget under which the larges
 (in steps of 1/8) is chosen on calibration windows and confirmed on held-out ones; quality
 is scored on the predictions past the window, where streaming can change them. Decisions go
 to `meta["streaming_heads"]` and the artifact's `attention_patterns.json`; `patterns:` reuses
-a saved file.
+a saved file's head scores (its fraction too, unless the recipe sets one or a budget), so a
+second compile at another fraction trains nothing.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class StreamingHeadsConfig(PassConfig):
     sparsity_weight: float = Field(0.05, ge=0, description="gates: weight of the L1 push toward streaming")
     checkpoint: str | None = Field(None, description="gates: safetensors file to checkpoint to and resume from")
     patterns: str | None = Field(
-        None, description="reuse the head kinds of an attention_patterns.json (or an artifact) made for this model"
+        None, description="reuse the head scores of an attention_patterns.json (or an artifact) made for this model"
     )
 
 
@@ -92,8 +93,10 @@ def eligible_layers(program: Program) -> list[int]:
             and all(other["cache"] != layer for other in layout if other["layer"] != layer)]
 
 
-def _head_counts(node: fx.Node) -> tuple[int, int]:
-    return node.args[0].meta["val"].shape[1], node.args[1].meta["val"].shape[1]
+def _head_counts(program: Program, layer: int) -> tuple[int, int]:
+    """Query and KV heads of a layer (from the config and the captured cache layout, which
+    stay right whatever earlier passes did to the projections)."""
+    return program.config.num_attention_heads, program.meta["kv_cache"][layer]["kv_heads"]
 
 
 def _streaming_span(node: fx.Node, sink: int, window: int) -> tuple[int, int]:
@@ -138,7 +141,7 @@ def _gated_program(program: Program, layers: list[int], sink: int, window: int) 
     for layer in layers:
         node = trial.layers[layer].attention
         q, k, v, cache_index, scale, _, softcap = node.args
-        heads, kv_heads = _head_counts(node)
+        heads, kv_heads = _head_counts(trial, layer)
         gates[layer] = torch.nn.Parameter(torch.ones(kv_heads))
         trial.graph_module.register_parameter(f"duo_gate_{layer}", gates[layer])
         with graph.inserting_before(node.next):
@@ -220,7 +223,7 @@ def split_heads(program: Program, kinds: HeadKinds, sink: int, window: int, slac
             continue
         node = program.layers[layer].attention
         q, k, v, cache_index, scale, model_window, softcap = node.args
-        heads, kv_heads = _head_counts(node)
+        heads, kv_heads = _head_counts(program, layer)
         groups = heads // kv_heads
         layer_sink, layer_window = _streaming_span(node, sink, window)
         stream_heads = [head for head in range(kv_heads) if streaming[head]]
@@ -291,46 +294,39 @@ class StreamingHeads(LossyPass):
             saved = load_patterns(config.patterns, program.meta, program.config).get("streaming_heads")
             if saved is None:
                 raise LmforgeError(f"streaming_heads: {config.patterns} holds no streaming_heads decisions")
-            kinds = {int(layer): values for layer, values in saved["kinds"].items() if int(layer) in layers}
-            scores, ranking, fractions = saved["scores"], None, [saved["fraction"]]
+            method, default_fraction = saved["method"], saved["fraction"]
+            scores = {int(layer): values for layer, values in saved["scores"].items() if int(layer) in layers}
         else:
-            if config.method == "gates":
+            method, default_fraction = config.method, 0.5
+            if method == "gates":
                 task = build_copy_task(long.ids("calibration"))
                 scores, losses = train_gates(program, task, layers, config, ctx)
                 measurements["gate_losses"] = [round(loss, 5) for loss in losses[:: max(1, len(losses) // 20)]]
             else:
                 scores = attention_mass(program, long.ids("calibration"), layers, config.sink, config.window)
-            ranking = rank_heads(scores, higher_streams=config.method == "attention_mass")
-            fractions = [config.streaming_fraction] if config.streaming_fraction is not None else list(FRACTIONS)
-            kinds = None
+        ranking = rank_heads(scores, higher_streams=method == "attention_mass")
         trials = []
 
-        def measure(kinds: HeadKinds, split: str) -> Quality:
+        def measure(fraction: float, split: str) -> Quality:
             trial = program.clone()
-            split_heads(trial, kinds, config.sink, config.window, config.slack)
+            split_heads(trial, kinds_for(ranking, scores, fraction), config.sink, config.window, config.slack)
             return streaming_quality(trial, long, split, config.sink, config.window)
 
-        chosen = None
-        if kinds is not None:
-            chosen = fractions[0]
-        elif config.streaming_fraction is not None or budget is None:
-            chosen = fractions[0] if config.streaming_fraction is not None else 0.5
-            kinds = kinds_for(ranking, scores, chosen)
+        if config.streaming_fraction is not None or budget is None:
+            chosen = config.streaming_fraction if config.streaming_fraction is not None else default_fraction
         else:
-            for fraction in fractions:
-                candidate = kinds_for(ranking, scores, fraction)
-                quality = measure(candidate, "calibration")
+            chosen = FRACTIONS[-1]  # when nothing fits: the smallest step, which enforce_budget judges below
+            for fraction in FRACTIONS:
+                quality = measure(fraction, "calibration")
                 trials.append({"fraction": fraction, "calibration_quality": quality.as_dict()})
-                ctx.report("streaming_heads: choosing the streaming fraction", len(trials), len(fractions))
+                ctx.report("streaming_heads: choosing the streaming fraction", len(trials), len(FRACTIONS))
                 if not quality.within(budget):
                     continue
-                if measure(candidate, "heldout").within(budget):
-                    chosen, kinds = fraction, candidate
+                if measure(fraction, "heldout").within(budget):
+                    chosen = fraction
                     break
                 notes.append(f"fraction {fraction} met the budget on calibration text but not on held-out text")
-            if chosen is None:
-                chosen = fractions[-1]
-                kinds = kinds_for(ranking, scores, chosen)
+        kinds = kinds_for(ranking, scores, chosen)
         kinds = {layer: values for layer, values in kinds.items()
                  if ctx.allow_rewrite(self.name, f"stream heads {[h for h, s in enumerate(values) if s]}", layer)}
         rewritten = split_heads(program, kinds, config.sink, config.window, config.slack)
@@ -345,7 +341,8 @@ class StreamingHeads(LossyPass):
                      f"past the window: {quality.describe()}; copy task accuracy {copy['streaming']:.3f} "
                      f"(dense {copy['dense']:.3f})")
         program.meta["streaming_heads"] = {
-            "method": config.method if config.patterns is None else "patterns file",
+            "method": method,
+            "source": config.patterns,
             "fraction": chosen,
             "sink": config.sink,
             "window": config.window,

@@ -44,10 +44,10 @@ def test_block_sparse_with_every_block_equals_dense(softcap, pad):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [None, torch.tensor([3, 0])])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_block_sparse_pattern_equals_dense_under_the_same_mask(pattern):
+def test_block_sparse_pattern_equals_dense_under_the_same_mask(pattern, pad):
     q, k, v = _inputs(length=640)
-    pad = torch.tensor([3, 0])
     selected = pattern_blocks([PATTERNS.index(pattern)] * 4, q, k.repeat_interleave(2, 1), 64, 3, SCALE)
     assert 0.2 < selected.float().mean() < 0.6  # it really leaves blocks out
     mask = _token_mask(selected, 64, 640) & _causal_mask(640, pad)
@@ -61,18 +61,18 @@ def _streaming_reference(q, k, v, pad, sink, window):
     return attention_reference(q, k, v, allowed, SCALE, 0.0)
 
 
+@pytest.mark.parametrize("pad", [None, torch.tensor([0, 70])])
 @pytest.mark.parametrize("length", [100, 700])  # dense path, block-sparse path
-def test_streaming_attention_equals_dense_masked_to_sinks_and_window(length):
+def test_streaming_attention_equals_dense_masked_to_sinks_and_window(length, pad):
     q, k, v = _inputs(length=length)
-    pad = torch.tensor([0, 70])
     with attention_context(AttentionContext(kv=None, start=0, q_len=length, pad=pad)):
         got = streaming_attention(q, k, v, 0, 4, 64, SCALE, 0.0).transpose(1, 2)
     torch.testing.assert_close(got, _streaming_reference(q, k, v, pad, 4, 64), atol=1e-5, rtol=1e-5)
-    # the mask itself: a late query sees the row's first 4 real tokens and its last 64
-    slots = torch.arange(length)
-    row = streaming_allowed(slots.view(1, 1, -1, 1), slots.view(1, 1, 1, -1), first_real_slot(pad), 4, 64)[1, 0, -1]
-    expected = sorted({70, 71, 72, 73} | set(range(max(70, length - 64), length)))
-    assert row.nonzero().flatten().tolist() == expected
+    if pad is not None:  # the mask itself: a late query sees the row's first 4 real tokens and its last 64
+        slots = torch.arange(length)
+        row = streaming_allowed(slots.view(1, 1, -1, 1), slots.view(1, 1, 1, -1), first_real_slot(pad), 4, 64)[1, 0, -1]
+        expected = sorted({70, 71, 72, 73} | set(range(max(70, length - 64), length)))
+        assert row.nonzero().flatten().tolist() == expected
 
 
 def test_ring_cache_decoding_equals_recomputation_and_keeps_its_size():

@@ -1,0 +1,181 @@
+"""Long context: streaming heads (DuoAttention) and sparse prefill (MInference) against dense.
+
+One process. For each prompt length (1,024 and 2,048 tokens, and 4,096 — beyond the
+reference model's 2,048-token training length, marked as such) and each configuration:
+prefill time (HF `generate` with one new token, lmforge dense and the configuration, timed
+alternately so that machine drift cancels out of the ratios), decode tokens/s after the long
+prompt (generation time minus prefill time), KV-cache bytes, and quality on held-out windows
+of that length against the original model: perplexity change, top-1 agreement, KL, and the
+long-range copy task (accuracy of the configuration next to the dense model's).
+
+The head gates are trained once (the first streaming row); the other streaming rows reuse
+its scores through the saved attention_patterns.json at another fraction.
+
+    python benchmarks/long_context.py [--checkpoint DIR] [--lengths 1024 2048 4096] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lmforge
+from lmforge.errors import LmforgeError
+from lmforge.passes.calibrate import CalibrationConfig, CalibrationData
+from lmforge.passes.long_range import build_copy_task
+from lmforge.runtime.kv_cache import kv_cache_bytes
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
+TRAINED_LENGTH = 2048
+
+
+def _recipe(checkpoint: Path, passes: str) -> str:
+    return (f"calibration: {{data: {checkpoint / 'heldout.txt'}, samples: 4, eval_samples: 4, seq_len: 256}}\n"
+            f"passes:\n  - name: cleanup\n{passes}  - name: fuse_projections\nruntime: {{max_seq_len: 4200}}\n")
+
+
+def _configurations(patterns: Path, gate_steps: int) -> list[tuple[str, str]]:
+    streaming = "  - name: streaming_heads\n    sink: 4\n    window: 256\n"
+    reuse = f"{streaming}    patterns: {patterns}\n"
+    sparse = "  - name: sparse_prefill\n    min_length: 1024\n    seq_len: 2048\n"
+    return [
+        ("lmforge dense", ""),
+        ("streaming 50% (gates)", f"{streaming}    method: gates\n    gate_steps: {gate_steps}\n    streaming_fraction: 0.5\n"),
+        ("streaming 75% (gates)", f"{reuse}    streaming_fraction: 0.75\n"),
+        ("streaming 87.5% (gates)", f"{reuse}    streaming_fraction: 0.875\n"),
+        ("streaming, largest ≤5% ppl (gates)", f"{reuse}    quality_budget: {{max_ppl_increase: 0.05}}\n"),
+        ("streaming 75% (attention mass)", f"{streaming}    method: attention_mass\n    streaming_fraction: 0.75\n"),
+        ("sparse_prefill budget 8", f"{sparse}    budget: 8\n"),
+        ("sparse_prefill budget 4", f"{sparse}    budget: 4\n"),
+        ("streaming 75% + sparse_prefill 8", f"{reuse}    streaming_fraction: 0.75\n{sparse}    budget: 8\n"),
+    ]
+
+
+def _hf_kv_bytes(config, tokens: int) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 4
+
+
+def _alternate(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turn after one warm-up each."""
+    for run in runs.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def _timings(hf, dense, compiled, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
+    def hf_run(tokens):
+        def run():
+            with torch.no_grad():
+                hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
+                            do_sample=False)
+        return run
+
+    def lmforge_run(model, tokens):
+        return lambda: model.generate(prompt, max_new_tokens=tokens, eos_token_id=[])
+
+    engines = {"hf": hf_run, "dense": lambda tokens: lmforge_run(dense, tokens),
+               "this": lambda tokens: lmforge_run(compiled, tokens)}
+    prefill = _alternate({name: make(1) for name, make in engines.items()}, repeats)
+    total = _alternate({name: make(new_tokens) for name, make in engines.items()}, repeats)
+    decode = {name: (new_tokens - 1) / max(total[name] - prefill[name], 1e-9) for name in engines}
+    return {"prefill": prefill, "decode": decode}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--gate-steps", type=int, default=120)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+    text_config = CalibrationConfig(data=str(args.checkpoint / "heldout.txt"), samples=1, eval_samples=1, seq_len=256)
+    evaluation = {length: CalibrationData.from_config(text_config, tokenizer, hf).at_length(length, 1, args.eval_windows)
+                  for length in args.lengths}
+    copy_tasks = {length: build_copy_task(data.ids("heldout")) for length, data in evaluation.items()}
+    dense_copy = {length: task.accuracy(lambda ids: hf(ids).logits) for length, task in copy_tasks.items()}
+    workdir = Path(tempfile.mkdtemp(prefix="lmforge-long-context-"))
+    patterns = workdir / "gates-artifact"
+    configurations = _configurations(patterns, args.gate_steps)
+    rows, dense = [], None
+    with Progress(console=Console(stderr=True), disable=args.json) as progress:
+        task = progress.add_task("compiling", total=len(configurations))
+        for label, passes in configurations:
+            progress.update(task, description=label)
+            start = time.perf_counter()
+            try:
+                compiled = lmforge.optimize(args.checkpoint, _recipe(args.checkpoint, passes))
+            except LmforgeError as error:
+                rows.append({"configuration": label, "error": str(error)})
+                progress.advance(task)
+                continue
+            compile_seconds = time.perf_counter() - start
+            if "method: gates" in passes:
+                compiled.save(patterns)
+            dense = dense or compiled
+            for length in args.lengths:
+                prompt = evaluation[length].ids("heldout")[:1]
+                timing = _timings(hf, dense, compiled, prompt, args.new_tokens, args.repeats)
+                quality = evaluation[length].quality(lambda ids: compiled(ids).logits, "heldout")
+                rows.append({
+                    "configuration": label, "length": length, "beyond_training": length > TRAINED_LENGTH,
+                    "prefill_ms": {name: 1000 * value for name, value in timing["prefill"].items()},
+                    "decode_tokens_per_second": timing["decode"],
+                    "kv_bytes": kv_cache_bytes(compiled.program.meta["kv_cache"], length),
+                    "hf_kv_bytes": _hf_kv_bytes(hf.config, length),
+                    "quality": quality.as_dict(),
+                    "copy_accuracy": copy_tasks[length].accuracy(lambda ids: compiled(ids).logits),
+                    "dense_copy_accuracy": dense_copy[length],
+                    "compile_seconds": compile_seconds,
+                })
+            progress.advance(task)
+    if args.json:
+        json.dump({"rows": rows}, sys.stdout, indent=2)
+        return
+    table = Table(title=f"long context on {args.checkpoint.name}: batch 1, {args.new_tokens} new tokens after the "
+                        f"prompt; quality on {args.eval_windows} held-out windows per length (* beyond the "
+                        f"{TRAINED_LENGTH}-token training length)")
+    for column in ("configuration", "tokens", "prefill ms", "vs HF", "vs dense", "decode tok/s", "vs HF", "KV MiB",
+                   "KV vs HF", "ppl Δ", "top-1", "KL", "copy acc (dense)"):
+        table.add_column(column)
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["configuration"], *["—"] * 11, f"not reachable: {row['error']}")
+            continue
+        prefill, decode, quality = row["prefill_ms"], row["decode_tokens_per_second"], row["quality"]
+        table.add_row(
+            row["configuration"], f"{row['length']}{'*' if row['beyond_training'] else ''}", f"{prefill['this']:.0f}",
+            f"{prefill['hf'] / prefill['this']:.2f}x", f"{prefill['dense'] / prefill['this']:.2f}x",
+            f"{decode['this']:.0f}", f"{decode['this'] / decode['hf']:.2f}x", f"{row['kv_bytes'] / 2**20:.2f}",
+            f"{row['hf_kv_bytes'] / row['kv_bytes']:.2f}x smaller", f"{quality['ppl_increase']:+.2%}",
+            f"{quality['top1']:.3f}", f"{quality['kl']:.3f}",
+            f"{row['copy_accuracy']:.3f} ({row['dense_copy_accuracy']:.3f})",
+        )
+    Console(width=220).print(table)
+
+
+if __name__ == "__main__":
+    main()
