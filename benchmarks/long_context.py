@@ -4,9 +4,11 @@ One process. For each prompt length (1,024 and 2,048 tokens, and 4,096 — beyon
 reference model's 2,048-token training length, marked as such) and each configuration:
 prefill time (HF `generate` with one new token, lmforge dense and the configuration, timed
 alternately so that machine drift cancels out of the ratios), decode tokens/s after the long
-prompt (generation time minus prefill time), KV-cache bytes, and quality on held-out windows
+prompt (timed by a streamer from the first new token to the last), KV-cache bytes, and quality on held-out windows
 of that length against the original model: perplexity change, top-1 agreement, KL, and the
-long-range copy task (accuracy of the configuration next to the dense model's).
+long-range copy task (accuracy of the configuration next to the dense model's). Programs
+whose cache decides while decoding (kv_evict) are scored by teacher-forced decoding of the
+second half of each window (and of the copy task's cue and answer after the document).
 
 The head gates are trained once (the first streaming row); the other streaming rows reuse
 its scores through the saved attention_patterns.json at another fraction.
@@ -32,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
 from lmforge.errors import LmforgeError
-from lmforge.passes.calibrate import CalibrationConfig, CalibrationData
+from lmforge.passes.calibrate import CalibrationConfig, CalibrationData, decoded_logits, makes_decode_time_decisions
 from lmforge.passes.long_range import build_copy_task
 from lmforge.runtime.kv_cache import kv_cache_bytes
 
@@ -54,12 +56,23 @@ def _configurations(patterns: Path, gate_steps: int) -> list[tuple[str, str]]:
         ("streaming 50% (gates)", f"{streaming}    method: gates\n    gate_steps: {gate_steps}\n    streaming_fraction: 0.5\n"),
         ("streaming 75% (gates)", f"{reuse}    streaming_fraction: 0.75\n"),
         ("streaming 87.5% (gates)", f"{reuse}    streaming_fraction: 0.875\n"),
+        ("streaming 100% (every head)", f"{reuse}    streaming_fraction: 1.0\n"),
         ("streaming, largest ≤5% ppl (gates)", f"{reuse}    quality_budget: {{max_ppl_increase: 0.05}}\n"),
         ("streaming 75% (attention mass)", f"{streaming}    method: attention_mass\n    streaming_fraction: 0.75\n"),
         ("sparse_prefill budget 8", f"{sparse}    budget: 8\n"),
         ("sparse_prefill budget 4", f"{sparse}    budget: 4\n"),
         ("streaming 75% + sparse_prefill 8", f"{reuse}    streaming_fraction: 0.75\n{sparse}    budget: 8\n"),
+        ("kv_evict 512 tokens/head", "  - name: kv_evict\n    capacity: 512\n    recent: 64\n"),
+        ("kv_evict 256 tokens/head", "  - name: kv_evict\n    capacity: 256\n    recent: 64\n"),
     ]
+
+
+def _logits_fn(compiled, prompt_len: int):
+    """Logits as generation computes them: a prefill of `prompt_len` tokens, then decoding
+    for programs whose cache makes decisions (eviction); one forward otherwise."""
+    if makes_decode_time_decisions(compiled.program):
+        return lambda ids: decoded_logits(compiled.program, ids, prompt_len)
+    return lambda ids: compiled(ids).logits
 
 
 def _hf_kv_bytes(config, tokens: int) -> int:
@@ -67,36 +80,62 @@ def _hf_kv_bytes(config, tokens: int) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 4
 
 
-def _alternate(runs: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turn after one warm-up each."""
+class _DecodeClock:
+    """A generation streamer (HF's and lmforge's call `put` with the prompt, then with each
+    new token) that times the tokens after the first: decode speed without the prefill."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_seconds(self) -> tuple[float, int]:
+        """Seconds from the first new token to the last, and the tokens decoded in them."""
+        return self.stamps[-1] - self.stamps[1], len(self.stamps) - 2
+
+
+def _alternate(runs: dict, repeats: int) -> dict[str, list]:
+    """Each callable's results, run in turn after one warm-up each."""
     for run in runs.values():
         run()
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    results: dict[str, list] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+            results[name].append(run())
+    return results
 
 
 def _timings(hf, dense, compiled, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    def hf_run(tokens):
+    """Median prefill seconds (one new token) and decode tokens/s (tokens after the first)."""
+    def timed(generate, tokens):
         def run():
-            with torch.no_grad():
-                hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
-                            do_sample=False)
+            clock = _DecodeClock()
+            start = time.perf_counter()
+            generate(tokens, clock)
+            return time.perf_counter() - start, clock
         return run
 
-    def lmforge_run(model, tokens):
-        return lambda: model.generate(prompt, max_new_tokens=tokens, eos_token_id=[])
+    def hf_generate(tokens, clock):
+        with torch.no_grad():
+            hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens, min_new_tokens=tokens,
+                        do_sample=False, streamer=clock)
 
-    engines = {"hf": hf_run, "dense": lambda tokens: lmforge_run(dense, tokens),
-               "this": lambda tokens: lmforge_run(compiled, tokens)}
-    prefill = _alternate({name: make(1) for name, make in engines.items()}, repeats)
-    total = _alternate({name: make(new_tokens) for name, make in engines.items()}, repeats)
-    decode = {name: (new_tokens - 1) / max(total[name] - prefill[name], 1e-9) for name in engines}
-    return {"prefill": prefill, "decode": decode}
+    def lmforge_generate(model):
+        return lambda tokens, clock: model.generate(prompt, max_new_tokens=tokens, eos_token_id=[], streamer=clock)
+
+    engines = {"hf": hf_generate, "dense": lmforge_generate(dense), "this": lmforge_generate(compiled)}
+    prefill = _alternate({name: timed(generate, 1) for name, generate in engines.items()}, repeats)
+    decode = _alternate({name: timed(generate, new_tokens) for name, generate in engines.items()}, repeats)
+    return {
+        "prefill": {name: statistics.median(seconds for seconds, _ in runs) for name, runs in prefill.items()},
+        "decode": {name: statistics.median(count / seconds for seconds, count in (clock.decode_seconds()
+                                                                                    for _, clock in runs))
+                   for name, runs in decode.items()},
+    }
 
 
 def main() -> None:
@@ -107,6 +146,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--gate-steps", type=int, default=120)
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="measure only the configurations whose label contains one of these strings (and dense)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -120,6 +161,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="lmforge-long-context-"))
     patterns = workdir / "gates-artifact"
     configurations = _configurations(patterns, args.gate_steps)
+    if args.only:
+        configurations = [(label, passes) for label, passes in configurations
+                          if label == "lmforge dense" or any(part in label for part in args.only)]
     rows, dense = [], None
     with Progress(console=Console(stderr=True), disable=args.json) as progress:
         task = progress.add_task("compiling", total=len(configurations))
@@ -139,7 +183,9 @@ def main() -> None:
             for length in args.lengths:
                 prompt = evaluation[length].ids("heldout")[:1]
                 timing = _timings(hf, dense, compiled, prompt, args.new_tokens, args.repeats)
-                quality = evaluation[length].quality(lambda ids: compiled(ids).logits, "heldout")
+                quality = evaluation[length].program_quality(compiled.program)  # decodes when the cache decides
+                copy_task = copy_tasks[length]
+                copy_prompt = length - copy_task.cue - copy_task.answer
                 rows.append({
                     "configuration": label, "length": length, "beyond_training": length > TRAINED_LENGTH,
                     "prefill_ms": {name: 1000 * value for name, value in timing["prefill"].items()},
@@ -147,7 +193,7 @@ def main() -> None:
                     "kv_bytes": kv_cache_bytes(compiled.program.meta["kv_cache"], length),
                     "hf_kv_bytes": _hf_kv_bytes(hf.config, length),
                     "quality": quality.as_dict(),
-                    "copy_accuracy": copy_tasks[length].accuracy(lambda ids: compiled(ids).logits),
+                    "copy_accuracy": copy_task.accuracy(_logits_fn(compiled, copy_prompt)),
                     "dense_copy_accuracy": dense_copy[length],
                     "compile_seconds": compile_seconds,
                 })

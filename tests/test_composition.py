@@ -29,3 +29,26 @@ def test_kv_share_ffn_skip_heads_and_lookup_compose(tmp_path, ref_path, ref_hf, 
     assert composed.engine.speculation_stats["drafted"] > 0
     composed.save(tmp_path / "artifact")
     assert torch.equal(lmforge.load(tmp_path / "artifact").generate(prompt, max_new_tokens=40, eos_token_id=[]), tokens)
+
+
+def test_sparse_attention_composes_with_kv_share_ffn_skip_and_lookup(tmp_path, ref_path):
+    head = (f"calibration: {{data: {ref_path / 'heldout.txt'}, samples: 2, eval_samples: 2, seq_len: 64}}\n"
+            "passes:\n  - name: cleanup\n  - name: kv_share\n    mode: explicit\n    groups: [[1, 2]]\n"
+            "  - name: streaming_heads\n    method: attention_mass\n    streaming_fraction: 0.5\n    window: 32\n"
+            "    seq_len: 320\n    samples: 2\n    eval_samples: 2\n"
+            "  - name: sparse_prefill\n    min_length: 256\n    block: 32\n    budget: 4\n    seq_len: 320\n"
+            "    samples: 1\n    eval_samples: 1\n"
+            "  - name: ffn_skip\n    mode: static\n    layers: [3]\n")
+    tail = "  - name: fuse_projections\n  - name: verify\nruntime: {max_seq_len: 512}\n"
+    composed = lmforge.optimize(ref_path, head + "  - name: prompt_lookup\n" + tail)
+    plain = lmforge.optimize(ref_path, head + tail)
+    meta = composed.program.meta
+    assert meta["kv_cache"][2]["cache"] == 1 and "streaming" not in meta["kv_cache"][1]  # shared layers stay whole
+    assert sum(1 for entry in meta["kv_cache"] if "streaming" in entry) >= 3
+    text = (ref_path / "heldout.txt").read_text()
+    prompt = torch.tensor([composed.tokenizer(text[:20000]).input_ids[:300]])  # long enough for a sparse prefill
+    tokens = composed.generate(prompt, max_new_tokens=60, eos_token_id=[])
+    assert torch.equal(tokens, plain.generate(prompt, max_new_tokens=60, eos_token_id=[]))
+    assert composed.engine.speculation_stats["accepted"] > 0
+    composed.save(tmp_path / "artifact")
+    assert torch.equal(lmforge.load(tmp_path / "artifact").generate(prompt, max_new_tokens=60, eos_token_id=[]), tokens)

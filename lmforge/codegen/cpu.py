@@ -17,13 +17,14 @@ matters is Python overhead per operator, not arithmetic. Backends:
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 
 import torch
 from torch import fx
 
-from lmforge.compiler.ops import PYTHON_KERNELS
+from lmforge.compiler.ops import PYTHON_KERNELS, last_position
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
 
@@ -75,10 +76,22 @@ def compile_aten(graph_module: fx.GraphModule) -> Runner:
     return namespace["forward"]
 
 
+def _every_position(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the graph whose LM head always sees every position: Inductor checks each
+    op's output shape against its fake kernel, which cannot know that `last_position`
+    shortens the sequence when the forward asks for `last_only`."""
+    graph = copy.deepcopy(graph_module.graph)
+    for node in list(graph.nodes):
+        if node.target is last_position:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    return fx.GraphModule(graph_module, graph)
+
+
 def lower(program: Program, config: CodegenConfig) -> Runner:
     """The executable form of `program` for the backend the recipe names."""
     if config.backend == "inductor":
-        return torch.compile(program.graph_module, dynamic=True)
+        return torch.compile(_every_position(program.graph_module), dynamic=True)
     if config.backend == "fx":
         return program.graph_module
     return compile_aten(program.graph_module)

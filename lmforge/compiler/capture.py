@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from lmforge.compiler.architectures import spec_for
 from lmforge.compiler.layermap import LayerMap, build_layer_map
-from lmforge.compiler.ops import attention
+from lmforge.compiler.ops import attention, last_position
 from lmforge.compiler.program import Program, plain_graph_module
 from lmforge.errors import LmforgeError
 
@@ -105,6 +105,22 @@ def kv_cache_layout(layers: LayerMap) -> list[dict]:
     return layout
 
 
+def _select_positions_before_lm_head(graph_module: fx.GraphModule, vocab_size: int) -> None:
+    """Route the LM head's input through `lmforge::last_position`, so that a prefill the
+    runtime only needs the next token of computes one row of logits instead of one per
+    prompt token."""
+    graph = graph_module.graph
+    heads = [node for node in graph.nodes if node.target is torch.ops.aten.linear.default
+             and node.meta.get("val") is not None and node.meta["val"].shape[-1] == vocab_size]
+    if not heads:
+        raise LmforgeError("capture: no LM-head projection (a linear layer to the vocabulary) was found")
+    head = heads[-1]
+    with graph.inserting_before(head):
+        selected = graph.call_function(last_position, (head.args[0],))
+    head.replace_input_with(head.args[0], selected)
+    graph_module.recompile()
+
+
 def capture(model: nn.Module) -> Program:
     """Export `model` with dynamic batch and sequence sizes into a Program."""
     spec = spec_for(model.config)
@@ -119,6 +135,7 @@ def capture(model: nn.Module) -> Program:
             _LogitsOnly(model), (example_ids, example_positions), dynamic_shapes=dynamic, strict=False
         )
     graph_module = plain_graph_module(exported.module())
+    _select_positions_before_lm_head(graph_module, model.config.vocab_size)
     num_layers = model.config.num_hidden_layers
     layers = build_layer_map(graph_module, spec, num_layers)
     program = Program(

@@ -5,7 +5,9 @@ layers whose cache is merged with a neighbour's (`kv_share` mode `merge`, MiniCa
 `{kind: "merged", member: 0|1, t, retain_threshold, retain_fraction}`. A layer whose KV heads
 are split into retrieval and streaming heads (`streaming_heads`, DuoAttention) keeps its
 retrieval heads in its own slot (`kv_heads` counts only them; 0 when every head streams)
-and has `streaming: {cache, kv_heads, head_dim, sink, window, capacity}` for a `RingSlot`.
+and has `streaming: {cache, kv_heads, head_dim, sink, window, capacity}` for a `RingSlot`. A
+layer whose cache evicts by attention score (`kv_evict`) has `{kind: "evict", capacity,
+recent, decay, observe}` and an `EvictingSlot`.
 A plain slot is a `(key, value)` pair of `(batch, kv_heads, max_len, head_dim)` buffers; a
 merged slot is a `MergedSlot`. Both the runtime's cache and the passes that measure cached
 decoding allocate through `allocate_kv_buffers`, so they cannot disagree.
@@ -111,6 +113,81 @@ class RingSlot:
         self.slots[rows, entries] = positions[tokens]
 
 
+@dataclass
+class EvictingSlot:
+    """A cache of fixed `capacity` per KV head that evicts by accumulated attention (H2O /
+    A2SF / SCOPE style): after the prefill it keeps, per head, the `recent` last tokens and
+    the tokens the last queries attended to most; while decoding, each entry's score decays
+    by `decay` per step and gains the attention it receives, and a new token replaces the
+    lowest-scoring entry outside the recent ones. `slots[b, h, i]` is the sequence slot
+    entry i holds (-1: empty)."""
+
+    keys: torch.Tensor    # (B, H, C, D)
+    values: torch.Tensor  # (B, H, C, D)
+    slots: torch.Tensor   # (B, H, C) int64
+    scores: torch.Tensor  # (B, H, C) float32
+    recent: int
+    decay: float
+    observe: int
+
+    @classmethod
+    def allocate(cls, batch: int, heads: int, head_dim: int, capacity: int, recent: int, decay: float, observe: int,
+                 dtype: torch.dtype) -> EvictingSlot:
+        return cls(
+            keys=torch.zeros(batch, heads, capacity, head_dim, dtype=dtype),
+            values=torch.zeros(batch, heads, capacity, head_dim, dtype=dtype),
+            slots=torch.full((batch, heads, capacity), -1, dtype=torch.long),
+            scores=torch.zeros(batch, heads, capacity),
+            recent=recent, decay=decay, observe=observe,
+        )
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes + self.slots.nbytes + self.scores.nbytes
+
+    def fill(self, keys: torch.Tensor, values: torch.Tensor, importance: torch.Tensor) -> None:
+        """After a prefill of T tokens: keep each head's `recent` last tokens and the rest of
+        the capacity by `importance` (B, H, T; -inf: never keep)."""
+        length, capacity = keys.shape[2], self.keys.shape[2]
+        self.slots.fill_(-1)
+        self.scores.zero_()
+        ranked = importance.clone()
+        ranked[..., max(0, length - self.recent):] = torch.inf
+        kept = ranked.topk(min(capacity, length), dim=-1).indices.sort(dim=-1).values
+        count = kept.shape[-1]
+        gather = kept[..., None].expand(-1, -1, -1, keys.shape[-1])
+        self.keys[:, :, :count] = keys.gather(2, gather)
+        self.values[:, :, :count] = values.gather(2, gather)
+        self.slots[:, :, :count] = torch.where(importance.gather(-1, kept) > -torch.inf, kept, -1)
+        self.scores[:, :, :count] = importance.gather(-1, kept).clamp_min(0)
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor, position: int, attention: torch.Tensor) -> None:
+        """After one decode step: decay and add the attention each entry got (`attention`
+        (B, H, C + 1), the new token's own last), then store the new token (B, H, 1, D) at an
+        empty entry or over the lowest-scoring one that is not among the `recent` last tokens."""
+        self.scores.mul_(self.decay).add_(attention[..., :-1])
+        candidates = torch.where(self.slots < 0, -torch.inf,
+                                 torch.where(self.slots > position - self.recent, torch.inf, self.scores))
+        entry = candidates.argmin(-1, keepdim=True)
+        self.keys.scatter_(2, entry[..., None].expand(-1, -1, -1, keys.shape[-1]), keys)
+        self.values.scatter_(2, entry[..., None].expand(-1, -1, -1, values.shape[-1]), values)
+        self.slots.scatter_(2, entry, position)
+        self.scores.scatter_(2, entry, attention[..., -1:])
+
+
+def check_draft_length(layout: list[dict], drafted: int, pass_name: str) -> None:
+    """Refuse a draft source whose verification forwards (`drafted` + 1 tokens) the cache
+    cannot take: evicting caches decode one token per forward, and streaming rings hold a
+    fixed slack for the tokens of one forward."""
+    if any(entry.get("kind") == "evict" for entry in layout):
+        raise LmforgeError(f"{pass_name}: kv_evict caches decode one token per forward (a rejected draft would already "
+                           "have evicted tokens); drop kv_evict or the draft source")
+    slacks = [entry["streaming"]["capacity"] - entry["streaming"]["sink"] - entry["streaming"]["window"]
+              for entry in layout if "streaming" in entry]
+    if slacks and drafted > min(slacks):
+        raise LmforgeError(f"{pass_name}: drafts of {drafted} tokens need a streaming ring slack of {drafted}, the "
+                           f"streaming heads have {min(slacks)}; raise `slack` in streaming_heads or draft fewer tokens")
+
+
 def retained_capacity(entry: dict, max_len: int) -> int:
     return math.ceil(entry.get("retain_fraction", 0.0) * max_len)
 
@@ -136,6 +213,9 @@ def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: tor
         if slot.get("kind") == "merged":
             buffers[index] = MergedSlot.allocate(batch, slot["kv_heads"], max_len, slot["head_dim"],
                                                  retained_capacity(slot, max_len), dtype)
+        elif slot.get("kind") == "evict":
+            buffers[index] = EvictingSlot.allocate(batch, slot["kv_heads"], slot["head_dim"], slot["capacity"],
+                                                   slot["recent"], slot["decay"], slot["observe"], dtype)
         elif slot.get("kind") == "ring":
             buffers[index] = RingSlot.allocate(batch, slot["kv_heads"], slot["head_dim"], slot["sink"], slot["window"],
                                                slot["capacity"], dtype)
@@ -146,7 +226,7 @@ def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: tor
 
 
 def buffer_bytes(buffer) -> int:
-    if isinstance(buffer, (MergedSlot, RingSlot)):
+    if isinstance(buffer, (MergedSlot, RingSlot, EvictingSlot)):
         return buffer.nbytes()
     return 0 if buffer is None else buffer[0].nbytes + buffer[1].nbytes
 

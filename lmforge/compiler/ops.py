@@ -1,5 +1,5 @@
 """lmforge's custom ops (`attention` and its siblings `merged_attention`, `streaming_attention`,
-`sparse_attention`; `ffn_skip_gate`) and the forward context they read.
+`sparse_attention`, `evicting_attention`; `ffn_skip_gate`) and the forward context they read.
 
 Attention is one opaque op in the captured graph so that passes can rewrite it by changing
 its arguments (which cache slot, which window) instead of pattern-matching dozens of aten
@@ -50,6 +50,8 @@ class AttentionContext:
     `skip_counts` is a dict, those decisions count the layers they skipped into it.
     `tree` (q_len, q_len), when set, says which of this forward's tokens each one may
     see (itself and its ancestors): a tree of draft candidates verified in one forward.
+    `last_only` asks for the logits of the last position only (a prefill that verifies
+    nothing), so the LM head is not applied to every prompt token.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -59,6 +61,7 @@ class AttentionContext:
     generated: int = 0
     skip_counts: dict[int, int] | None = None
     tree: torch.Tensor | None = None
+    last_only: bool = False
     _masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int) -> torch.Tensor | None:
@@ -417,7 +420,117 @@ def _sparse_attention_fake(q, k, v, cache_index, scale, window, softcap, pattern
 
 
 sparse_attention = torch.ops.lmforge.sparse_attention.default
-ATTENTION_OPS = (attention, merged_attention, streaming_attention, sparse_attention)
+
+EVICTING_ATTENTION_SCHEMA = (
+    "evicting_attention(Tensor q, Tensor k, Tensor v, int cache_index, float scale, int window, float softcap) -> Tensor"
+)
+_lib.define(EVICTING_ATTENTION_SCHEMA)
+
+
+def prefill_importance(q: torch.Tensor, k: torch.Tensor, pad: torch.Tensor | None, scale: float, observe: int,
+                       decay: float) -> torch.Tensor:
+    """(B, Hkv, T): attention the last `observe` queries pay each key, summed over the query
+    heads of each KV head, later queries weighted more (A2SF's forgetting factor `decay`);
+    padding keys get -inf."""
+    length, groups = k.shape[2], q.shape[1] // k.shape[1]
+    queries = q[:, :, -observe:].float()
+    count = queries.shape[2]
+    logits = torch.matmul(queries, k.float().repeat_interleave(groups, dim=1).transpose(-1, -2)) * scale
+    future = torch.arange(length)[None, :] > torch.arange(length - count, length)[:, None]
+    probabilities = torch.softmax(logits.masked_fill(future, -math.inf), dim=-1)
+    weights = decay ** torch.arange(count - 1, -1, -1, dtype=torch.float32)
+    importance = torch.einsum("bhqt,q->bht", probabilities, weights)
+    importance = importance.view(k.shape[0], k.shape[1], groups, length).sum(2)
+    if pad is not None:
+        importance = importance.masked_fill(torch.arange(length)[None, None] < pad.view(-1, 1, 1), -math.inf)
+    return importance
+
+
+def _evicting_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_index: int,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention whose cache keeps a fixed number of tokens per KV head, evicting by
+    accumulated attention (`kv_layout.EvictingSlot`). Prefill and cache-free forwards are
+    exact; decoding sees only what the cache kept, one token per forward."""
+    ctx = current_context()
+    if ctx.kv is None or ctx.start == 0:
+        out = attention_reference(q, k, v, ctx.mask(window), scale, softcap)
+        if ctx.kv is not None:
+            slot = ctx.kv[cache_index]
+            slot.fill(k, v, prefill_importance(q, k, ctx.pad, scale, slot.observe, slot.decay))
+        return out.transpose(1, 2).contiguous()
+    if q.shape[2] != 1:
+        raise LmforgeError("kv_evict decodes one token per forward; speculative verification would evict tokens "
+                           "for drafts that are then rejected")
+    slot = ctx.kv[cache_index]
+    groups = q.shape[1] // k.shape[1]
+    keys = torch.cat([slot.keys, k], dim=2).repeat_interleave(groups, dim=1)
+    values = torch.cat([slot.values, v], dim=2).repeat_interleave(groups, dim=1)
+    present = torch.cat([slot.slots >= 0, torch.ones_like(slot.slots[..., :1], dtype=torch.bool)], dim=-1)
+    logits = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    if softcap > 0.0:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~present.repeat_interleave(groups, dim=1)[:, :, None], -math.inf)
+    probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    out = torch.matmul(probabilities.to(q.dtype), values)
+    slot.insert(k, v, ctx.start, probabilities[:, :, 0].view(k.shape[0], k.shape[1], groups, -1).sum(2))
+    return out.transpose(1, 2).contiguous()
+
+
+_lib.impl("evicting_attention", _evicting_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmforge::evicting_attention")
+def _evicting_attention_fake(q, k, v, cache_index, scale, window, softcap):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim)
+
+
+evicting_attention = torch.ops.lmforge.evicting_attention.default
+
+LAST_POSITION_SCHEMA = "last_position(Tensor hidden) -> Tensor"
+_lib.define(LAST_POSITION_SCHEMA)
+
+
+def _last_position(hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's input: only the last position when the forward asks for `last_only`
+    (as Hugging Face's `logits_to_keep=1` in a prefill), else every position."""
+    return hidden[:, -1:].clone() if current_context().last_only else hidden.clone()
+
+
+_lib.impl("last_position", _last_position, "CompositeExplicitAutograd")
+
+
+def _last_position_setup_context(ctx, inputs, output) -> None:
+    ctx.shape, ctx.last_only = inputs[0].shape, current_context().last_only
+
+
+def _last_position_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    if not ctx.last_only:
+        return grad
+    full = grad.new_zeros(ctx.shape)
+    full[:, -1:] = grad
+    return full
+
+
+torch.library.register_autograd(
+    "lmforge::last_position", _last_position_backward, setup_context=_last_position_setup_context
+)
+
+
+@torch.library.register_fake("lmforge::last_position")
+def _last_position_fake(hidden):
+    return hidden.new_empty(hidden.shape)
+
+
+last_position = torch.ops.lmforge.last_position.default
+ATTENTION_OPS = (attention, merged_attention, streaming_attention, sparse_attention, evicting_attention)
 
 # Each op's Python kernel by op, for code generators that call it without the dispatcher.
 PYTHON_KERNELS = {
@@ -426,4 +539,6 @@ PYTHON_KERNELS = {
     merged_attention: _merged_attention,
     streaming_attention: _streaming_attention,
     sparse_attention: _sparse_attention,
+    evicting_attention: _evicting_attention,
+    last_position: _last_position,
 }

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from lmforge.compiler.layermap import role_of  # noqa: E402
 from lmforge.compiler.program import Program  # noqa: E402
+from lmforge.compiler.sparse_attention import PATTERNS  # noqa: E402
 
 if TYPE_CHECKING:
     from lmforge.debug.session import DebugRun
@@ -61,12 +62,17 @@ def quality_plot(records: Sequence[dict]) -> str:
     return _svg(figure)
 
 
-def heatmap(matrix: Sequence[Sequence[float]], title: str, colour_label: str) -> str:
+def heatmap(matrix: Sequence[Sequence[float]], title: str, colour_label: str, xlabel: str = "layer",
+            ylabel: str = "layer", marks: Sequence[Sequence[str]] | None = None) -> str:
+    """A matrix as colours; `marks` writes a short label in each cell."""
     figure, axis = plt.subplots(figsize=(4.5, 4))
-    image = axis.imshow(matrix, cmap="viridis")
+    image = axis.imshow(matrix, cmap="viridis", aspect="auto")
     axis.set_title(title, fontsize=10)
-    axis.set_xlabel("layer")
-    axis.set_ylabel("layer")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    for row, labels in enumerate(marks or []):
+        for column, label in enumerate(labels):
+            axis.text(column, row, label, ha="center", va="center", fontsize=7, color="white")
     figure.colorbar(image, ax=axis, label=colour_label)
     return _svg(figure)
 
@@ -163,6 +169,35 @@ def _decision_figures(history: list[dict]) -> list[str]:
     return figures
 
 
+def _attention_pattern_figures(meta: dict) -> list[str]:
+    """Per-head decisions of streaming_heads (score, S = streaming) and sparse_prefill
+    (pattern per query head, with its measured recall)."""
+    figures = []
+    streaming = meta.get("streaming_heads")
+    if streaming:
+        layers = sorted(streaming["scores"], key=int)
+        kinds = streaming["kinds"]
+        marks = [["S" if layer in kinds and kinds[layer][head] else "R" for head in range(len(streaming["scores"][layer]))]
+                 for layer in layers]
+        label = "gate (1 = needs full attention)" if streaming["method"] == "gates" else "attention mass in sink + window"
+        figures.append(_figure(
+            heatmap([streaming["scores"][layer] for layer in layers], "streaming_heads: score per KV head", label,
+                    xlabel="KV head", ylabel="layer", marks=marks),
+            f"S: streaming (sink {streaming['sink']} + window {streaming['window']}), R: retrieval; "
+            f"copy task {streaming['copy_accuracy']}"))
+    sparse = meta.get("sparse_prefill")
+    if sparse:
+        layers = sorted(sparse["patterns"], key=int)
+        codes = [[PATTERNS.index(name) for name in sparse["patterns"][layer]] for layer in layers]
+        marks = [[name[0].upper() for name in sparse["patterns"][layer]] for layer in layers]
+        figures.append(_figure(
+            heatmap(codes, "sparse_prefill: pattern per query head", "0 a_shape · 1 vertical_slash · 2 block_sparse",
+                    xlabel="query head", ylabel="layer", marks=marks),
+            f"budget {sparse['budget']} blocks of {sparse['block']} per query block from {sparse['min_length']} "
+            f"tokens; copy task {sparse['copy_accuracy']}"))
+    return figures
+
+
 def _most_changed_layer(history: list[dict], num_layers: int) -> int:
     changes = {layer: 0 for layer in range(num_layers)}
     for entry in history:
@@ -191,7 +226,10 @@ def render_report(run: DebugRun) -> str:
     decisions = _decision_figures(history)
     sections.append("<h2>Decisions of lossy passes</h2>" + (
         f"<div class='figures'>{''.join(decisions)}</div>" if decisions else "<p>No kv_share or ffn_skip pass ran.</p>"))
-    sections.append("<h2>Attention patterns</h2><p>No sparse-attention pass ran, so there are no per-head patterns to show.</p>")
+    patterns = _attention_pattern_figures(program.meta)
+    sections.append("<h2>Attention patterns</h2>" + (
+        f"<div class='figures'>{''.join(patterns)}</div>" if patterns
+        else "<p>No sparse-attention pass ran, so there are no per-head patterns to show.</p>"))
     sections.append(
         f"<h2>Layer {layer} before and after</h2><div class='figures'>"
         + _figure(layer_graph(run.captured, layer, "captured"), "as captured")

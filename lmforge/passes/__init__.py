@@ -5,6 +5,7 @@ from lmforge.passes import (  # noqa: F401  (registration side effect)
     draft_heads,
     ffn_skip,
     fuse_projections,
+    kv_evict,
     kv_share,
     prompt_lookup,
     sparse_prefill,

@@ -249,9 +249,9 @@ class CalibrationData:
 
 def makes_decode_time_decisions(program: Program) -> bool:
     """Whether the program decodes differently from its cache-free forward (dynamic
-    ffn_skip, merged KV caches), so that its quality must be measured by decoding."""
-    merged = any(entry.get("kind") == "merged" for entry in program.meta["kv_cache"])
-    return merged or program.meta.get("ffn_skip", {}).get("mode") == "dynamic"
+    ffn_skip, merged or evicting KV caches), so that its quality must be measured by decoding."""
+    cache_decides = any(entry.get("kind") in ("merged", "evict") for entry in program.meta["kv_cache"])
+    return cache_decides or program.meta.get("ffn_skip", {}).get("mode") == "dynamic"
 
 
 def compare(reference_logprobs: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor) -> Quality:

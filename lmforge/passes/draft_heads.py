@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.compiler.kv_layout import allocate_kv_buffers
+from lmforge.compiler.kv_layout import allocate_kv_buffers, check_draft_length
 from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import Program
 from lmforge.draft_heads import load_heads
@@ -67,6 +67,7 @@ class DraftHeads(Pass):
         projection = _final_projection(program)
         hidden, lm_head = projection.args[0], projection.args[1]
         heads, config = load_heads(self.config.path, getattr(program.graph_module, lm_head.target))
+        check_draft_length(program.meta["kv_cache"], heads.count, self.name)
         graph = program.graph_module.graph
         names = [program.add_weight(f"draft_heads__{name}", tensor) for name, tensor in heads.tensors().items()]
         with graph.inserting_before(graph.output_node()):

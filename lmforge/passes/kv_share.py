@@ -204,6 +204,9 @@ class KVShare(LossyPass):
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config
+        if "streaming_heads" in program.meta:
+            raise LmforgeError("kv_share: run kv_share before streaming_heads; a cache split into retrieval and "
+                               "streaming heads cannot be shared or merged (streaming_heads leaves shared layers whole)")
         data, budget = self.calibration_and_budget(ctx)
         num_layers = program.meta["num_layers"]
         similarity = kv_similarity(program, data.ids("calibration")[:2])

@@ -19,7 +19,7 @@ long windows (`seq_len`):
   on the sinks and the window; heads with the most stream first. Cheaper, no training.
 
 The recipe sets `streaming_fraction`, or a quality budget under which the largest fraction
-(in steps of 1/8) is chosen on calibration windows and confirmed on held-out ones; quality
+(every head, 15/16, then steps of 1/8) is chosen on calibration windows and confirmed on held-out ones; quality
 is scored on the predictions past the window, where streaming can change them. Decisions go
 to `meta["streaming_heads"]` and the artifact's `attention_patterns.json`; `patterns:` reuses
 a saved file's head scores (its fraction too, unless the recipe sets one or a budget), so a
@@ -56,7 +56,7 @@ from lmforge.passes.long_range import CopyTask, build_copy_task
 from lmforge.training import train
 
 aten = torch.ops.aten
-FRACTIONS = (0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
+FRACTIONS = (1.0, 0.9375, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125)
 HeadKinds = dict[int, list[bool]]  # layer -> per KV head: True = streaming
 
 

@@ -129,7 +129,7 @@ class Engine:
         of a tree of drafts fed at once."""
         context = AttentionContext(
             kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad, generated=generated,
-            skip_counts=self.skip_counts, tree=tree,
+            skip_counts=self.skip_counts, tree=tree, last_only=not every_position,
         )
         with attention_context(context):
             output = self.runner(input_ids, positions)

@@ -1,0 +1,118 @@
+"""`kv_evict` (H2O / A2SF / SCOPE style): a fixed KV budget per head, evicting by attention.
+
+Each chosen layer's `attention` becomes `evicting_attention` on an `EvictingSlot` of
+`capacity` tokens per KV head. The prefill is computed in full; the cache then keeps each
+head's `recent` last tokens and the tokens the last `observe` prompt queries attended to most
+(later queries weighted more, A2SF's forgetting factor `decay`). Each decode step adds the
+attention every kept token receives to its decayed score, and the new token replaces the
+lowest-scoring entry outside the recent ones. Memory and decode attention cost are fixed
+whatever the context; the prefill and cache-free forwards are unchanged, so quality is
+measured by teacher-forced decoding on long calibration windows (`seq_len`, decoding the
+second half). Without a fixed `capacity`, the smallest of `capacities` within the quality
+budget is taken. Decoding with eviction is one token per forward: speculative drafts that
+were later rejected would already have evicted tokens, so the pass refuses a program with a
+draft source, and the draft passes refuse it after this one.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from lmforge.compiler.layermap import set_role
+from lmforge.compiler.ops import attention, evicting_attention
+from lmforge.compiler.program import Program
+from lmforge.errors import LmforgeError
+from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
+from lmforge.passes.calibrate import LossyPass, QualityBudget, enforce_budget
+
+CAPACITIES = (128, 256, 384, 512, 768)
+
+
+class KVEvictConfig(PassConfig):
+    capacity: int | None = Field(
+        None, ge=2, description="tokens kept per KV head (default: the smallest of `capacities` within the budget)"
+    )
+    capacities: list[int] = Field(list(CAPACITIES), description="capacities tried, smallest first")
+    recent: int = Field(64, ge=1, description="last tokens never evicted")
+    decay: float = Field(0.95, gt=0, le=1, description="per-step forgetting factor of accumulated attention")
+    observe: int = Field(64, ge=1, description="last prompt queries whose attention ranks the prompt's tokens")
+    layers: list[int] | None = Field(None, description="layers that evict (default: every layer with its own plain cache)")
+    seq_len: int = Field(1024, ge=16, description="tokens per calibration window (the second half is decoded)")
+    samples: int = Field(2, ge=1, description="long calibration windows")
+    eval_samples: int = Field(2, ge=1, description="long held-out windows")
+    quality_budget: QualityBudget | None = Field(None, description="overrides the recipe-wide quality_budget")
+
+
+def eligible_layers(program: Program) -> list[int]:
+    """Layers whose attention is the plain op without a sliding window, on a cache slot of
+    their own that no other layer reads."""
+    layout = program.meta["kv_cache"]
+    return [layer for layer in range(program.meta["num_layers"])
+            if program.layers[layer].attention is not None and program.layers[layer].attention.target is attention
+            and program.layers[layer].attention.args[5] <= 0 and layout[layer]["cache"] == layer
+            and "kind" not in layout[layer] and sum(entry["cache"] == layer for entry in layout) == 1]
+
+
+def make_evicting(program: Program, layers: list[int], capacity: int, recent: int, decay: float, observe: int) -> int:
+    graph, layout = program.graph_module.graph, program.meta["kv_cache"]
+    for layer in layers:
+        node = program.layers[layer].attention
+        with graph.inserting_before(node):
+            new = graph.call_function(evicting_attention, node.args)
+        new.meta = dict(node.meta)
+        set_role(new, layer, "attention")
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        layout[layer].update(kind="evict", capacity=capacity, recent=recent, decay=decay, observe=observe)
+    program.refresh()
+    return len(layers)
+
+
+@register_pass("kv_evict")
+class KVEvict(LossyPass):
+    description = "keep a fixed number of tokens per KV head, evicting by accumulated attention while decoding; lossy"
+    Config = KVEvictConfig
+    provides = ("kv_evict",)
+
+    def apply(self, program: Program, ctx: PassContext) -> PassResult:
+        config = self.config
+        if program.meta.get("speculation"):
+            raise LmforgeError("kv_evict: the program drafts tokens (prompt_lookup / draft_heads); eviction decodes one "
+                               "token per forward, so put kv_evict in a recipe without a draft source")
+        data, budget = self.calibration_and_budget(ctx)
+        long = data.at_length(config.seq_len, config.samples, config.eval_samples)
+        eligible = eligible_layers(program)
+        layers = sorted(set(config.layers)) if config.layers is not None else eligible
+        for layer in layers:
+            if layer not in eligible:
+                raise LmforgeError(f"kv_evict: layer {layer} has no plain, unshared, full-attention cache to evict from "
+                                   f"(eligible: {eligible})")
+        candidates = [config.capacity] if config.capacity is not None else sorted(config.capacities)
+        if min(candidates) <= config.recent:
+            raise LmforgeError(f"kv_evict: capacity must exceed recent ({config.recent}), or nothing can be evicted")
+        trials, notes = [], []
+
+        def measure(capacity: int, split: str):
+            trial = program.clone()
+            make_evicting(trial, layers, capacity, config.recent, config.decay, config.observe)
+            return long.program_quality(trial, split)
+
+        chosen = candidates[-1]
+        if len(candidates) > 1 and budget is not None:
+            for step, capacity in enumerate(candidates):
+                ctx.report("kv_evict: choosing the capacity", step, len(candidates))
+                quality = measure(capacity, "calibration")
+                trials.append({"capacity": capacity, "calibration_quality": quality.as_dict()})
+                if quality.within(budget) and measure(capacity, "heldout").within(budget):
+                    chosen = capacity
+                    break
+        layers = [layer for layer in layers if ctx.allow_rewrite(self.name, f"evict to {chosen} tokens", layer)]
+        rewritten = make_evicting(program, layers, chosen, config.recent, config.decay, config.observe)
+        quality = long.program_quality(program)
+        notes += enforce_budget(self.name, quality, budget, f"a cache of {chosen} tokens per head")
+        notes.append(f"layers {layers} keep {chosen} tokens per KV head ({config.recent} recent); teacher-forced "
+                     f"decoding of the second half of {config.seq_len}-token held-out windows: {quality.describe()}")
+        program.meta["kv_evict"] = {"layers": layers, "capacity": chosen, "recent": config.recent, "decay": config.decay,
+                                    "observe": config.observe, "heldout_quality": quality.as_dict()}
+        return PassResult(rewrites=rewritten, notes=tuple(notes),
+                          measurements={"trials": trials, "heldout_quality": quality.as_dict(), "capacity": chosen})
