@@ -1,14 +1,16 @@
-"""Speculative decoding (prompt lookup, Medusa heads) vs Hugging Face, one process, same prompts.
+"""Speculative decoding (prompt lookup, Medusa and Hydra heads) vs Hugging Face, one process, same prompts.
 
 Rows: HF `generate` (eager), HF `generate(prompt_lookup_num_tokens=10)`, lmforge plain,
 lmforge with `prompt_lookup`, with `draft_heads` (top-1 chain, and a tree of each head's
-top 3/2/1), and heads with lookup: tokens/s (each engine timed alternately with the others, run
+top 3/2/1), heads with lookup, and Hydra heads (each head reads the token drafted before it;
+drafted by the runtime at one position per step) with and without lookup: tokens/s (each engine timed alternately with the others, run
 by run), ratio to HF eager and to HF prompt lookup, mean tokens per forward (1 = no draft
 accepted), and whether the greedy tokens are identical to HF's plain greedy output.
 Prompts are cut from held-out source code; the last column says how repetitive the
 generated text is (share of generated 4-grams seen before), since lookup thrives on it.
 
-Heads come from `--heads DIR` (written by `lmforge train-heads`), or are trained here first
+Heads come from `--heads DIR` / `--hydra-heads DIR` (written by `lmforge train-heads
+[--kind hydra]`), or are trained here first
 (`--train-steps`, self-distillation on the first part of heldout.txt; the prompts come from
 its end).
 
@@ -42,13 +44,13 @@ def _recipe(*extra: str) -> str:
     return f"passes: [{passes}]\nruntime: {{max_seq_len: 1024}}\n"
 
 
-def _heads(args, hf, tokenizer) -> Path:
-    if args.heads is not None:
-        return args.heads
-    directory = Path(tempfile.mkdtemp(prefix="lmforge-heads-"))
+def _heads(given: Path | None, kind: str, args, hf, tokenizer) -> Path:
+    if given is not None:
+        return given
+    directory = Path(tempfile.mkdtemp(prefix=f"lmforge-{kind}-heads-"))
     windows = token_windows(args.checkpoint / "heldout.txt", tokenizer, 128)
     train_ids, heldout_ids = windows[: len(windows) // 2], windows[-16:]
-    heads, _ = train_heads(hf, train_ids, count=3, steps=args.train_steps, lr=2e-3)
+    heads, _ = train_heads(hf, train_ids, count=3, kind=kind, steps=args.train_steps, lr=2e-3)
     save_heads(directory, heads, hf, {"heldout_agreement": agreement(heads, hf, heldout_ids)})
     return directory
 
@@ -69,14 +71,17 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--heads", type=Path, default=None, help="trained heads (default: train them here)")
+    parser.add_argument("--heads", type=Path, default=None, help="trained Medusa heads (default: train them here)")
+    parser.add_argument("--hydra-heads", type=Path, default=None, help="trained Hydra heads (default: train them here)")
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
-    heads_dir = _heads(args, hf, tokenizer)
+    heads_dir = _heads(args.heads, "medusa", args, hf, tokenizer)
+    hydra_dir = _heads(args.hydra_heads, "hydra", args, hf, tokenizer)
     heads_pass = f"{{name: draft_heads, path: {heads_dir}}}"
+    hydra_pass = f"{{name: draft_heads, path: {hydra_dir}}}"
     tree_pass = f"{{name: draft_heads, path: {heads_dir}, tree: [3, 2, 1]}}"
     models = {
         "lmforge plain": lmforge.optimize(args.checkpoint, _recipe()),
@@ -85,8 +90,11 @@ def main() -> None:
         "lmforge + draft_heads + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(heads_pass, LOOKUP)),
         "lmforge + draft_heads tree [3,2,1]": lmforge.optimize(args.checkpoint, _recipe(tree_pass)),
         "lmforge + draft_heads tree [3,2,1] + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(tree_pass, LOOKUP)),
+        "lmforge + Hydra heads": lmforge.optimize(args.checkpoint, _recipe(hydra_pass)),
+        "lmforge + Hydra heads + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(hydra_pass, LOOKUP)),
     }
-    agreement_note = models["lmforge + draft_heads"].program.history[1]["measurements"]["heldout_agreement"]
+    agreement_note = {name: models[name].program.history[1]["measurements"]["heldout_agreement"]
+                      for name in ("lmforge + draft_heads", "lmforge + Hydra heads")}
     text = (args.checkpoint / "heldout.txt").read_text()
     prompts_text = text[len(text) // 2 :]  # the heads trained on the first half
     totals: dict[str, dict] = {}

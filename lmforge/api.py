@@ -16,6 +16,7 @@ from lmforge.compiler.capture import capture, load_reference
 from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import Recipe, load_recipe, parse_recipe
+from lmforge.draft_heads import HydraHeads
 from lmforge.passes import PassContext
 from lmforge.passes.base import ProgressFn
 from lmforge.passes.calibrate import CalibrationData
@@ -64,6 +65,7 @@ class CompiledModel:
             pad_token_id=generation["pad_token_id"],
             tokenizer=tokenizer,
             speculation=program.meta.get("speculation"),
+            drafter=HydraHeads(**program.drafter) if program.drafter else None,
         )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:

@@ -400,18 +400,20 @@ def train_heads_command(
     checkpoint: Path = typer.Argument(..., help="Hugging Face checkpoint directory (the base model, kept frozen)"),
     output: Path = typer.Option(..., "--output", "-o", help="directory for heads.safetensors and heads.json"),
     data: Path = typer.Option(..., "--data", help="text file or directory to train on (its end is held out)"),
-    heads: int = typer.Option(3, "--heads", min=1, max=8, help="number of Medusa heads (head i predicts token t+2+i)"),
+    heads: int = typer.Option(3, "--heads", min=1, max=8, help="number of heads (head i predicts token t+2+i)"),
+    kind: str = typer.Option("medusa", "--kind", help="medusa (independent heads, fused into the program) or hydra "
+                             "(each head also reads the token drafted before it; run by the runtime)"),
     steps: int = typer.Option(300, "--steps", min=1, help="Adam steps (8 windows of --seq-len tokens each)"),
     lr: float = typer.Option(2e-3, "--lr", min=0.0),
     seq_len: int = typer.Option(128, "--seq-len", min=16),
     as_json: bool = typer.Option(False, "--json", help="print a JSON record"),
 ) -> None:
-    """Train Medusa draft heads on CHECKPOINT by self-distillation; resumable (the training
+    """Train Medusa or Hydra draft heads on CHECKPOINT by self-distillation; resumable (the training
     state is checkpointed in OUTPUT every 50 steps); prints each head's held-out agreement
     with the model's own greedy choice before and after training."""
     from lmforge.api import load_tokenizer
     from lmforge.compiler.capture import load_reference
-    from lmforge.draft_heads import MedusaHeads, agreement, rank_hits, save_heads, train_heads
+    from lmforge.draft_heads import agreement, initial_heads, rank_hits, save_heads, train_heads
     from lmforge.errors import LmforgeError
     from lmforge.passes.calibrate import token_windows
 
@@ -422,22 +424,21 @@ def train_heads_command(
         raise LmforgeError(f"--data {data} gives {windows.shape[0]} windows of {seq_len} tokens; train-heads needs at "
                            f"least {held_out + 8} (the last {held_out} are held out)")
     train_ids, heldout_ids = windows[:-held_out], windows[-held_out:]
-    lm_head = model.get_output_embeddings().weight
-    before = agreement(MedusaHeads.initial(lm_head, heads), model, heldout_ids)
+    before = agreement(initial_heads(model, heads, kind), model, heldout_ids)
     progress, _, within = _compile_progress(1, as_json)
     with progress:
-        trained, run = train_heads(model, train_ids, count=heads, steps=steps, lr=lr,
+        trained, run = train_heads(model, train_ids, count=heads, kind=kind, steps=steps, lr=lr,
                                    checkpoint=output / "training.safetensors", progress=within)
     ranks = rank_hits(trained, model, heldout_ids)
     after = [head[0] for head in ranks]
-    record = {"heads": heads, "steps": steps, "resumed_from": run.resumed_from, "train_windows": train_ids.shape[0],
+    record = {"heads": heads, "kind": kind, "steps": steps, "resumed_from": run.resumed_from, "train_windows": train_ids.shape[0],
               "heldout_agreement_untrained": before, "heldout_agreement": after, "heldout_rank_hits": ranks,
               "final_loss": run.losses[-1] if run.losses else None}
     save_heads(output, trained, model, record)
     if as_json:
         _print_json(record)
         return
-    table = Table(title=f"draft heads for {checkpoint.name} → {output}")
+    table = Table(title=f"{kind} draft heads for {checkpoint.name} → {output}")
     for column in ("head", "predicts", "held-out agreement, untrained", "after training"):
         table.add_column(column)
     for index, (start, end) in enumerate(zip(before, after)):

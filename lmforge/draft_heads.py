@@ -1,11 +1,14 @@
-"""Medusa draft heads: training against the frozen base model, and their files.
+"""Medusa and Hydra draft heads: training against the frozen base model, and their files.
 
-Head i reads the base model's last hidden state at position t (the LM head's input) and
+Medusa head i reads the base model's last hidden state at position t (the LM head's input) and
 predicts token t+2+i: a residual SiLU block (zero-initialised, so an untrained head starts
 as the base LM head shifted by i+1 tokens) followed by its own output projection
 initialised from the LM head. Training is self-distillation: the loss is KL(base's
 distribution for token t+2+i ‖ head i), computed with the base frozen, so the heads learn
 what the model itself would say next — which is what speculative verification accepts.
+Hydra heads (`HydraHeads`) also read the previous token of the chain, so each head's draft
+conditions on the one before it; they are trained teacher-forced on the base model's own
+greedy tokens with the same loss.
 
 Files (HEADS_DIR): `heads.safetensors` (the weights) and `heads.json` (kind, count, sizes,
 the base model's architecture and a fingerprint of its LM head so heads for another model
@@ -54,12 +57,73 @@ class MedusaHeads:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"block_weight": self.block_weight, "block_bias": self.block_bias, "output": self.output}
 
+    def teacher_forced(self, hidden: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+        """(B, T, count, V): every head at every position (Medusa heads ignore the tokens)."""
+        return self.logits(hidden)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states → (..., count, V) logits, one fused GEMM for the blocks."""
         size = hidden.shape[-1]
         blocks = F.linear(hidden, self.block_weight, self.block_bias).unflatten(-1, (self.count, size))
         states = hidden.unsqueeze(-2) + F.silu(blocks)
         return torch.einsum("...kh,kvh->...kv", states, self.output)
+
+
+@dataclass
+class HydraHeads:
+    """`count` sequentially dependent heads (Hydra): head i reads the last hidden state h_t
+    and the embedding e of the token before the one it predicts — for head 0 the base
+    model's own next token, for head i the draft of head i-1 — and predicts the token after
+    it: z = h + SiLU(W_i [h; e] + b_i), logits = U_i z. `block_weight` (count, H, 2H) and
+    `block_bias` (count, H) start at zero, `output` (count, V, H) from the LM head;
+    `embedding` (V, H) is the base model's input embedding (a frozen copy, so the drafter is
+    self-contained). Being sequential, they draft at one position per step, after the base
+    model chose its token, instead of at every position of every forward."""
+
+    block_weight: torch.Tensor
+    block_bias: torch.Tensor
+    output: torch.Tensor
+    embedding: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return self.output.shape[0]
+
+    @classmethod
+    def initial(cls, lm_head: torch.Tensor, embedding: torch.Tensor, count: int) -> HydraHeads:
+        vocab, hidden = lm_head.shape
+        return cls(torch.zeros(count, hidden, 2 * hidden), torch.zeros(count, hidden),
+                   lm_head.detach().float().clone().expand(count, vocab, hidden).contiguous(),
+                   embedding.detach().float().clone())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"block_weight": self.block_weight, "block_bias": self.block_bias, "output": self.output,
+                "embedding": self.embedding}
+
+    def head_logits(self, index: int, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Head `index` on hidden states (..., H) and previous tokens (...) → (..., V)."""
+        inputs = torch.cat([hidden, F.embedding(previous, self.embedding)], dim=-1)
+        state = hidden + F.silu(F.linear(inputs, self.block_weight[index], self.block_bias[index]))
+        return F.linear(state, self.output[index])
+
+    def teacher_forced(self, hidden: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+        """(B, T, count, V) with the base model's greedy tokens as the previous tokens: head i
+        at position t reads greedy[t + i], which the chain would have drafted had every
+        earlier head been right (positions past the end repeat the last token)."""
+        length = hidden.shape[1]
+        heads = []
+        for index in range(self.count):
+            previous = greedy[:, torch.arange(index, index + length).clamp_max(length - 1)]
+            heads.append(self.head_logits(index, hidden, previous))
+        return torch.stack(heads, dim=2)
+
+    def draft(self, hidden: torch.Tensor, first: torch.Tensor, length: int) -> torch.Tensor:
+        """Greedy chain of `length` tokens after `first` (B,), from hidden states (B, H)."""
+        tokens, previous = [], first
+        for index in range(min(length, self.count)):
+            previous = self.head_logits(index, hidden, previous).argmax(-1)
+            tokens.append(previous)
+        return torch.stack(tokens, dim=1)
 
 
 def lm_head_fingerprint(lm_head: torch.Tensor) -> str:
@@ -79,9 +143,9 @@ def rank_hits(heads: MedusaHeads, model: Any, ids: torch.Tensor, ranks: int = 4,
     hits, total = torch.zeros(heads.count, ranks), torch.zeros(heads.count)
     for chunk in ids.split(batch):
         hidden, logprobs = _base_outputs(model, chunk)
-        with torch.no_grad():
-            guesses = heads.logits(hidden).topk(ranks, dim=-1).indices
         greedy = logprobs.argmax(-1)
+        with torch.no_grad():
+            guesses = heads.teacher_forced(hidden, greedy).topk(ranks, dim=-1).indices
         for i in range(heads.count):
             shift = i + 1
             hits[i] += (guesses[:, :-shift, i] == greedy[:, shift:, None]).float().sum((0, 1))
@@ -95,27 +159,41 @@ def agreement(heads: MedusaHeads, model: Any, ids: torch.Tensor, batch: int = 4)
     return [head[0] for head in rank_hits(heads, model, ids, ranks=1, batch=batch)]
 
 
+Heads = MedusaHeads | HydraHeads
+
+
+def initial_heads(model: Any, count: int, kind: str = "medusa") -> Heads:
+    """Untrained heads of `kind` for `model` (what training starts from)."""
+    lm_head = model.get_output_embeddings().weight
+    if kind == "hydra":
+        return HydraHeads.initial(lm_head, model.get_input_embeddings().weight, count)
+    if kind != "medusa":
+        raise LmforgeError(f"unknown draft head kind {kind!r}; choose medusa or hydra")
+    return MedusaHeads.initial(lm_head, count)
+
+
 def train_heads(
     model: Any,
     train_ids: torch.Tensor,
     *,
     count: int = 3,
+    kind: str = "medusa",
     steps: int = 300,
     lr: float = 1e-3,
     batch: int = 8,
     checkpoint: str | Path | None = None,
     progress: ProgressFn | None = None,
-) -> tuple[MedusaHeads, Any]:
-    """Train `count` Medusa heads on windows `train_ids` (the base model stays frozen)."""
-    lm_head = model.get_output_embeddings().weight
-    heads = MedusaHeads.initial(lm_head, count)
-    params = {name: tensor.requires_grad_(True) for name, tensor in heads.tensors().items()}
+) -> tuple[Heads, Any]:
+    """Train `count` heads of `kind` on windows `train_ids` (the base model stays frozen;
+    its embedding copy in Hydra heads is not trained)."""
+    heads = initial_heads(model, count, kind)
+    params = {name: tensor.requires_grad_(True) for name, tensor in heads.tensors().items() if name != "embedding"}
     generator = torch.Generator().manual_seed(0)
 
     def loss_fn(step: int) -> torch.Tensor:
         rows = torch.randint(0, train_ids.shape[0], (batch,), generator=generator)
         hidden, logprobs = _base_outputs(model, train_ids[rows])
-        predicted = heads.logits(hidden).log_softmax(-1)
+        predicted = heads.teacher_forced(hidden, logprobs.argmax(-1)).log_softmax(-1)
         losses = []
         for i in range(count):
             shift = i + 1  # head i at position t predicts token t+2+i, which the base predicts at t+1+i
@@ -130,13 +208,13 @@ def train_heads(
     return heads, run
 
 
-def save_heads(directory: str | Path, heads: MedusaHeads, model: Any, measurements: dict) -> Path:
+def save_heads(directory: str | Path, heads: Heads, model: Any, measurements: dict) -> Path:
     """Write `heads.safetensors` and `heads.json` (each via a temporary file and a rename)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lm_head = model.get_output_embeddings().weight
     config = {
-        "kind": "medusa", "heads": heads.count, "hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0],
+        "kind": "hydra" if isinstance(heads, HydraHeads) else "medusa", "heads": heads.count, "hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0],
         "architecture": model.config.model_type, "lm_head_fingerprint": lm_head_fingerprint(lm_head), **measurements,
     }
     temporary = directory / (WEIGHTS + ".tmp")
@@ -148,7 +226,7 @@ def save_heads(directory: str | Path, heads: MedusaHeads, model: Any, measuremen
     return directory
 
 
-def load_heads(directory: str | Path, lm_head: torch.Tensor) -> tuple[MedusaHeads, dict]:
+def load_heads(directory: str | Path, lm_head: torch.Tensor) -> tuple[Heads, dict]:
     """Heads trained for the model whose LM head is `lm_head`, or a clear refusal."""
     directory = Path(directory)
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
@@ -159,4 +237,6 @@ def load_heads(directory: str | Path, lm_head: torch.Tensor) -> tuple[MedusaHead
         raise LmforgeError(f"draft_heads: the heads in {directory} were trained for another model "
                            f"({config.get('architecture')}, vocabulary {config.get('vocab_size')}); retrain them for this one")
     tensors = safetensors.torch.load_file(str(directory / WEIGHTS))
-    return MedusaHeads(tensors["block_weight"], tensors["block_bias"], tensors["output"]), config
+    if config.get("kind") == "hydra":
+        return HydraHeads(**tensors), config
+    return MedusaHeads(**tensors), config

@@ -1,4 +1,4 @@
-"""Medusa draft heads: real training improves them, the pass fuses them losslessly, the
+"""Medusa and Hydra draft heads: real training improves them, the pass fuses them losslessly, the
 runtime drafts with them and greedy output stays exact, and heads for another model are refused."""
 
 import json
@@ -88,6 +88,10 @@ def test_heads_of_another_model_are_refused(tmp_path):
 
 
 def test_tree_node_logits_equal_running_each_path_alone():
+    from lmforge.codegen.cpu import lower
+    from lmforge.compiler.recipe import CodegenConfig
+    from lmforge.passes.draft_heads import use_tree_attention
+    from lmforge.runtime.engine import Engine
     from lmforge.runtime.speculative import build_tree
 
     model = tiny_model("llama", num_layers=2)
@@ -96,7 +100,12 @@ def test_tree_node_logits_equal_running_each_path_alone():
     guesses = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
     tree = build_tree(int(prompt[0, -1]), guesses, [3, 2, 1])
     assert len(tree.parents) == 1 + 3 + 6 + 6
-    engine = compiled.engine
+    compiled.engine._ensure_cache(1, 64)
+    with pytest.raises(LmforgeError, match="not rewritten for them"):  # plain attention refuses tree masks
+        compiled.engine.step(tree.tokens[None], tree.depths[None], 0, None, every_position=True, tree=tree.mask())
+    program = compiled.program.clone()
+    assert use_tree_attention(program) == 2  # the graph rewrite: every layer's attention becomes tree_attention
+    engine = Engine(lower(program, CodegenConfig()), program.meta["kv_cache"], max_seq_len=64)
     engine._ensure_cache(1, 64)
     engine.step(prompt[:, :-1], torch.arange(9)[None], 0, None)
     tree_logits = engine.step(tree.tokens[None], (9 + tree.depths)[None], 9, None, every_position=True, tree=tree.mask())
@@ -179,3 +188,34 @@ def test_typical_acceptance_is_used_for_sampled_decoding_with_heads(tmp_path):
     assert out.shape == (1, 32)
     # a near-zero threshold keeps almost every drafted token: far fewer forwards than tokens
     assert stats["accepted"] > 0.8 * stats["drafted"] and stats["forwards"] < 14
+
+
+def test_hydra_heads_train_draft_sequentially_and_stay_greedy_exact(tmp_path, ref_path, ref_hf, heldout_prompts):
+    from lmforge.draft_heads import HydraHeads, initial_heads
+    from lmforge.passes.calibrate import token_windows
+
+    windows = token_windows(ref_path / "heldout.txt", lmforge.api.load_tokenizer(ref_path), 64)
+    heldout = windows[-8:]
+    untrained = agreement(initial_heads(ref_hf, 2, "hydra"), ref_hf, heldout)
+    heads, _ = train_heads(ref_hf, windows[:-8], count=2, kind="hydra", steps=25, lr=2e-3, batch=4)
+    trained = agreement(heads, ref_hf, heldout)
+    assert isinstance(heads, HydraHeads) and trained[0] > untrained[0] + 0.1
+    hidden = torch.randn(1, ref_hf.config.hidden_size)
+    # each head conditions on the token before it: another previous token changes its logits
+    assert not torch.allclose(heads.head_logits(0, hidden, torch.tensor([5])), heads.head_logits(0, hidden, torch.tensor([6])))
+    save_heads(tmp_path / "hydra", heads, ref_hf, {"heldout_agreement": trained})
+    recipe = _recipe(tmp_path / "hydra").replace("{name: fuse_projections}", "{name: prompt_lookup}, {name: fuse_projections}")
+    compiled, plain = lmforge.optimize(ref_path, recipe), lmforge.optimize(ref_path, PLAIN)
+    assert compiled.program.meta["speculation"]["draft_heads"]["kind"] == "hydra" and compiled.program.drafter
+    drafted = 0
+    for prompt in heldout_prompts:
+        ids = torch.tensor([prompt])
+        tokens = compiled.generate(ids, max_new_tokens=40, eos_token_id=[])
+        assert torch.equal(tokens, plain.generate(ids, max_new_tokens=40, eos_token_id=[]))
+        drafted += compiled.engine.speculation_stats["drafted"]
+    assert drafted > 0
+    compiled.save(tmp_path / "artifact")
+    assert (tmp_path / "artifact" / "drafter.safetensors").is_file()
+    ids = torch.tensor([heldout_prompts[0]])
+    assert torch.equal(lmforge.load(tmp_path / "artifact").generate(ids, max_new_tokens=40, eos_token_id=[]),
+                       plain.generate(ids, max_new_tokens=40, eos_token_id=[]))

@@ -3,8 +3,9 @@
 Layout: `manifest.json` (versions, architecture, recipe, pass history, sha256 of every
 file), `weights.safetensors`, `program.pt2` (the graph, exported with the weights lifted to
 inputs so they are stored once, in safetensors), `config.json`, tokenizer files,
-`recipe.yaml`, `kernels/` for generated kernel sources, and `attention_patterns.json` when
-sparse-attention passes made per-head decisions (checked against the model on load). The directory is written under a
+`recipe.yaml`, `kernels/` for generated kernel sources, `attention_patterns.json` when
+sparse-attention passes made per-head decisions (checked against the model on load), and
+`drafter.safetensors` for Hydra draft heads, which the runtime runs beside the program. The directory is written under a
 temporary name and renamed into place; loading checks every hash first.
 """
 
@@ -34,6 +35,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 PROGRAM = "program.pt2"
 KERNELS = "kernels"
+DRAFTER = "drafter.safetensors"
 
 
 def sha256(path: Path) -> str:
@@ -122,6 +124,8 @@ def save_artifact(
     try:
         weights = {name: tensor.contiguous().clone() for name, tensor in program.state_dict().items()}
         safetensors.torch.save_file(weights, staging / WEIGHTS)
+        if program.drafter:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in program.drafter.items()}, staging / DRAFTER)
         torch.export.save(_export_graph(program.graph_module), staging / PROGRAM)
         (staging / "config.json").write_text(program.config.to_json_string())
         (staging / "recipe.yaml").write_text(recipe_yaml)
@@ -203,5 +207,6 @@ def load_artifact(artifact: str | Path) -> tuple[Program, dict]:
         config=config,
         meta=meta,
         history=manifest["history"],
+        drafter=safetensors.torch.load_file(artifact / DRAFTER) if (artifact / DRAFTER).is_file() else {},
     )
     return program, manifest

@@ -1,5 +1,6 @@
-"""lmforge's custom ops (`attention` and its siblings `merged_attention`, `streaming_attention`,
-`sparse_attention`, `evicting_attention`; `ffn_skip_gate`) and the forward context they read.
+"""lmforge's custom ops (`attention` and its siblings `tree_attention`, `merged_attention`,
+`streaming_attention`, `sparse_attention`, `evicting_attention`; `ffn_skip_gate`,
+`last_position`) and the forward context they read.
 
 Attention is one opaque op in the captured graph so that passes can rewrite it by changing
 its arguments (which cache slot, which window) instead of pattern-matching dozens of aten
@@ -150,7 +151,7 @@ def attention_reference(
     )
 
 
-def _attention(
+def _dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -169,6 +170,21 @@ def _attention(
         v = value_cache[:, :, :end]
     out = attention_reference(q, k, v, ctx.mask(window), scale, softcap)
     return out.transpose(1, 2).contiguous()
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_index: int,
+    scale: float,
+    window: int,
+    softcap: float,
+) -> torch.Tensor:
+    if current_context().tree is not None:
+        raise LmforgeError("this program verifies draft trees but its attention was not rewritten for them; compile "
+                           "with draft_heads `tree:` so every layer uses lmforge::tree_attention")
+    return _dense_attention(q, k, v, cache_index, scale, window, softcap)
 
 
 _lib.impl("attention", _attention, "CompositeExplicitAutograd")
@@ -206,6 +222,23 @@ def _attention_fake(q, k, v, cache_index, scale, window, softcap):
 
 
 attention = torch.ops.lmforge.attention.default
+
+TREE_ATTENTION_SCHEMA = (
+    "tree_attention(Tensor q, Tensor k, Tensor v, int cache_index, float scale, int window, float softcap) -> Tensor"
+)
+_lib.define(TREE_ATTENTION_SCHEMA)
+# `attention` that also honours the context's ancestor mask, so one forward verifies a tree
+# of drafts: `draft_heads` with a tree swaps every layer's attention for it.
+_lib.impl("tree_attention", _dense_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lmforge::tree_attention")
+def _tree_attention_fake(q, k, v, cache_index, scale, window, softcap):
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim)
+
+
+tree_attention = torch.ops.lmforge.tree_attention.default
 
 FFN_SKIP_GATE_SCHEMA = "ffn_skip_gate(Tensor before, Tensor after, float threshold, int warmup, int layer) -> Tensor"
 _lib.define(FFN_SKIP_GATE_SCHEMA)
@@ -398,7 +431,7 @@ def _sparse_attention(
     prompts are dense and exact."""
     ctx = current_context()
     if ctx.start != 0 or q.shape[2] < min_length or ctx.tree is not None:
-        return _attention(q, k, v, cache_index, scale, window, softcap)
+        return _dense_attention(q, k, v, cache_index, scale, window, softcap)
     if ctx.kv is not None:
         key_cache, value_cache = ctx.kv[cache_index]
         key_cache[:, :, : q.shape[2]] = k
@@ -530,11 +563,12 @@ def _last_position_fake(hidden):
 
 
 last_position = torch.ops.lmforge.last_position.default
-ATTENTION_OPS = (attention, merged_attention, streaming_attention, sparse_attention, evicting_attention)
+ATTENTION_OPS = (attention, tree_attention, merged_attention, streaming_attention, sparse_attention, evicting_attention)
 
 # Each op's Python kernel by op, for code generators that call it without the dispatcher.
 PYTHON_KERNELS = {
     attention: _attention,
+    tree_attention: _dense_attention,
     ffn_skip_gate: _ffn_skip_gate,
     merged_attention: _merged_attention,
     streaming_attention: _streaming_attention,

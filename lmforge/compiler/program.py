@@ -76,6 +76,7 @@ class Program:
     config: Any
     meta: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    drafter: dict[str, torch.Tensor] = field(default_factory=dict)  # Hydra heads' weights, run by the runtime
 
     def node_count(self) -> int:
         return len(self.graph_module.graph.nodes)
@@ -129,14 +130,14 @@ class Program:
         graph = copy.deepcopy(self.graph_module.graph)
         graph_module = fx.GraphModule(self.graph_module, graph)
         return Program(graph_module, build_layer_map(graph_module, spec_for(self.config), self.meta["num_layers"]),
-                       self.config, copy.deepcopy(self.meta), list(self.history))
+                       self.config, copy.deepcopy(self.meta), list(self.history), dict(self.drafter))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: tensor.detach() for name, tensor in self.graph_module.state_dict().items()}
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """The base model's logits (without the draft heads' a `draft_heads` pass adds)."""
-        return base_logits(self.graph_module(input_ids, position_ids), draft_head_count(self.meta.get("speculation")))
+        """The base model's logits (without what a `draft_heads` pass adds to the output)."""
+        return split_output(self.graph_module(input_ids, position_ids), self.meta.get("speculation"))[0]
 
 
 def final_hidden_state(program: Program) -> fx.Node:
@@ -149,11 +150,19 @@ def final_hidden_state(program: Program) -> fx.Node:
 
 
 def draft_head_count(speculation: dict | None) -> int:
-    """How many draft heads a program's `meta["speculation"]` says it returns logits for."""
+    """How many draft heads a program's `meta["speculation"]` says it has."""
     return (speculation or {}).get("draft_heads", {}).get("count", 0)
 
 
-def base_logits(output: torch.Tensor, draft_heads: int) -> torch.Tensor:
-    """A program returns `(batch, seq, vocab)`, or `(batch, seq, 1 + heads, vocab)` with
-    draft heads, the base logits first."""
-    return output[..., 0, :] if draft_heads else output
+def split_output(output: torch.Tensor, speculation: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(base logits, what the drafter needs): a program returns `(batch, seq, vocab)`; with
+    Medusa heads `(batch, seq, 1 + heads, vocab)`, base logits first, then the heads' logits;
+    with Hydra heads `(batch, seq, vocab + hidden)`, the logits then the last hidden state
+    the runtime's Hydra heads draft from."""
+    heads = (speculation or {}).get("draft_heads") or {}
+    if not heads:
+        return output, None
+    if heads.get("kind") == "hydra":
+        vocab = heads["vocab_size"]
+        return output[..., :vocab], output[..., vocab:]
+    return output[..., 0, :], output[..., 1:, :]

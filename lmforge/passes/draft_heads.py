@@ -1,4 +1,4 @@
-"""`draft_heads`: fuse trained Medusa heads into the Program (recipe: `{name: draft_heads, path: DIR}`).
+"""`draft_heads`: add trained Medusa or Hydra heads to the Program (recipe: `{name: draft_heads, path: DIR}`).
 
 The heads read the LM head's input, so the pass finds the final projection and adds, beside
 it, one fused GEMM for every head's first layer, the residual SiLU, and the heads' output
@@ -6,6 +6,11 @@ projections. The program then returns `(batch, seq, 1 + heads, vocab)`: index 0 
 base model's logits, unchanged (the pass is lossless), the rest the heads'. `meta` records
 the head count so `Program.__call__` and the runtime split them; the runtime drafts the
 heads' top-1 chain when prompt lookup has nothing (`runtime/speculative.py`).
+
+Hydra heads depend on the token drafted before them, so they cannot run inside the forward
+that verifies: the program instead returns the hidden state beside the logits, the heads'
+weights travel with the Program (`Program.drafter`, `drafter.safetensors` in an artifact),
+and the runtime drafts their chain at the last accepted position only.
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.compiler.kv_layout import allocate_kv_buffers, check_draft_length
-from lmforge.compiler.ops import AttentionContext, attention_context
+from lmforge.compiler.layermap import role_of
+from lmforge.compiler.ops import (
+    ATTENTION_OPS,
+    AttentionContext,
+    attention,
+    attention_context,
+    sparse_attention,
+    tree_attention,
+)
 from lmforge.compiler.program import Program
-from lmforge.draft_heads import load_heads
+from lmforge.draft_heads import HydraHeads, MedusaHeads, load_heads
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
 
@@ -68,28 +81,72 @@ class DraftHeads(Pass):
         hidden, lm_head = projection.args[0], projection.args[1]
         heads, config = load_heads(self.config.path, getattr(program.graph_module, lm_head.target))
         check_draft_length(program.meta["kv_cache"], heads.count, self.name)
-        graph = program.graph_module.graph
-        names = [program.add_weight(f"draft_heads__{name}", tensor) for name, tensor in heads.tensors().items()]
-        with graph.inserting_before(graph.output_node()):
-            weight, bias, output = (graph.get_attr(name) for name in names)
-            blocks = graph.call_function(aten.linear.default, (hidden, weight, bias))
-            blocks = graph.call_function(aten.unflatten.int, (blocks, -1, [heads.count, heads.block_weight.shape[1]]))
-            states = graph.call_function(aten.add.Tensor, (graph.call_function(aten.unsqueeze.default, (hidden, -2)),
-                                                           graph.call_function(aten.silu.default, (blocks,))))
-            head_logits = graph.call_function(aten.einsum.default, ("...kh,kvh->...kv", [states, output]))
-            base = graph.call_function(aten.unsqueeze.default, (projection, -2))
-            combined = graph.call_function(aten.cat.default, ([base, head_logits], -2))
-        graph.output_node().args = (combined,)
+        if isinstance(heads, HydraHeads):
+            if self.config.tree is not None:
+                raise LmforgeError("draft_heads: Hydra heads draft a chain, each head after the one before; drop `tree:`")
+            _return_hidden_state(program, projection, hidden)
+            program.drafter = heads.tensors()
+        else:
+            _fuse_medusa_heads(program, heads, projection, hidden)
         measurements = {"heads": heads.count, "heldout_agreement": config.get("heldout_agreement")}
-        notes = [f"{heads.count} Medusa heads; held-out agreement with greedy {measurements['heldout_agreement']}"]
+        notes = [f"{heads.count} {config['kind'].capitalize()} heads; held-out agreement with greedy "
+                 f"{measurements['heldout_agreement']}"]
         tree = self.config.tree
+        if tree is not None:
+            measurements["tree_attention_layers"] = use_tree_attention(program)
         if tree == "auto":
             tree, measurements["tree_candidates"] = choose_tree(program, config)
             notes.append(f"tree {tree} chosen from measured hit rates and verify latency")
         typical = self.config.typical_acceptance.model_dump() if self.config.typical_acceptance else None
-        program.meta.setdefault("speculation", {})["draft_heads"] = {"count": heads.count, "kind": config["kind"],
-                                                                     "tree": tree, "typical_acceptance": typical}
+        program.meta.setdefault("speculation", {})["draft_heads"] = {
+            "count": heads.count, "kind": config["kind"], "vocab_size": config["vocab_size"], "tree": tree,
+            "typical_acceptance": typical,
+        }
         return PassResult(rewrites=1, notes=tuple(notes), measurements=measurements)
+
+
+def _fuse_medusa_heads(program: Program, heads: MedusaHeads, projection: torch.fx.Node, hidden: torch.fx.Node) -> None:
+    """Medusa heads beside the LM head: one GEMM for every head's first layer, one einsum
+    for their outputs; the program returns (B, T, 1 + heads, V)."""
+    graph = program.graph_module.graph
+    names = [program.add_weight(f"draft_heads__{name}", tensor) for name, tensor in heads.tensors().items()]
+    with graph.inserting_before(graph.output_node()):
+        weight, bias, output = (graph.get_attr(name) for name in names)
+        blocks = graph.call_function(aten.linear.default, (hidden, weight, bias))
+        blocks = graph.call_function(aten.unflatten.int, (blocks, -1, [heads.count, heads.block_weight.shape[1]]))
+        states = graph.call_function(aten.add.Tensor, (graph.call_function(aten.unsqueeze.default, (hidden, -2)),
+                                                       graph.call_function(aten.silu.default, (blocks,))))
+        head_logits = graph.call_function(aten.einsum.default, ("...kh,kvh->...kv", [states, output]))
+        base = graph.call_function(aten.unsqueeze.default, (projection, -2))
+        combined = graph.call_function(aten.cat.default, ([base, head_logits], -2))
+    graph.output_node().args = (combined,)
+
+
+def _return_hidden_state(program: Program, projection: torch.fx.Node, hidden: torch.fx.Node) -> None:
+    """For Hydra heads, which draft after the base model chose its token and so run in the
+    runtime at one position per step: the program returns (B, T, V + H), the logits and the
+    hidden state they were computed from."""
+    graph = program.graph_module.graph
+    with graph.inserting_before(graph.output_node()):
+        combined = graph.call_function(aten.cat.default, ([projection, hidden], -1))
+    graph.output_node().args = (combined,)
+
+
+def use_tree_attention(program: Program) -> int:
+    """Swap every `attention` op for `tree_attention`, which also honours the ancestor mask
+    of a draft tree; an attention op another pass made that cannot verify trees is refused."""
+    swapped = 0
+    for node in program.graph_module.graph.nodes:
+        if node.target not in ATTENTION_OPS or node.target in (tree_attention, sparse_attention):
+            continue
+        if node.target is not attention:
+            layer = role_of(node)[0]
+            raise LmforgeError(f"draft_heads tree: layer {layer} uses {node.target.name()}, which cannot verify a tree "
+                               "of drafts; draft a chain (no `tree:`) with this program")
+        node.target = tree_attention
+        swapped += 1
+    program.refresh()
+    return swapped
 
 
 TREE_CANDIDATES = ([1], [1, 1], [1, 1, 1], [2, 1, 1], [2, 2, 1], [3, 2, 1], [3, 3, 2], [4, 2, 2], [4, 3, 2])

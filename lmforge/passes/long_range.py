@@ -5,8 +5,10 @@ distant block a prediction needs barely moves it. The copy task makes that block
 window of real text, then a repeat of a span from early in the window; after a cue of
 `cue` tokens the model must continue the span, which a model trained on code does by copying
 (induction heads) from hundreds of tokens back. Accuracy is the top-1 agreement of its
-predictions with the span's true continuation. `streaming_heads` also trains its head gates
-on these sequences (DuoAttention's synthetic retrieval data).
+predictions with the span's true continuation; the control (the source span replaced by
+other text) measures what local context alone gets right, so a model that does not copy at
+all shows up as equal accuracies. `streaming_heads` also trains its head gates on these
+sequences (DuoAttention's synthetic retrieval data).
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ class CopyTask:
     source: int
     cue: int
     answer: int
+    control_ids: torch.Tensor
+
+    def control(self) -> CopyTask:
+        """The same sequences with the source span replaced by another row's text: accuracy
+        on it is what local context alone predicts, the baseline copying must beat."""
+        return CopyTask(self.control_ids, self.source, self.cue, self.answer, self.control_ids)
 
     @property
     def answer_positions(self) -> slice:
@@ -53,4 +61,7 @@ def build_copy_task(windows: torch.Tensor, cue: int = 32, answer: int = 32, sour
     if start + cue + answer > document:
         raise LmforgeError(f"copy task: windows of {length} tokens are too short for a {cue}+{answer}-token span")
     span = windows[:, start : start + cue + answer]
-    return CopyTask(torch.cat([windows[:, :document], span], dim=1), start + cue, cue, answer)
+    ids = torch.cat([windows[:, :document], span], dim=1)
+    control = ids.clone()
+    control[:, start : start + cue + answer] = windows.roll(1, dims=0)[:, start : start + cue + answer]
+    return CopyTask(ids, start + cue, cue, answer, control)

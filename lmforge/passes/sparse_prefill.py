@@ -177,6 +177,7 @@ class SparsePrefill(LossyPass):
         quality = long.quality(lambda ids: full_logits(program, ids), "heldout")
         copy_task = build_copy_task(long.ids("heldout"))
         copy = {"dense": copy_task.accuracy(lambda ids: data.reference(ids).logits),
+                "dense_without_source": copy_task.control().accuracy(lambda ids: data.reference(ids).logits),
                 "sparse": copy_task.accuracy(lambda ids: full_logits(program, ids))}
         computed = density(config.seq_len, config.block, budget)
         notes += enforce_budget(self.name, quality, quality_budget,
@@ -184,7 +185,7 @@ class SparsePrefill(LossyPass):
         counts = {name: sum(heads.count(code) for heads in patterns.values()) for code, name in enumerate(PATTERNS)}
         notes.append(f"prefills of {config.min_length}+ tokens compute {budget} key blocks per query block "
                      f"({computed:.0%} of the causal blocks at {config.seq_len}); head patterns {counts}; held-out "
-                     f"{quality.describe()}; copy task accuracy {copy['sparse']:.3f} (dense {copy['dense']:.3f})")
+                     f"{quality.describe()}; copy task accuracy {copy['sparse']:.3f} (dense {copy['dense']:.3f}, dense without the copied source {copy['dense_without_source']:.3f})")
         program.meta["sparse_prefill"] = {
             "budget": budget,
             "block": config.block,

@@ -232,7 +232,7 @@ def split_heads(program: Program, kinds: HeadKinds, sink: int, window: int, slac
         with graph.inserting_before(node):
             if not keep_heads:
                 result = graph.call_function(streaming_attention, (q, k, v, ring, layer_sink, layer_window, scale, softcap))
-                created = [result]
+                created, outputs = [result], [result]
             else:
                 outputs, created = [], []
                 for group, target in ((keep_heads, attention), (stream_heads, streaming_attention)):
@@ -251,8 +251,9 @@ def split_heads(program: Program, kinds: HeadKinds, sink: int, window: int, slac
                 joined = graph.call_function(aten.cat.default, (outputs, 2))
                 result = graph.call_function(aten.index_select.default, (joined, 2, inverse))
                 created += [*outputs, inverse, joined, result]
+        primary = outputs[0] if keep_heads else result  # the LayerMap's attention: the retrieval op if any
         for new in created:
-            set_role(new, layer, "attention" if new is result else "attention_other")
+            set_role(new, layer, "attention" if new is primary else "attention_other")
         result.meta.setdefault("custom", {}).update({key: value for key, value in (node.meta.get("custom") or {}).items()
                                                      if key == "lmforge_pass"})
         node.replace_all_uses_with(result)
@@ -333,13 +334,14 @@ class StreamingHeads(LossyPass):
         quality = streaming_quality(program, long, "heldout", config.sink, config.window)
         copy_task = build_copy_task(long.ids("heldout"))
         copy = {"dense": copy_task.accuracy(lambda ids: data.reference(ids).logits),
+                "dense_without_source": copy_task.control().accuracy(lambda ids: data.reference(ids).logits),
                 "streaming": copy_task.accuracy(lambda ids: full_logits(program, ids))}
         notes += enforce_budget(self.name, quality, budget, f"streaming {chosen:.0%} of the KV heads")
         total = sum(len(values) for values in scores.values())
         streamed = sum(sum(values) for values in kinds.values())
         notes.append(f"{streamed} of {total} KV heads stream (sink {config.sink}, window {config.window}); held-out "
                      f"past the window: {quality.describe()}; copy task accuracy {copy['streaming']:.3f} "
-                     f"(dense {copy['dense']:.3f})")
+                     f"(dense {copy['dense']:.3f}, dense without the copied source {copy['dense_without_source']:.3f})")
         program.meta["streaming_heads"] = {
             "method": method,
             "source": config.patterns,

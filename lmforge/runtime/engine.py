@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lmforge.compiler.ops import AttentionContext, attention_context
-from lmforge.compiler.program import base_logits, draft_head_count
+from lmforge.compiler.program import draft_head_count, split_output
 from lmforge.errors import LmforgeError
 from lmforge.runtime.kv_cache import StaticKVCache
 from lmforge.runtime.sampling import SamplingParams, select_next
@@ -85,10 +85,12 @@ class Engine:
         pad_token_id: int | None = None,
         tokenizer: Any = None,
         speculation: dict | None = None,
+        drafter: Any = None,
     ) -> None:
         self.speculation = speculation or {}
         self.draft_heads = draft_head_count(self.speculation)
-        self.head_logits: torch.Tensor | None = None
+        self.drafter = drafter
+        self.draft_inputs: torch.Tensor | None = None
         self.speculation_stats: dict[str, int] = {}
         self.runner, self.kv_layout, self.max_seq_len, self.dtype = runner, kv_layout, max_seq_len, dtype
         self.eos_token_ids = list(eos_token_ids)
@@ -101,7 +103,7 @@ class Engine:
         """Logits for every position, computed without a cache (for evaluation)."""
         context = AttentionContext(kv=None, start=0, q_len=input_ids.shape[1], pad=left_padding(attention_mask, input_ids))
         with torch.no_grad(), attention_context(context):
-            return base_logits(self.runner(input_ids, prompt_positions(attention_mask, input_ids)), self.draft_heads)
+            return split_output(self.runner(input_ids, prompt_positions(attention_mask, input_ids)), self.speculation)[0]
 
     def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
         if length > self.max_seq_len:
@@ -133,8 +135,7 @@ class Engine:
         )
         with attention_context(context):
             output = self.runner(input_ids, positions)
-        self.head_logits = output[..., 1:, :] if self.draft_heads else None
-        logits = base_logits(output, self.draft_heads)
+        logits, self.draft_inputs = split_output(output, self.speculation)
         return logits if every_position else logits[:, -1]
 
     @torch.no_grad()
@@ -211,9 +212,9 @@ class Engine:
                     break
             if length == total or not bool(unfinished.any()):
                 break
-            # the heads at the position of the last accepted token guess the tokens after the next one
-            guesses = self.head_logits[:, head_index] if self.draft_heads else None
-            drafts = self._drafts(lookups, guesses, tree_widths, gate, tokens[:, :length], room=total - length - 1)
+            heads = self._head_drafts(self.draft_inputs[:, head_index], tokens[:, length - 1], tree_widths) \
+                if self.draft_heads else None
+            drafts = self._drafts(lookups, heads, gate, tokens[:, :length], room=total - length - 1)
             if isinstance(drafts, TokenTree):
                 feed, offsets, tree = drafts.tokens[None], drafts.depths, drafts.mask()
             else:
@@ -230,27 +231,31 @@ class Engine:
         """Trees move cache entries after verification, which only plain slots support."""
         return all(buffer is None or isinstance(buffer, tuple) for buffer in self.cache.buffers)
 
+    def _head_drafts(self, inputs: torch.Tensor, last: torch.Tensor, widths: list[int] | None):
+        """The draft heads' proposal for up to `room` tokens after `last` (B,), from what the
+        program returned at the position of the last accepted token: Medusa heads' logits
+        (their top-1 chain, or a tree of their top-`widths` at batch 1), or the hidden state
+        Hydra heads draft their chain from."""
+        if self.drafter is not None:
+            return lambda room: self.drafter.draft(inputs, last, room)
+        if widths:
+            return lambda room: build_tree(int(last[0]), inputs[0], widths[:room])
+        return lambda room: inputs.argmax(-1)[:, :room]
+
     @staticmethod
     def _drafts(
         lookups: list[PromptLookup],
-        guesses: torch.Tensor | None,
-        widths: list[int] | None,
+        heads: Callable[[int], torch.Tensor | TokenTree] | None,
         gate: ProfitabilityGate,
         tokens: torch.Tensor,
         room: int,
     ) -> torch.Tensor | TokenTree | None:
         """Prompt lookup's drafts when every row has a match (one equal-length chain per row,
-        cut to the shortest and to `room`); else the draft heads' candidates (`guesses`:
-        their logits at the last accepted token), as a tree of top-`widths` tokens when
-        given, else as their top-1 chain; else None."""
-        if (not lookups and guesses is None) or room < 1 or not gate.should_draft():
+        cut to the shortest and to `room`); else the draft heads' (`heads(room)`); else None."""
+        if (not lookups and heads is None) or room < 1 or not gate.should_draft():
             return None
         proposals = [lookup.propose(row) for lookup, row in zip(lookups, tokens.tolist())]
         length = min((len(proposal) for proposal in proposals), default=0)
         if length > 0:
             return torch.tensor([proposal[: min(length, room)] for proposal in proposals], dtype=torch.long)
-        if guesses is None:
-            return None
-        if widths:
-            return build_tree(int(tokens[0, -1]), guesses[0], widths[:room])
-        return guesses.argmax(-1)[:, :room]
+        return heads(room) if heads is not None else None

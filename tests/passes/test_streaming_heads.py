@@ -79,7 +79,7 @@ def test_attention_mass_pass_reports_saves_and_reloads_head_kinds(ref_hf, ref_da
     result = StreamingHeads(config)(program, context(ref_hf, ref_data))
     decision = program.meta["streaming_heads"]
     assert sum(sum(kinds) for kinds in decision["kinds"].values()) == 16  # half of 8 layers x 4 KV heads
-    assert set(decision["copy_accuracy"]) == {"dense", "streaming"} and "copy task accuracy" in result.notes[-1]
+    assert set(decision["copy_accuracy"]) == {"dense", "dense_without_source", "streaming"} and "copy task accuracy" in result.notes[-1]
     assert decision["heldout_quality"]["top1"] < 1.0  # streaming really changed predictions past the window
     recipe = {"passes": [{"name": "streaming_heads", **config.model_dump(exclude_none=True)}],
               "calibration": {"data": str(ref_path / "heldout.txt"), "samples": 2, "eval_samples": 2, "seq_len": 128}}
