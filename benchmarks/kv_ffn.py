@@ -27,7 +27,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
-from lmforge.benchmarking import heldout_prompts, time_alternating
+from lmforge.benchmarking import heldout_prompts, hf_kv_cache_bytes, time_alternating
 from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import CalibrationConfig, CalibrationData
 from lmforge.runtime.kv_cache import kv_cache_bytes
@@ -77,11 +77,6 @@ def _configurations(heal_steps: int) -> list[tuple[str, str, int]]:
     return rows
 
 
-def _hf_kv_bytes(config, tokens: int) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 4
-
-
 def _pass_summary(compiled) -> str:
     lossy = [entry for entry in compiled.program.history if entry["pass"] in ("kv_share", "ffn_skip")]
     if not lossy:
@@ -115,7 +110,7 @@ def main() -> None:
     heldout = CalibrationData.from_config(
         CalibrationConfig(data=str(args.checkpoint / "heldout.txt"), samples=16, eval_samples=16, seq_len=256), tokenizer, hf
     )
-    hf_kv = _hf_kv_bytes(hf.config, 2048)
+    hf_kv = hf_kv_cache_bytes(hf.config, 2048)
 
     def hf_generate():
         with torch.no_grad():

@@ -33,6 +33,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
+from lmforge.benchmarking import hf_kv_cache_bytes
 from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import CalibrationConfig, CalibrationData, decoded_logits, makes_decode_time_decisions
 from lmforge.passes.long_range import build_copy_task
@@ -73,11 +74,6 @@ def _logits_fn(compiled, prompt_len: int):
     if makes_decode_time_decisions(compiled.program):
         return lambda ids: decoded_logits(compiled.program, ids, prompt_len)
     return lambda ids: compiled(ids).logits
-
-
-def _hf_kv_bytes(config, tokens: int) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 4
 
 
 class _DecodeClock:
@@ -192,7 +188,7 @@ def main() -> None:
                     "prefill_ms": {name: 1000 * value for name, value in timing["prefill"].items()},
                     "decode_tokens_per_second": timing["decode"],
                     "kv_bytes": kv_cache_bytes(compiled.program.meta["kv_cache"], length),
-                    "hf_kv_bytes": _hf_kv_bytes(hf.config, length),
+                    "hf_kv_bytes": hf_kv_cache_bytes(hf.config, length),
                     "quality": quality.as_dict(),
                     "copy_accuracy": copy_task.accuracy(_logits_fn(compiled, copy_prompt)),
                     "dense_copy_accuracy": dense_copy[length],

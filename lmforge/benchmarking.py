@@ -55,6 +55,13 @@ def time_alternating(generators: dict[str, Callable[[], torch.Tensor]], prompt_l
     }
 
 
+def hf_kv_cache_bytes(config, tokens: int, bytes_per_value: int = 4) -> int:
+    """Bytes of a Hugging Face model's full KV cache for `tokens` tokens (keys and values,
+    every layer and KV head): what the benchmarks compare lmforge's cache layouts with."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * bytes_per_value
+
+
 def heldout_prompts(text: str, tokenizer, count: int, length: int, stride: int = 9973) -> list[list[int]]:
     """`count` prompts of `length` tokens cut from evenly spaced places of `text`."""
     prompts = []

@@ -215,12 +215,6 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.register_fake("lmforge::attention")
-def _attention_fake(q, k, v, cache_index, scale, window, softcap):
-    batch, heads, q_len, head_dim = q.shape
-    return q.new_empty(batch, q_len, heads, head_dim)
-
-
 attention = torch.ops.lmforge.attention.default
 
 TREE_ATTENTION_SCHEMA = (
@@ -230,12 +224,6 @@ _lib.define(TREE_ATTENTION_SCHEMA)
 # `attention` that also honours the context's ancestor mask, so one forward verifies a tree
 # of drafts: `draft_heads` with a tree swaps every layer's attention for it.
 _lib.impl("tree_attention", _dense_attention, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("lmforge::tree_attention")
-def _tree_attention_fake(q, k, v, cache_index, scale, window, softcap):
-    batch, heads, q_len, head_dim = q.shape
-    return q.new_empty(batch, q_len, heads, head_dim)
 
 
 tree_attention = torch.ops.lmforge.tree_attention.default
@@ -309,12 +297,6 @@ def _merged_attention(
 
 
 _lib.impl("merged_attention", _merged_attention, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("lmforge::merged_attention")
-def _merged_attention_fake(q, k, v, cache_index, member, t, retain_threshold, scale, window, softcap):
-    batch, heads, q_len, head_dim = q.shape
-    return q.new_empty(batch, q_len, heads, head_dim)
 
 
 merged_attention = torch.ops.lmforge.merged_attention.default
@@ -397,12 +379,6 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.register_fake("lmforge::streaming_attention")
-def _streaming_attention_fake(q, k, v, cache_index, sink, window, scale, softcap):
-    batch, heads, q_len, head_dim = q.shape
-    return q.new_empty(batch, q_len, heads, head_dim)
-
-
 streaming_attention = torch.ops.lmforge.streaming_attention.default
 
 SPARSE_ATTENTION_SCHEMA = (
@@ -444,12 +420,6 @@ def _sparse_attention(
 
 
 _lib.impl("sparse_attention", _sparse_attention, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("lmforge::sparse_attention")
-def _sparse_attention_fake(q, k, v, cache_index, scale, window, softcap, patterns, budget, block, min_length):
-    batch, heads, q_len, head_dim = q.shape
-    return q.new_empty(batch, q_len, heads, head_dim)
 
 
 sparse_attention = torch.ops.lmforge.sparse_attention.default
@@ -519,12 +489,6 @@ def _evicting_attention(
 _lib.impl("evicting_attention", _evicting_attention, "CompositeExplicitAutograd")
 
 
-@torch.library.register_fake("lmforge::evicting_attention")
-def _evicting_attention_fake(q, k, v, cache_index, scale, window, softcap):
-    batch, heads, q_len, head_dim = q.shape
-    return q.new_empty(batch, q_len, heads, head_dim)
-
-
 evicting_attention = torch.ops.lmforge.evicting_attention.default
 
 LAST_POSITION_SCHEMA = "last_position(Tensor hidden) -> Tensor"
@@ -564,6 +528,15 @@ def _last_position_fake(hidden):
 
 last_position = torch.ops.lmforge.last_position.default
 ATTENTION_OPS = (attention, tree_attention, merged_attention, streaming_attention, sparse_attention, evicting_attention)
+
+def _attention_output_fake(q: torch.Tensor, *arguments) -> torch.Tensor:
+    """Every attention op returns (batch, q_len, heads, head_dim) for q (batch, heads, q_len, head_dim)."""
+    batch, heads, q_len, head_dim = q.shape
+    return q.new_empty(batch, q_len, heads, head_dim)
+
+
+for _op in ATTENTION_OPS:
+    torch.library.register_fake(_op._name)(_attention_output_fake)
 
 # Each op's Python kernel by op, for code generators that call it without the dispatcher.
 PYTHON_KERNELS = {
