@@ -417,6 +417,8 @@ def train_heads_command(
     from lmforge.errors import LmforgeError
     from lmforge.passes.calibrate import token_windows
 
+    if kind not in ("medusa", "hydra"):
+        raise LmforgeError(f"--kind {kind!r}: choose medusa or hydra")
     model = load_reference(checkpoint)
     windows = token_windows(data, load_tokenizer(checkpoint), seq_len)
     held_out = 16
