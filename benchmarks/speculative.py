@@ -3,7 +3,7 @@
 Rows: HF `generate` (eager), HF `generate(prompt_lookup_num_tokens=10)`, lmforge plain,
 lmforge with `prompt_lookup`, with `draft_heads` (top-1 chain, and a tree of each head's
 top 3/2/1), heads with lookup, and Hydra heads (each head reads the token drafted before it;
-drafted by the runtime at one position per step) with and without lookup: tokens/s (each engine timed alternately with the others, run
+drafted by the runtime at one position per step; chain and tree) with and without lookup: tokens/s (each engine timed alternately with the others, run
 by run), ratio to HF eager and to HF prompt lookup, mean tokens per forward (1 = no draft
 accepted), and whether the greedy tokens are identical to HF's plain greedy output.
 Prompts are cut from held-out source code; the last column says how repetitive the
@@ -82,6 +82,7 @@ def main() -> None:
     hydra_dir = _heads(args.hydra_heads, "hydra", args, hf, tokenizer)
     heads_pass = f"{{name: draft_heads, path: {heads_dir}}}"
     hydra_pass = f"{{name: draft_heads, path: {hydra_dir}}}"
+    hydra_tree_pass = f"{{name: draft_heads, path: {hydra_dir}, tree: [3, 2, 1]}}"
     tree_pass = f"{{name: draft_heads, path: {heads_dir}, tree: [3, 2, 1]}}"
     models = {
         "lmforge plain": lmforge.optimize(args.checkpoint, _recipe()),
@@ -92,6 +93,8 @@ def main() -> None:
         "lmforge + draft_heads tree [3,2,1] + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(tree_pass, LOOKUP)),
         "lmforge + Hydra heads": lmforge.optimize(args.checkpoint, _recipe(hydra_pass)),
         "lmforge + Hydra heads + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(hydra_pass, LOOKUP)),
+        "lmforge + Hydra tree [3,2,1]": lmforge.optimize(args.checkpoint, _recipe(hydra_tree_pass)),
+        "lmforge + Hydra tree [3,2,1] + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(hydra_tree_pass, LOOKUP)),
     }
     agreement_note = {name: models[name].program.history[1]["measurements"]["heldout_agreement"]
                       for name in ("lmforge + draft_heads", "lmforge + Hydra heads")}

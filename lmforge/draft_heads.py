@@ -117,6 +117,13 @@ class HydraHeads:
             heads.append(self.head_logits(index, hidden, previous))
         return torch.stack(heads, dim=2)
 
+    def children(self, hidden: torch.Tensor):
+        """Tree children for `runtime.speculative.build_tree`: head d-1's top-k after each
+        parent token, from the hidden state (H,) of the last accepted position."""
+        def top(depth: int, parents: torch.Tensor, width: int) -> torch.Tensor:
+            return self.head_logits(depth - 1, hidden.expand(len(parents), -1), parents).topk(width).indices
+        return top
+
     def draft(self, hidden: torch.Tensor, first: torch.Tensor, length: int) -> torch.Tensor:
         """Greedy chain of `length` tokens after `first` (B,), from hidden states (B, H)."""
         tokens, previous = [], first

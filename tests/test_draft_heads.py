@@ -92,13 +92,13 @@ def test_tree_node_logits_equal_running_each_path_alone():
     from lmforge.compiler.recipe import CodegenConfig
     from lmforge.passes.draft_heads import use_tree_attention
     from lmforge.runtime.engine import Engine
-    from lmforge.runtime.speculative import build_tree
+    from lmforge.runtime.speculative import build_tree, medusa_children
 
     model = tiny_model("llama", num_layers=2)
     compiled = lmforge.optimize(model, PLAIN)
     prompt = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(3))
     guesses = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
-    tree = build_tree(int(prompt[0, -1]), guesses, [3, 2, 1])
+    tree = build_tree(int(prompt[0, -1]), [3, 2, 1], medusa_children(guesses))
     assert len(tree.parents) == 1 + 3 + 6 + 6
     compiled.engine._ensure_cache(1, 64)
     with pytest.raises(LmforgeError, match="not rewritten for them"):  # plain attention refuses tree masks
@@ -214,6 +214,13 @@ def test_hydra_heads_train_draft_sequentially_and_stay_greedy_exact(tmp_path, re
         assert torch.equal(tokens, plain.generate(ids, max_new_tokens=40, eos_token_id=[]))
         drafted += compiled.engine.speculation_stats["drafted"]
     assert drafted > 0
+    tree_recipe = recipe.replace(f"path: {tmp_path / 'hydra'}}}", f"path: {tmp_path / 'hydra'}, tree: [2, 2]}}")
+    tree = lmforge.optimize(ref_path, tree_recipe)
+    assert tree.program.meta["speculation"]["draft_heads"]["tree"] == [2, 2]
+    for prompt in heldout_prompts:  # a tree of each Hydra head's top 2 after each parent, verified in one forward
+        ids = torch.tensor([prompt])
+        assert torch.equal(tree.generate(ids, max_new_tokens=40, eos_token_id=[]),
+                           plain.generate(ids, max_new_tokens=40, eos_token_id=[]))
     compiled.save(tmp_path / "artifact")
     assert (tmp_path / "artifact" / "drafter.safetensors").is_file()
     ids = torch.tensor([heldout_prompts[0]])

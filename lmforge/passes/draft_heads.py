@@ -82,8 +82,6 @@ class DraftHeads(Pass):
         heads, config = load_heads(self.config.path, getattr(program.graph_module, lm_head.target))
         check_draft_length(program.meta["kv_cache"], heads.count, self.name)
         if isinstance(heads, HydraHeads):
-            if self.config.tree is not None:
-                raise LmforgeError("draft_heads: Hydra heads draft a chain, each head after the one before; drop `tree:`")
             _return_hidden_state(program, projection, hidden)
             program.drafter = heads.tensors()
         else:

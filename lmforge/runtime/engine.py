@@ -26,6 +26,7 @@ from lmforge.runtime.speculative import (
     accept_tree,
     build_tree,
     compact_cache,
+    medusa_children,
 )
 
 Runner = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -235,11 +236,12 @@ class Engine:
         """The draft heads' proposal for up to `room` tokens after `last` (B,), from what the
         program returned at the position of the last accepted token: Medusa heads' logits
         (their top-1 chain, or a tree of their top-`widths` at batch 1), or the hidden state
-        Hydra heads draft their chain from."""
+        Hydra heads draft their chain (or tree) from."""
+        if widths:
+            children = self.drafter.children(inputs[0]) if self.drafter is not None else medusa_children(inputs[0])
+            return lambda room: build_tree(int(last[0]), widths[: min(room, self.draft_heads)], children)
         if self.drafter is not None:
             return lambda room: self.drafter.draft(inputs, last, room)
-        if widths:
-            return lambda room: build_tree(int(last[0]), inputs[0], widths[:room])
         return lambda room: inputs.argmax(-1)[:, :room]
 
     @staticmethod

@@ -11,6 +11,7 @@ smallest accepted length, so their caches stay aligned and nothing is lost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -148,21 +149,31 @@ class TokenTree:
         return allowed
 
 
-def build_tree(root_token: int, guesses: torch.Tensor, widths: list[int]) -> TokenTree:
-    """A tree whose depth-d level holds, under every node of level d-1, the top `widths[d-1]`
-    tokens of head d-1 (`guesses`: (heads, vocab) logits of the heads at the root)."""
+Children = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def build_tree(root_token: int, widths: list[int], children: Children) -> TokenTree:
+    """A tree whose depth-d level holds, under every node of level d-1, `widths[d-1]`
+    candidates: `children(d, parent_tokens, width)` gives them as (parents, width) tokens,
+    best first — the same top-k of head d-1 under every parent for Medusa heads, which
+    guess from the root alone, a top-k per parent for Hydra heads, which read the parent."""
     parents, tokens, depths, level = [-1], [root_token], [0], [0]
-    for depth, width in enumerate(widths[: guesses.shape[0]], start=1):
-        candidates = guesses[depth - 1].topk(width).indices.tolist()
+    for depth, width in enumerate(widths, start=1):
+        candidates = children(depth, torch.tensor([tokens[node] for node in level]), width).tolist()
         next_level = []
-        for parent in level:
-            for token in candidates:
+        for parent, row in zip(level, candidates):
+            for token in row:
                 parents.append(parent)
                 tokens.append(token)
                 depths.append(depth)
                 next_level.append(len(tokens) - 1)
         level = next_level
     return TokenTree(parents, torch.tensor(tokens), torch.tensor(depths))
+
+
+def medusa_children(guesses: torch.Tensor) -> Children:
+    """Children for heads that guess from the root only (`guesses`: (heads, vocab) logits)."""
+    return lambda depth, parents, width: guesses[depth - 1].topk(width).indices.expand(len(parents), -1)
 
 
 def accept_tree(logits: torch.Tensor, tree: TokenTree) -> tuple[list[int], int]:
