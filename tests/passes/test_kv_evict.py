@@ -68,3 +68,18 @@ def test_pass_measures_by_decoding_and_refuses_draft_sources(ref_hf, ref_data):
     PromptLookupPass()(drafting, context(ref_hf, ref_data))
     with pytest.raises(LmforgeError, match="kv_evict: the program drafts tokens"):
         KVEvict(config)(drafting, context(ref_hf, ref_data))
+
+
+def test_evicting_program_survives_an_artifact(tmp_path, ref_path):
+    import lmforge
+
+    recipe = (f"calibration: {{data: {ref_path / 'heldout.txt'}, samples: 2, eval_samples: 2, seq_len: 64}}\n"
+              "passes:\n  - name: cleanup\n  - name: kv_evict\n    capacity: 48\n    recent: 16\n    seq_len: 160\n"
+              "    samples: 1\n    eval_samples: 1\n  - name: fuse_projections\nruntime: {max_seq_len: 256}\n")
+    compiled = lmforge.optimize(ref_path, recipe)
+    prompt = torch.arange(5, 105)[None]
+    tokens = compiled.generate(prompt, max_new_tokens=30, eos_token_id=[])
+    compiled.save(tmp_path / "artifact")
+    reloaded = lmforge.load(tmp_path / "artifact")
+    assert reloaded.program.meta["kv_cache"][0]["kind"] == "evict"
+    assert torch.equal(reloaded.generate(prompt, max_new_tokens=30, eos_token_id=[]), tokens)
