@@ -129,8 +129,11 @@ class SparsePrefill(LossyPass):
         if config.seq_len < config.min_length:
             raise LmforgeError(f"sparse_prefill: seq_len {config.seq_len} is below min_length {config.min_length}, so "
                                "calibration would never see a sparse prefill")
-        long = data.at_length(config.seq_len, config.samples, config.eval_samples)
         layers = eligible_layers(program)
+        if not layers:
+            return PassResult(notes=("no layer left to make sparse: every layer's attention is windowed or was already "
+                                     "rewritten (e.g. all of its heads stream)",))
+        long = data.at_length(config.seq_len, config.samples, config.eval_samples)
         notes = []
         if len(layers) < program.meta["num_layers"]:
             notes.append(f"layers {sorted(set(range(program.meta['num_layers'])) - set(layers))} stay dense "

@@ -59,3 +59,13 @@ def test_a_budget_that_drops_too_much_is_refused_by_the_quality_check(ref_hf, re
     with pytest.raises(LmforgeError, match="sparse_prefill: a budget of 2 blocks .* misses the quality budget"):
         SparsePrefill(SparsePrefill.Config(budget=2, **OPTIONS))(capture(ref_hf),
                                                                    context(ref_hf, ref_data, max_kl=1e-4))
+
+
+def test_nothing_left_to_make_sparse_is_a_note_not_an_error(ref_hf, ref_data):
+    from lmforge.passes.streaming_heads import split_heads
+
+    program = capture(ref_hf)
+    split_heads(program, {layer: [True] * 4 for layer in range(8)}, 4, 64, 8)
+    result = SparsePrefill(SparsePrefill.Config(budget=4, **OPTIONS))(program, context(ref_hf, ref_data))
+    assert result.rewrites == 0 and "no layer left to make sparse" in result.notes[0]
+    assert "sparse_prefill" not in program.meta
