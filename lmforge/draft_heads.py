@@ -119,9 +119,10 @@ class HydraHeads:
 
     def children(self, hidden: torch.Tensor):
         """Tree children for `runtime.speculative.build_tree`: head d-1's top-k after each
-        parent token, from the hidden state (H,) of the last accepted position."""
+        parent token (B, m), from the hidden states (B, H) of the last accepted positions."""
         def top(depth: int, parents: torch.Tensor, width: int) -> torch.Tensor:
-            return self.head_logits(depth - 1, hidden.expand(len(parents), -1), parents).topk(width).indices
+            states = hidden[:, None].expand(-1, parents.shape[1], -1)
+            return self.head_logits(depth - 1, states, parents).topk(width).indices
         return top
 
     def draft(self, hidden: torch.Tensor, first: torch.Tensor, length: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ def assert_cache_holds_only_accepted_tokens(engine, tokens: torch.Tensor, tolera
     fresh = [None if buffer is None else (torch.zeros_like(buffer[0]), torch.zeros_like(buffer[1]))
              for buffer in engine.cache.buffers]
     with attention_context(AttentionContext(kv=fresh, start=0, q_len=valid)):
-        engine.runner(tokens[:, :valid], torch.arange(valid)[None])
+        engine.runner(tokens[:, :valid], torch.arange(valid).expand(tokens.shape[0], -1))
     for buffer, expected in zip(engine.cache.buffers, fresh):
         if buffer is None:
             continue

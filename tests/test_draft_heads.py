@@ -97,20 +97,20 @@ def test_tree_node_logits_equal_running_each_path_alone():
     model = tiny_model("llama", num_layers=2)
     compiled = lmforge.optimize(model, PLAIN)
     prompt = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(3))
-    guesses = torch.randn(3, 256, generator=torch.Generator().manual_seed(4))
-    tree = build_tree(int(prompt[0, -1]), [3, 2, 1], medusa_children(guesses))
+    guesses = torch.randn(1, 3, 256, generator=torch.Generator().manual_seed(4))
+    tree = build_tree(prompt[:, -1], [3, 2, 1], medusa_children(guesses))
     assert len(tree.parents) == 1 + 3 + 6 + 6
     compiled.engine._ensure_cache(1, 64)
     with pytest.raises(LmforgeError, match="not rewritten for them"):  # plain attention refuses tree masks
-        compiled.engine.step(tree.tokens[None], tree.depths[None], 0, None, every_position=True, tree=tree.mask())
+        compiled.engine.step(tree.tokens, tree.depths[None], 0, None, every_position=True, tree=tree.mask())
     program = compiled.program.clone()
     assert use_tree_attention(program) == 2  # the graph rewrite: every layer's attention becomes tree_attention
     engine = Engine(lower(program, CodegenConfig()), program.meta["kv_cache"], max_seq_len=64)
     engine._ensure_cache(1, 64)
     engine.step(prompt[:, :-1], torch.arange(9)[None], 0, None)
-    tree_logits = engine.step(tree.tokens[None], (9 + tree.depths)[None], 9, None, every_position=True, tree=tree.mask())
+    tree_logits = engine.step(tree.tokens, (9 + tree.depths)[None], 9, None, every_position=True, tree=tree.mask())
     for node in range(len(tree.parents)):
-        alone = torch.cat([prompt[0, :-1], tree.tokens[tree.path_to(node)]])[None]
+        alone = torch.cat([prompt[0, :-1], tree.tokens[0, tree.path_to(node)]])[None]
         torch.testing.assert_close(tree_logits[0, node], compiled(alone).logits[0, -1], atol=1e-4, rtol=1e-4)
 
 
@@ -126,6 +126,11 @@ def test_tree_verification_is_greedy_exact_and_compacts_the_cache(tmp_path, arch
     assert torch.equal(tokens, plain.generate(prompt, max_new_tokens=30, eos_token_id=[]))
     assert tree.engine.speculation_stats["drafted"] >= 15  # at least one tree of 15 candidates was verified
     assert_cache_holds_only_accepted_tokens(tree.engine, tokens)
+    batch = ids[:3, :12]  # one tree per row, same shape; rows advance by the shortest accepted path
+    tokens = tree.generate(batch, max_new_tokens=30, eos_token_id=[])
+    assert torch.equal(tokens, plain.generate(batch, max_new_tokens=30, eos_token_id=[]))
+    assert tree.engine.speculation_stats["drafted"] >= 15
+    assert_cache_holds_only_accepted_tokens(tree.engine, tokens)
 
 
 def test_compaction_moves_the_accepted_path_to_consecutive_slots():
@@ -133,7 +138,7 @@ def test_compaction_moves_the_accepted_path_to_consecutive_slots():
 
     key = torch.arange(16.0).view(1, 1, 16, 1).expand(1, 2, 16, 3).clone()
     value = -key
-    compact_cache([(key, value), None], 4, [0, 2, 5, 9])  # root at slot 4, then nodes 2, 5, 9 of the tree
+    compact_cache([(key, value), None], 4, [[0, 2, 5, 9]])  # root at slot 4, then nodes 2, 5, 9 of the tree
     assert key[0, 1, 4:8, 2].tolist() == [4.0, 6.0, 9.0, 13.0] and value[0, 0, 5, 0] == -6.0
     assert key[0, 0, :4, 0].tolist() == [0.0, 1.0, 2.0, 3.0]  # the prefix is untouched
 
@@ -153,6 +158,12 @@ def test_tree_verification_on_the_reference_checkpoint(tmp_path, ref_path, ref_h
     stats = tree.engine.speculation_stats
     assert stats["accepted"] > 0 and stats["forwards"] < 64
     assert_cache_holds_only_accepted_tokens(tree.engine, tokens, tolerance=1e-4)
+    padded = windows[-3:-1, :100].clone()
+    mask = torch.ones_like(padded)
+    mask[1, :30] = 0  # a left-padded row in a batch of trees
+    tokens = tree.generate(padded, mask, max_new_tokens=48, eos_token_id=[])
+    assert torch.equal(tokens, plain.generate(padded, mask, max_new_tokens=48, eos_token_id=[]))
+    assert tree.engine.speculation_stats["accepted"] > 0
 
 
 def test_auto_tree_picks_the_most_tokens_per_second_from_measurements(tmp_path):

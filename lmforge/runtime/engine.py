@@ -172,8 +172,8 @@ class Engine:
         lookup = self.speculation.get("prompt_lookup")
         lookups = [PromptLookup(**lookup) for _ in range(batch)] if lookup else []
         tree_widths = self.speculation.get("draft_heads", {}).get("tree")
-        if batch > 1 or sampling.do_sample or not self._plain_cache():
-            tree_widths = None  # trees: greedy, one row, and plain cache slots that can be compacted
+        if sampling.do_sample or not self._plain_cache():
+            tree_widths = None  # trees: greedy, and plain cache slots that can be compacted
         typical_options = self.speculation.get("draft_heads", {}).get("typical_acceptance")
         typical = TypicalAcceptance(**typical_options) if typical_options else None
         gate = ProfitabilityGate()
@@ -182,19 +182,21 @@ class Engine:
             streamer.put(input_ids.cpu())
         logits = self.step(input_ids, positions, 0, pad)[:, None]
         drafts, length = None, prompt_len
+        rows = torch.arange(batch)
         while True:
-            head_index = -1  # the position whose token was accepted last
+            head_index = torch.full((batch,), -1)  # per row, the position whose token was accepted last
             if drafts is None:
                 new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
             else:
                 if isinstance(drafts, TokenTree):
-                    path, own = accept_tree(logits[0], drafts)
-                    compact_cache(self.cache.buffers, length - 1, path)
-                    head_index, accepted, drafted = path[-1], len(path) - 1, len(drafts.parents) - 1
-                    new_tokens = torch.cat([drafts.tokens[path[1:]], torch.tensor([own])])[None]
+                    paths, own = accept_tree(logits, drafts)
+                    compact_cache(self.cache.buffers, length - 1, paths)
+                    nodes = torch.tensor(paths)
+                    head_index, accepted, drafted = nodes[:, -1], nodes.shape[1] - 1, len(drafts.parents) - 1
+                    new_tokens = torch.cat([drafts.tokens.gather(1, nodes[:, 1:]), own[:, None]], dim=1)
                 else:
                     accepted, own = accept(logits, drafts, sampling, generator, typical)
-                    head_index, drafted = accepted, drafts.shape[1]
+                    head_index, drafted = torch.full((batch,), accepted), drafts.shape[1]
                     new_tokens = torch.cat([drafts[:, :accepted], own[:, None]], dim=1)
                 gate.record(accepted)
                 self.speculation_stats["drafted"] += drafted
@@ -213,11 +215,11 @@ class Engine:
                     break
             if length == total or not bool(unfinished.any()):
                 break
-            heads = self._head_drafts(self.draft_inputs[:, head_index], tokens[:, length - 1], tree_widths) \
+            heads = self._head_drafts(self.draft_inputs[rows, head_index], tokens[:, length - 1], tree_widths) \
                 if self.draft_heads else None
             drafts = self._drafts(lookups, heads, gate, tokens[:, :length], room=total - length - 1)
             if isinstance(drafts, TokenTree):
-                feed, offsets, tree = drafts.tokens[None], drafts.depths, drafts.mask()
+                feed, offsets, tree = drafts.tokens, drafts.depths, drafts.mask()
             else:
                 feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
                 offsets, tree = torch.arange(feed.shape[1]), None
@@ -235,11 +237,11 @@ class Engine:
     def _head_drafts(self, inputs: torch.Tensor, last: torch.Tensor, widths: list[int] | None):
         """The draft heads' proposal for up to `room` tokens after `last` (B,), from what the
         program returned at the position of the last accepted token: Medusa heads' logits
-        (their top-1 chain, or a tree of their top-`widths` at batch 1), or the hidden state
+        (their top-1 chain, or a tree of their top-`widths`), or the hidden state
         Hydra heads draft their chain (or tree) from."""
         if widths:
-            children = self.drafter.children(inputs[0]) if self.drafter is not None else medusa_children(inputs[0])
-            return lambda room: build_tree(int(last[0]), widths[: min(room, self.draft_heads)], children)
+            children = self.drafter.children(inputs) if self.drafter is not None else medusa_children(inputs)
+            return lambda room: build_tree(last, widths[: min(room, self.draft_heads)], children)
         if self.drafter is not None:
             return lambda room: self.drafter.draft(inputs, last, room)
         return lambda room: inputs.argmax(-1)[:, :room]

@@ -125,12 +125,13 @@ def accept(
 
 @dataclass
 class TokenTree:
-    """Draft candidates as a tree below the last accepted token (node 0, the root):
-    `parents[i]` is node i's parent, `tokens[i]` its token, `depths[i]` its distance from
-    the root; nodes are in breadth-first order, so parents come first."""
+    """Draft candidates as a tree below the last accepted token (node 0, the root), one
+    tree per batch row with the same shape: `parents[i]` is node i's parent, `depths[i]`
+    its distance from the root, `tokens[row, i]` its token in that row; nodes are in
+    breadth-first order, so parents come first."""
 
     parents: list[int]
-    tokens: torch.Tensor
+    tokens: torch.Tensor  # (batch, nodes)
     depths: torch.Tensor
 
     def path_to(self, node: int) -> list[int]:
@@ -152,53 +153,65 @@ class TokenTree:
 Children = Callable[[int, torch.Tensor, int], torch.Tensor]
 
 
-def build_tree(root_token: int, widths: list[int], children: Children) -> TokenTree:
-    """A tree whose depth-d level holds, under every node of level d-1, `widths[d-1]`
-    candidates: `children(d, parent_tokens, width)` gives them as (parents, width) tokens,
-    best first — the same top-k of head d-1 under every parent for Medusa heads, which
-    guess from the root alone, a top-k per parent for Hydra heads, which read the parent."""
-    parents, tokens, depths, level = [-1], [root_token], [0], [0]
+def build_tree(roots: torch.Tensor, widths: list[int], children: Children) -> TokenTree:
+    """Trees below `roots` (B,) whose depth-d level holds, under every node of level d-1,
+    `widths[d-1]` candidates: `children(d, parent_tokens, width)` maps (B, m) parent tokens
+    to (B, m, width) tokens, best first — the same top-k of head d-1 under every parent for
+    Medusa heads, which guess from the root alone, a top-k per parent for Hydra heads, which
+    read the parent."""
+    parents, depths, level = [-1], [0], [0]
+    columns = [roots]
     for depth, width in enumerate(widths, start=1):
-        candidates = children(depth, torch.tensor([tokens[node] for node in level]), width).tolist()
+        candidates = children(depth, torch.stack([columns[node] for node in level], dim=1), width)
         next_level = []
-        for parent, row in zip(level, candidates):
-            for token in row:
+        for index, parent in enumerate(level):
+            for rank in range(width):
                 parents.append(parent)
-                tokens.append(token)
                 depths.append(depth)
-                next_level.append(len(tokens) - 1)
+                columns.append(candidates[:, index, rank])
+                next_level.append(len(columns) - 1)
         level = next_level
-    return TokenTree(parents, torch.tensor(tokens), torch.tensor(depths))
+    return TokenTree(parents, torch.stack(columns, dim=1), torch.tensor(depths))
 
 
 def medusa_children(guesses: torch.Tensor) -> Children:
-    """Children for heads that guess from the root only (`guesses`: (heads, vocab) logits)."""
-    return lambda depth, parents, width: guesses[depth - 1].topk(width).indices.expand(len(parents), -1)
+    """Children for heads that guess from the root only (`guesses`: (B, heads, vocab) logits)."""
+    def top(depth: int, parents: torch.Tensor, width: int) -> torch.Tensor:
+        return guesses[:, depth - 1].topk(width).indices[:, None].expand(-1, parents.shape[1], -1)
+    return top
 
 
-def accept_tree(logits: torch.Tensor, tree: TokenTree) -> tuple[list[int], int]:
-    """Greedy verification of a tree from its forward's logits (n, vocab): the deepest
-    path of nodes each equal to the model's choice after its parent, and the model's own
-    next token after that path. Returns the path's node indices (root first)."""
-    predicted = logits.argmax(-1).tolist()
-    accepted = [True] + [False] * (len(tree.parents) - 1)
-    best = 0
-    for node in range(1, len(tree.parents)):
-        parent = tree.parents[node]
-        accepted[node] = accepted[parent] and int(tree.tokens[node]) == predicted[parent]
-        if accepted[node] and tree.depths[node] > tree.depths[best]:
-            best = node
-    return tree.path_to(best), predicted[best]
+def accept_tree(logits: torch.Tensor, tree: TokenTree) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy verification of the trees from their forward's logits (B, n, vocab): per row
+    the deepest path of nodes each equal to the model's choice after its parent, cut to the
+    shortest row's depth so the rows stay aligned. Returns the paths (root first, equal
+    length) and each row's next token: the model's own choice after its cut path."""
+    predicted = logits.argmax(-1)
+    paths = []
+    for row, choices in enumerate(predicted.tolist()):
+        accepted = [True] + [False] * (len(tree.parents) - 1)
+        best = 0
+        for node in range(1, len(tree.parents)):
+            parent = tree.parents[node]
+            accepted[node] = accepted[parent] and int(tree.tokens[row, node]) == choices[parent]
+            if accepted[node] and tree.depths[node] > tree.depths[best]:
+                best = node
+        paths.append(tree.path_to(best))
+    depth = min(len(path) for path in paths)
+    paths = [path[:depth] for path in paths]
+    last = torch.tensor([path[-1] for path in paths])
+    return paths, predicted[torch.arange(len(paths)), last]
 
 
-def compact_cache(buffers: list, start: int, path: list[int]) -> None:
-    """Move the keys and values of the accepted path's nodes (written at slots
-    `start + node`) to consecutive slots `start + depth`, as if only the path had been fed."""
-    for depth, node in enumerate(path):
-        if node == depth:
+def compact_cache(buffers: list, start: int, paths: list[list[int]]) -> None:
+    """Move each row's accepted path's keys and values (written at slots `start + node`) to
+    consecutive slots `start + depth`, as if only the path had been fed."""
+    nodes = torch.tensor(paths)
+    if bool((nodes == torch.arange(nodes.shape[1])).all()):
+        return
+    for buffer in buffers:
+        if buffer is None:
             continue
-        for buffer in buffers:
-            if buffer is None:
-                continue
-            for tensor in buffer:
-                tensor[:, :, start + depth] = tensor[:, :, start + node]
+        for tensor in buffer:
+            index = (start + nodes)[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
+            tensor[:, :, start : start + nodes.shape[1]] = tensor.gather(2, index)
