@@ -50,7 +50,7 @@ class TypicalAcceptanceConfig(BaseModel):
 class DraftHeadsConfig(PassConfig):
     path: str = Field(description="directory written by `lmforge train-heads` (heads.safetensors + heads.json)")
     tree: list[int] | Literal["auto"] | None = Field(
-        None, description="greedy decoding at batch 1: verify a tree with the top-k of each head (e.g. [3, 2, 1]) "
+        None, description="greedy decoding: verify a tree (one per batch row) with the top-k of each head (e.g. [3, 2, 1]) "
         "instead of the heads' top-1 chain; auto: the tree with the best expected tokens per second, from the heads' "
         "measured per-rank hit rates and verify latencies measured here"
     )
