@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from lmforge.compiler.architectures import ArchitectureSpec
-from lmforge.compiler.ops import ATTENTION_OPS
+from lmforge.compiler.ops import ATTENTION_OPS, attention
 
 LAYER_KEY = "lmforge_layer"
 ROLE_KEY = "lmforge_role"
@@ -124,3 +124,22 @@ def build_layer_map(graph_module: fx.GraphModule, spec: ArchitectureSpec, num_la
         elif role == "residual_add":
             entry.residual_adds.append(node)
     return layers
+
+
+def plain_attention_layers(layers: LayerMap, layout: list[dict], *, own_cache: bool, windowed: bool) -> list[int]:
+    """Layers whose attention is still the plain `lmforge::attention` op, which the passes
+    that swap in a sibling op can rewrite. `own_cache`: only layers on a cache slot no other
+    layer reads and no pass changed the kind of (a shared or merged slot cannot be split or
+    evicted per layer); `windowed`: sliding-window layers count too."""
+    chosen = []
+    for entry in layers:
+        node = entry.attention
+        if node is None or node.target is not attention or (not windowed and node.args[5] > 0):
+            continue
+        slot = layout[entry.index]
+        if own_cache and (slot["cache"] != entry.index or "kind" in slot
+                          or sum(other["cache"] == entry.index for other in layout) > 1):
+            continue
+        chosen.append(entry.index)
+    return chosen
+

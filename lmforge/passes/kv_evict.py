@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lmforge.compiler.layermap import set_role
-from lmforge.compiler.ops import attention, evicting_attention
+from lmforge.compiler.layermap import plain_attention_layers, set_role
+from lmforge.compiler.ops import evicting_attention
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
@@ -41,16 +41,6 @@ class KVEvictConfig(PassConfig):
     samples: int = Field(2, ge=1, description="long calibration windows")
     eval_samples: int = Field(2, ge=1, description="long held-out windows")
     quality_budget: QualityBudget | None = Field(None, description="overrides the recipe-wide quality_budget")
-
-
-def eligible_layers(program: Program) -> list[int]:
-    """Layers whose attention is the plain op without a sliding window, on a cache slot of
-    their own that no other layer reads."""
-    layout = program.meta["kv_cache"]
-    return [layer for layer in range(program.meta["num_layers"])
-            if program.layers[layer].attention is not None and program.layers[layer].attention.target is attention
-            and program.layers[layer].attention.args[5] <= 0 and layout[layer]["cache"] == layer
-            and "kind" not in layout[layer] and sum(entry["cache"] == layer for entry in layout) == 1]
 
 
 def make_evicting(program: Program, layers: list[int], capacity: int, recent: int, decay: float, observe: int) -> int:
@@ -81,7 +71,7 @@ class KVEvict(LossyPass):
                                "token per forward, so put kv_evict in a recipe without a draft source")
         data, budget = self.calibration_and_budget(ctx)
         long = data.at_length(config.seq_len, config.samples, config.eval_samples)
-        eligible = eligible_layers(program)
+        eligible = plain_attention_layers(program.layers, program.meta["kv_cache"], own_cache=True, windowed=False)
         layers = sorted(set(config.layers)) if config.layers is not None else eligible
         for layer in layers:
             if layer not in eligible:

@@ -22,8 +22,8 @@ import torch
 from pydantic import Field
 
 from lmforge.compiler.attention_patterns import load_patterns
-from lmforge.compiler.layermap import set_role
-from lmforge.compiler.ops import attention, sparse_attention
+from lmforge.compiler.layermap import plain_attention_layers, set_role
+from lmforge.compiler.ops import sparse_attention
 from lmforge.compiler.program import Program
 from lmforge.compiler.sparse_attention import PATTERNS, pattern_blocks
 from lmforge.errors import LmforgeError
@@ -104,13 +104,6 @@ def make_sparse(program: Program, patterns: dict[int, list[int]], budget: int, b
     return rewritten
 
 
-def eligible_layers(program: Program) -> list[int]:
-    """Layers whose (retrieval) attention is the plain op without a sliding window."""
-    return [layer for layer in range(program.meta["num_layers"])
-            if program.layers[layer].attention is not None and program.layers[layer].attention.target is attention
-            and program.layers[layer].attention.args[5] <= 0]
-
-
 def density(length: int, block: int, budget: int) -> float:
     """Share of the causal blocks computed at `length` tokens."""
     count = -(-length // block)
@@ -129,7 +122,7 @@ class SparsePrefill(LossyPass):
         if config.seq_len < config.min_length:
             raise LmforgeError(f"sparse_prefill: seq_len {config.seq_len} is below min_length {config.min_length}, so "
                                "calibration would never see a sparse prefill")
-        layers = eligible_layers(program)
+        layers = plain_attention_layers(program.layers, program.meta["kv_cache"], own_cache=False, windowed=False)
         if not layers:
             return PassResult(notes=("no layer left to make sparse: every layer's attention is windowed or was already "
                                      "rewritten (e.g. all of its heads stream)",))

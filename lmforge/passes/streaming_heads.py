@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import fx
 
 from lmforge.compiler.attention_patterns import load_patterns
-from lmforge.compiler.layermap import set_role
+from lmforge.compiler.layermap import plain_attention_layers, set_role
 from lmforge.compiler.ops import AttentionContext, attention, attention_context, streaming_attention
 from lmforge.compiler.program import Program, final_hidden_state
 from lmforge.compiler.sparse_attention import streaming_allowed
@@ -81,16 +81,6 @@ class StreamingHeadsConfig(PassConfig):
     patterns: str | None = Field(
         None, description="reuse the head scores of an attention_patterns.json (or an artifact) made for this model"
     )
-
-
-def eligible_layers(program: Program) -> list[int]:
-    """Layers whose attention is the plain op on a cache slot of their own (a slot shared or
-    merged by kv_share cannot be split per head)."""
-    layout = program.meta["kv_cache"]
-    return [layer for layer in range(program.meta["num_layers"])
-            if program.layers[layer].attention is not None and program.layers[layer].attention.target is attention
-            and layout[layer]["cache"] == layer and "kind" not in layout[layer]
-            and all(other["cache"] != layer for other in layout if other["layer"] != layer)]
 
 
 def _head_counts(program: Program, layer: int) -> tuple[int, int]:
@@ -285,7 +275,7 @@ class StreamingHeads(LossyPass):
             raise LmforgeError(f"streaming_heads: seq_len {config.seq_len} must exceed sink + window = "
                                f"{config.sink + config.window}, or streaming changes nothing it can measure")
         long = data.at_length(config.seq_len, config.samples, config.eval_samples)
-        layers = eligible_layers(program)
+        layers = plain_attention_layers(program.layers, program.meta["kv_cache"], own_cache=True, windowed=True)
         notes = []
         skipped = sorted(set(range(program.meta["num_layers"])) - set(layers))
         if skipped:
