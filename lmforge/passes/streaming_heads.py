@@ -244,8 +244,6 @@ def split_heads(program: Program, kinds: HeadKinds, sink: int, window: int, slac
         primary = outputs[0] if keep_heads else result  # the LayerMap's attention: the retrieval op if any
         for new in created:
             set_role(new, layer, "attention" if new is primary else "attention_other")
-        result.meta.setdefault("custom", {}).update({key: value for key, value in (node.meta.get("custom") or {}).items()
-                                                     if key == "lmforge_pass"})
         node.replace_all_uses_with(result)
         graph.erase_node(node)
         layout[layer]["kv_heads"] = len(keep_heads)
