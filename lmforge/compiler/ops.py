@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -63,14 +63,18 @@ class AttentionContext:
     skip_counts: dict[int, int] | None = None
     tree: torch.Tensor | None = None
     last_only: bool = False
-    _masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    _masks: dict[Hashable, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int) -> torch.Tensor | None:
         """Boolean mask `(batch, 1, q_len, start + q_len)`, or None where plain causal
         attention (or no mask at all, for one query) is exact."""
-        if window not in self._masks:
-            self._masks[window] = self._build_mask(window)
-        return self._masks[window]
+        return self.cached(window, lambda: self._build_mask(window))
+
+    def cached(self, key: Hashable, build: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """A mask built once per forward under `key`, shared by every layer that asks."""
+        if key not in self._masks:
+            self._masks[key] = build()
+        return self._masks[key]
 
     def _build_mask(self, window: int) -> torch.Tensor | None:
         kv_len = self.start + self.q_len
@@ -342,10 +346,15 @@ def _streaming_attention(
         out = _streaming_full(q, k, v, ctx.pad, sink, window, scale, softcap)
     else:
         ring = ctx.kv[cache_index]
-        past = torch.where(ring.slots < ctx.start, ring.slots, -1)  # stale entries are hidden like empty ones
-        new = torch.arange(ctx.start, ctx.start + q.shape[2])
-        key_slots = torch.cat([past, new.expand(q.shape[0], -1)], dim=1).view(q.shape[0], 1, 1, -1)
-        allowed = streaming_allowed(new.view(1, 1, -1, 1), key_slots, first_real_slot(ctx.pad), sink, window)
+
+        def build_mask() -> torch.Tensor:
+            past = torch.where(ring.slots < ctx.start, ring.slots, -1)  # stale entries are hidden like empty ones
+            new = torch.arange(ctx.start, ctx.start + q.shape[2])
+            key_slots = torch.cat([past, new.expand(q.shape[0], -1)], dim=1).view(q.shape[0], 1, 1, -1)
+            return streaming_allowed(new.view(1, 1, -1, 1), key_slots, first_real_slot(ctx.pad), sink, window)
+
+        # every ring of the same shape holds the same slots before this forward writes it: one mask for all layers
+        allowed = ctx.cached(("streaming", sink, window, ring.keys.shape[2]), build_mask)
         keys, values = torch.cat([ring.keys, k], dim=2), torch.cat([ring.values, v], dim=2)
         out = attention_reference(q, keys, values, allowed, scale, softcap)
     if ctx.kv is not None:
