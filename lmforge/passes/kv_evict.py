@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from lmforge.compiler.layermap import plain_attention_layers, set_role
+from lmforge.compiler.layermap import plain_attention_layers
 from lmforge.compiler.ops import evicting_attention
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
@@ -44,15 +44,9 @@ class KVEvictConfig(PassConfig):
 
 
 def make_evicting(program: Program, layers: list[int], capacity: int, recent: int, decay: float, observe: int) -> int:
-    graph, layout = program.graph_module.graph, program.meta["kv_cache"]
+    layout = program.meta["kv_cache"]
     for layer in layers:
-        node = program.layers[layer].attention
-        with graph.inserting_before(node):
-            new = graph.call_function(evicting_attention, node.args)
-        new.meta = dict(node.meta)
-        set_role(new, layer, "attention")
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        program.layers[layer].attention.target = evicting_attention  # same arguments, another cache
         layout[layer].update(kind="evict", capacity=capacity, recent=recent, decay=decay, observe=observe)
     program.refresh()
     return len(layers)

@@ -51,6 +51,14 @@ class CopyTask:
         return (predicted == self.ids[:, self.answer_positions]).float().mean().item()
 
 
+def copy_report(task: CopyTask, reference: Callable[[torch.Tensor], torch.Tensor],
+                optimized: Callable[[torch.Tensor], torch.Tensor], label: str) -> dict[str, float]:
+    """Copy accuracy of the reference model, of the reference without the copied source (the
+    local-context baseline) and of the optimized program under `label`."""
+    return {"dense": task.accuracy(reference), "dense_without_source": task.control().accuracy(reference),
+            label: task.accuracy(optimized)}
+
+
 def build_copy_task(windows: torch.Tensor, cue: int = 32, answer: int = 32, source_fraction: float = 0.1) -> CopyTask:
     """Turn windows of real text `(N, length)` into copy-task sequences of the same length:
     the first `length - cue - answer` tokens of the window, then its span starting at

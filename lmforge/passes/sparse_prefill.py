@@ -22,14 +22,14 @@ import torch
 from pydantic import Field
 
 from lmforge.compiler.attention_patterns import load_patterns
-from lmforge.compiler.layermap import plain_attention_layers, set_role
+from lmforge.compiler.layermap import plain_attention_layers
 from lmforge.compiler.ops import sparse_attention
 from lmforge.compiler.program import Program
 from lmforge.compiler.sparse_attention import PATTERNS, pattern_blocks
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import LossyPass, Quality, QualityBudget, enforce_budget, full_logits, node_values
-from lmforge.passes.long_range import build_copy_task
+from lmforge.passes.long_range import build_copy_task, copy_report
 
 BUDGETS = (4, 6, 8, 12, 16)
 Pattern = Literal["a_shape", "vertical_slash", "block_sparse"]
@@ -88,17 +88,12 @@ def choose_patterns(program: Program, ids: torch.Tensor, layers: list[int], conf
 
 def make_sparse(program: Program, patterns: dict[int, list[int]], budget: int, block: int, min_length: int,
                 allow=lambda layer: True) -> int:
-    graph, rewritten = program.graph_module.graph, 0
+    rewritten = 0
     for layer, heads in sorted(patterns.items()):
         if not allow(layer):
             continue
         node = program.layers[layer].attention
-        with graph.inserting_before(node):
-            new = graph.call_function(sparse_attention, (*node.args, heads, budget, block, min_length))
-        new.meta = dict(node.meta)
-        set_role(new, layer, "attention")
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+        node.target, node.args = sparse_attention, (*node.args, heads, budget, block, min_length)
         rewritten += 1
     program.refresh()
     return rewritten
@@ -172,9 +167,8 @@ class SparsePrefill(LossyPass):
         rewritten = make_sparse(program, patterns, budget, config.block, config.min_length)
         quality = long.quality(lambda ids: full_logits(program, ids), "heldout")
         copy_task = build_copy_task(long.ids("heldout"))
-        copy = {"dense": copy_task.accuracy(lambda ids: data.reference(ids).logits),
-                "dense_without_source": copy_task.control().accuracy(lambda ids: data.reference(ids).logits),
-                "sparse": copy_task.accuracy(lambda ids: full_logits(program, ids))}
+        copy = copy_report(copy_task, lambda ids: data.reference(ids).logits, lambda ids: full_logits(program, ids),
+                           "sparse")
         computed = density(config.seq_len, config.block, budget)
         notes += enforce_budget(self.name, quality, quality_budget,
                                 f"a budget of {budget} blocks ({computed:.0%} of the attention at {config.seq_len} tokens)")

@@ -52,7 +52,7 @@ from lmforge.passes.calibrate import (
     full_logits,
     node_values,
 )
-from lmforge.passes.long_range import CopyTask, build_copy_task
+from lmforge.passes.long_range import CopyTask, build_copy_task, copy_report
 from lmforge.training import train
 
 aten = torch.ops.aten
@@ -321,9 +321,8 @@ class StreamingHeads(LossyPass):
         rewritten = split_heads(program, kinds, config.sink, config.window, config.slack)
         quality = streaming_quality(program, long, "heldout", config.sink, config.window)
         copy_task = build_copy_task(long.ids("heldout"))
-        copy = {"dense": copy_task.accuracy(lambda ids: data.reference(ids).logits),
-                "dense_without_source": copy_task.control().accuracy(lambda ids: data.reference(ids).logits),
-                "streaming": copy_task.accuracy(lambda ids: full_logits(program, ids))}
+        copy = copy_report(copy_task, lambda ids: data.reference(ids).logits, lambda ids: full_logits(program, ids),
+                           "streaming")
         notes += enforce_budget(self.name, quality, budget, f"streaming {chosen:.0%} of the KV heads")
         total = sum(len(values) for values in scores.values())
         streamed = sum(sum(values) for values in kinds.values())
