@@ -74,30 +74,39 @@ def main() -> None:
     parser.add_argument("--heads", type=Path, default=None, help="trained Medusa heads (default: train them here)")
     parser.add_argument("--hydra-heads", type=Path, default=None, help="trained Hydra heads (default: train them here)")
     parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="measure only the lmforge rows whose name contains one of these strings (and plain)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
-    heads_dir = _heads(args.heads, "medusa", args, hf, tokenizer)
-    hydra_dir = _heads(args.hydra_heads, "hydra", args, hf, tokenizer)
-    heads_pass = f"{{name: draft_heads, path: {heads_dir}}}"
-    hydra_pass = f"{{name: draft_heads, path: {hydra_dir}}}"
-    hydra_tree_pass = f"{{name: draft_heads, path: {hydra_dir}, tree: [3, 2, 1]}}"
-    tree_pass = f"{{name: draft_heads, path: {heads_dir}, tree: [3, 2, 1]}}"
-    models = {
-        "lmforge plain": lmforge.optimize(args.checkpoint, _recipe()),
-        "lmforge + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(LOOKUP)),
-        "lmforge + draft_heads": lmforge.optimize(args.checkpoint, _recipe(heads_pass)),
-        "lmforge + draft_heads + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(heads_pass, LOOKUP)),
-        "lmforge + draft_heads tree [3,2,1]": lmforge.optimize(args.checkpoint, _recipe(tree_pass)),
-        "lmforge + draft_heads tree [3,2,1] + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(tree_pass, LOOKUP)),
-        "lmforge + Hydra heads": lmforge.optimize(args.checkpoint, _recipe(hydra_pass)),
-        "lmforge + Hydra heads + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(hydra_pass, LOOKUP)),
-        "lmforge + Hydra tree [3,2,1]": lmforge.optimize(args.checkpoint, _recipe(hydra_tree_pass)),
-        "lmforge + Hydra tree [3,2,1] + prompt_lookup": lmforge.optimize(args.checkpoint, _recipe(hydra_tree_pass, LOOKUP)),
+
+    def wanted(name: str) -> bool:
+        return name == "lmforge plain" or not args.only or any(part in name for part in args.only)
+
+    heads_dirs = {"medusa": args.heads, "hydra": args.hydra_heads}
+
+    def heads_pass(kind: str, tree: str = "") -> str:
+        """The draft_heads entry for `kind`, training those heads the first time they are needed."""
+        heads_dirs[kind] = _heads(heads_dirs[kind], kind, args, hf, tokenizer)
+        return f"{{name: draft_heads, path: {heads_dirs[kind]}{tree}}}"
+
+    tree = ", tree: [3, 2, 1]"
+    recipes = {
+        "lmforge plain": lambda: _recipe(),
+        "lmforge + prompt_lookup": lambda: _recipe(LOOKUP),
+        "lmforge + draft_heads": lambda: _recipe(heads_pass('medusa')),
+        "lmforge + draft_heads + prompt_lookup": lambda: _recipe(heads_pass('medusa'), LOOKUP),
+        "lmforge + draft_heads tree [3,2,1]": lambda: _recipe(heads_pass('medusa', tree)),
+        "lmforge + draft_heads tree [3,2,1] + prompt_lookup": lambda: _recipe(heads_pass('medusa', tree), LOOKUP),
+        "lmforge + Hydra heads": lambda: _recipe(heads_pass('hydra')),
+        "lmforge + Hydra heads + prompt_lookup": lambda: _recipe(heads_pass('hydra'), LOOKUP),
+        "lmforge + Hydra tree [3,2,1]": lambda: _recipe(heads_pass('hydra', tree)),
+        "lmforge + Hydra tree [3,2,1] + prompt_lookup": lambda: _recipe(heads_pass('hydra', tree), LOOKUP),
     }
+    models = {name: lmforge.optimize(args.checkpoint, recipe()) for name, recipe in recipes.items() if wanted(name)}
     agreement_note = {name: models[name].program.history[1]["measurements"]["heldout_agreement"]
-                      for name in ("lmforge + draft_heads", "lmforge + Hydra heads")}
+                      for name in ("lmforge + draft_heads", "lmforge + Hydra heads") if name in models}
     text = (args.checkpoint / "heldout.txt").read_text()
     prompts_text = text[len(text) // 2 :]  # the heads trained on the first half
     totals: dict[str, dict] = {}

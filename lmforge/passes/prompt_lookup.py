@@ -18,7 +18,11 @@ from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, regis
 class PromptLookupConfig(PassConfig):
     max_ngram: int = Field(3, ge=1, description="longest suffix n-gram looked up (tried first)")
     min_ngram: int = Field(1, ge=1, description="shortest suffix n-gram looked up")
-    num_draft: int = Field(8, ge=1, description="tokens proposed after a match")
+    num_draft: int = Field(8, ge=1, description="tokens proposed after a match (of max_ngram tokens, with scale_by_match)")
+    scale_by_match: bool = Field(
+        True, description="a match of n tokens proposes ceil(num_draft * n / max_ngram) tokens: shorter matches "
+        "are right less often, and every drafted token costs verify work"
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> PromptLookupConfig:

@@ -198,7 +198,7 @@ class Engine:
                     accepted, own = accept(logits, drafts, sampling, generator, typical)
                     head_index, drafted = torch.full((batch,), accepted), drafts.shape[1]
                     new_tokens = torch.cat([drafts[:, :accepted], own[:, None]], dim=1)
-                gate.record(accepted)
+                gate.record(accepted, drafted)
                 self.speculation_stats["drafted"] += drafted
                 self.speculation_stats["accepted"] += accepted
             for column in new_tokens.unbind(1):

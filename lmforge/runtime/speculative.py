@@ -23,11 +23,17 @@ from lmforge.runtime.sampling import SamplingParams, filtered_logits
 class PromptLookup:
     """Draft by n-gram lookup (prompt lookup decoding): find the most recent earlier
     occurrence of the sequence's last n tokens (longest n first) and propose what followed
-    it. The index of n-gram → last start position is updated incrementally."""
+    it. The index of n-gram → last start position is updated incrementally.
+
+    With `scale_by_match`, a match of n tokens proposes `ceil(num_draft * n / max_ngram)`
+    tokens: on ref-llama-py's held-out code a 3-token match is followed by ~4 correct tokens
+    on average, a 1-token match by ~1 (70 % of them by none), and every drafted token
+    costs a row in the verify forward."""
 
     max_ngram: int = 3
     min_ngram: int = 1
     num_draft: int = 8
+    scale_by_match: bool = False
     _index: dict[tuple, int] = field(default_factory=dict)
     _indexed: int = 0
 
@@ -45,19 +51,29 @@ class PromptLookup:
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             follow = self._index.get(tuple(tokens[-n:]))
             if follow is not None:
-                return tokens[follow : follow + self.num_draft]
+                length = -(-self.num_draft * n // self.max_ngram) if self.scale_by_match else self.num_draft
+                return tokens[follow : follow + length]
         return []
 
 
 @dataclass
 class ProfitabilityGate:
-    """Stops drafting while drafts keep being rejected: after a draft with nothing
-    accepted, skip drafting for a cool-down that doubles each time (up to `max_cooldown`
-    steps), then probe again; any accepted token resets it."""
+    """Stops drafting while drafts lose time. Each verified draft adds its accepted tokens
+    (each saves a forward) minus `row_cost` per drafted token (the extra verify work, as a
+    fraction of a one-token forward) to a balance that decays by `decay` per draft. When
+    the balance falls below -`tolerance` (that much of a forward lost recently), drafting
+    pauses for a cool-down that doubles each time (up to `max_cooldown` steps); the probe
+    after it starts from that threshold, so a probe that misses pauses again at once and
+    one that pays resumes drafting. Recent wins thus carry a run of cheap misses, while a
+    source that keeps missing is switched off."""
 
+    row_cost: float = 0.05
+    decay: float = 0.9
+    tolerance: float = 1.0
     max_cooldown: int = 32
     cooldown: int = 0
     waiting: int = 0
+    balance: float = 0.0
 
     def should_draft(self) -> bool:
         if self.waiting > 0:
@@ -65,12 +81,13 @@ class ProfitabilityGate:
             return False
         return True
 
-    def record(self, accepted: int) -> None:
-        if accepted > 0:
+    def record(self, accepted: int, drafted: int) -> None:
+        self.balance = self.decay * self.balance + accepted - self.row_cost * drafted
+        if self.balance >= 0:
             self.cooldown = 0
-        else:
+        elif self.balance < -self.tolerance:
             self.cooldown = min(max(1, 2 * self.cooldown), self.max_cooldown)
-            self.waiting = self.cooldown
+            self.waiting, self.balance = self.cooldown, -self.tolerance / self.decay
 
 
 @dataclass(frozen=True)

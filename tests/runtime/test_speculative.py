@@ -34,19 +34,41 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     assert PromptLookup().propose([4]) == []
 
 
+def test_shorter_matches_propose_shorter_drafts():
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+
+    def scaled(tokens):
+        return PromptLookup(max_ngram=3, num_draft=6, scale_by_match=True).propose(tokens)
+
+    assert scaled([*text, 1, 2, 3]) == [4, 5, 6, 7, 8, 9]  # 3-token match: all 6
+    assert scaled([*text, 20, 2, 3]) == [4, 5, 6, 7]  # (2, 3) matched: ceil(6 * 2 / 3)
+    assert scaled([*text, 20, 21, 9]) == [10, 11]  # (9) matched: ceil(6 / 3)
+    assert PromptLookup(max_ngram=3, num_draft=6).propose([*text, 20, 21, 9]) == [10, 11, 12, 13, 20, 21]
+
+
 def test_gate_backs_off_while_drafts_are_rejected_and_probes_again():
-    gate = ProfitabilityGate(max_cooldown=4)
+    gate = ProfitabilityGate(row_cost=0.1, decay=0.5, tolerance=1.0, max_cooldown=4)
     pattern = []
-    for _ in range(11):
+    for _ in range(13):
         drafting = gate.should_draft()
         pattern.append(drafting)
         if drafting:
-            gate.record(0)
-    assert pattern == [True, False, True, False, False, True, False, False, False, False, True]
+            gate.record(0, 8)  # each miss loses 0.8 of a forward
+    # two misses pass the tolerance; then every probe misses and pauses again, twice as long
+    assert pattern == [True, True, False, True, False, False, True, False, False, False, False, True, False]
     while not gate.should_draft():
         pass
-    gate.record(2)  # a draft that paid off: no more waiting
+    gate.record(2, 8)  # a draft that paid off: no more waiting
     assert gate.should_draft() and gate.should_draft()
+
+
+def test_gate_lets_recent_wins_carry_cheap_misses():
+    gate = ProfitabilityGate(row_cost=0.05, decay=0.9, tolerance=1.0)
+    gate.record(5, 10)
+    for _ in range(9):  # each miss costs 10 rows = half a forward; the decaying win covers eight of them
+        assert gate.should_draft()
+        gate.record(0, 10)
+    assert not gate.should_draft()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gpt2", "phi"])
