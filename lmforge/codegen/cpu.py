@@ -1,7 +1,8 @@
 """CPU lowering: turn a Program into the callable the runtime executes.
 
-At this model size a decode step is a few hundred small operators, so the cost that
-matters is Python overhead per operator, not arithmetic. Backends:
+At this model size a decode step is a few hundred small operators plus one pass over every
+weight, which for ref-llama-py (28 MB in fp32) comes from DRAM each step: per-operator
+overhead and weight bandwidth are what matter, not arithmetic. Backends:
 
 - `aten` (default): emit the graph as Python source in which every ATen overload is bound
   to its C++ entry point and every weight to a global name of the generated function. This skips, per operator,
@@ -9,30 +10,23 @@ matters is Python overhead per operator, not arithmetic. Backends:
   module attribute lookup; lmforge's own ops call their Python kernel without a trip
   through the dispatcher; `torch.cond` branch subgraphs are emitted the same way and
   called through a plain `if`. Same kernels, same numbers as `fx`.
-  With `pack_weights` (default), every linear layer's fp32 weight is reordered once into
-  oneDNN's blocked layout and multiplied by `mkldnn::_linear_pointwise`: at batch 1 the
-  weights stream from DRAM every step (28 MB for ref-llama-py, more than this machine's
-  cache holds), and the plain matrix-vector product runs on one thread at ~9 GB/s while
-  the packed one runs on every core; a few-row verify forward also stops repacking the
-  weights on every call. Measured on ref-llama-py's 33 weights per step: 3.1 → 1.6 ms at
-  one row, 4.2 → 2.8 ms at 11 rows (benchmarks/decode.py). Results differ from the plain
-  product by float rounding (~1e-5); the `verify` pass checks greedy tokens as usual.
+  With `pack_weights` (default) linear layers multiply oneDNN-packed weights
+  (`cpu_kernels.py`): about 2× faster matrix products at batch 1 here.
 - `fx`: run the FX GraphModule as it is.
-- `inductor`: `torch.compile` of the graph. Measured about 2× faster than `aten` in steady
-  state on ref-llama-py here, after a ~40 s first-call compile (benchmarks/decode.py
-  --inductor); examples/recipes/fast.yaml uses it, the default recipe does not wait.
+- `inductor`: `torch.compile` of the graph (fused elementwise kernels), after a ~40 s
+  first-call compile; compare with `aten` in benchmarks/decode.py --inductor.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import re
 from collections.abc import Callable
 
 import torch
 from torch import fx
 
+from lmforge.codegen.cpu_kernels import select_cpu_kernels
 from lmforge.compiler.ops import PYTHON_KERNELS, last_position
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
@@ -48,35 +42,6 @@ def run_branch(predicate: torch.Tensor, on_true: Runner, on_false: Runner, opera
     """`torch.cond` as a plain Python branch: the higher-order op's dispatch (mode and
     functionalization checks) costs more per call than the small branches it guards here."""
     return on_true(*operands) if predicate else on_false(*operands)
-
-
-def can_pack_weights() -> bool:
-    return torch.backends.mkldnn.is_available()
-
-
-def pack_linear_weights(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """A copy of the graph in which every `aten.linear` whose weight is a 2-D fp32
-    attribute calls `mkldnn::_linear_pointwise` on a packed copy of that weight instead.
-    The original module, and the weights it saves, stay untouched."""
-    graph = copy.deepcopy(graph_module.graph)
-    packed = fx.GraphModule(graph_module, graph)
-    for node in list(graph.nodes):
-        if node.target is not torch.ops.aten.linear.default or node.args[1].op != "get_attr":
-            continue
-        weight = functools.reduce(getattr, node.args[1].target.split("."), packed)
-        if weight.dtype != torch.float32 or weight.ndim != 2 or weight.device.type != "cpu":
-            continue
-        name = f"{node.args[1].target.replace('.', '_')}_packed"
-        if not hasattr(packed, name):
-            packed.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
-        with graph.inserting_before(node):
-            packed_weight = graph.get_attr(name)
-        bias = node.args[2] if len(node.args) > 2 else None
-        node.target = torch.ops.mkldnn._linear_pointwise.default
-        node.args = (node.args[0], packed_weight, bias, "none", [], "")
-    graph.eliminate_dead_code()
-    packed.recompile()
-    return packed
 
 
 def emit_aten_source(graph_module: fx.GraphModule, pack_weights: bool = False) -> tuple[str, dict]:
@@ -108,8 +73,8 @@ def emit_aten_source(graph_module: fx.GraphModule, pack_weights: bool = False) -
 
 
 def compile_aten(graph_module: fx.GraphModule, pack_weights: bool = False) -> Runner:
-    if pack_weights and can_pack_weights():
-        graph_module = pack_linear_weights(graph_module)
+    if pack_weights:
+        graph_module = select_cpu_kernels(graph_module)
     source, bound = emit_aten_source(graph_module, pack_weights)
     namespace = dict(graph_module.forward.__globals__)
     namespace.update(bound)

@@ -6,7 +6,8 @@ import torch
 from tiny_models import tiny_model
 
 import lmforge
-from lmforge.codegen.cpu import can_pack_weights, emit_aten_source, pack_linear_weights
+from lmforge.codegen.cpu import emit_aten_source
+from lmforge.codegen.cpu_kernels import can_pack_weights, select_cpu_kernels
 
 
 def test_aten_backend_equals_fx_backend_exactly():
@@ -42,7 +43,7 @@ def test_packed_weights_keep_logits_and_greedy_tokens(arch):
     packed, plain = (lmforge.optimize(model, recipe % flag) for flag in ("true", "false"))
     graph = packed.program.graph_module
     linears = [n for n in graph.graph.nodes if n.target is torch.ops.aten.linear.default]
-    packed_graph = pack_linear_weights(graph)
+    packed_graph = select_cpu_kernels(graph)
     calls = [n for n in packed_graph.graph.nodes if n.target is torch.ops.mkldnn._linear_pointwise.default]
     assert linears and len(calls) == len(linears)
     assert not any(n.target is torch.ops.aten.linear.default for n in packed_graph.graph.nodes)

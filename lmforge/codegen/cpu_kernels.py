@@ -1,0 +1,66 @@
+"""CPU kernel selection for the `aten` backend: a graph copy that calls faster oneDNN
+kernels for the same arithmetic. The Program, and the weights an artifact saves, stay as
+they are; only the callable the runtime executes changes.
+
+Packed linear weights: every linear layer's fp32 weight is reordered once into oneDNN's
+blocked layout and multiplied by `mkldnn::_linear_pointwise`. At batch 1 the weights
+stream from DRAM every step (28 MB for ref-llama-py, more than this machine's cache
+holds); the plain matrix-vector product runs on one thread at ~9 GB/s, the packed one on
+every core, and a few-row verify forward no longer repacks the weights on every call.
+Measured on ref-llama-py's 33 weights per step: 3.1 → 1.6 ms at one row, 4.2 → 2.8 ms
+at 11 rows. Results differ from the plain product by float rounding (~1e-5); the
+`verify` pass checks greedy tokens as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def can_pack_weights() -> bool:
+    return torch.backends.mkldnn.is_available()
+
+
+def select_cpu_kernels(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `graph_module` with packed linear weights (the same graph where this
+    torch build has no oneDNN)."""
+    graph = copy.deepcopy(graph_module.graph)
+    selected = fx.GraphModule(graph_module, graph)
+    if can_pack_weights():
+        pack_linear_weights(selected)
+    graph.eliminate_dead_code()
+    selected.recompile()
+    return selected
+
+
+def _attribute(module: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = functools.reduce(getattr, node.target.split("."), module)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def pack_linear_weights(module: fx.GraphModule) -> None:
+    """Point every `aten.linear` whose weight is a 2-D fp32 CPU attribute at
+    `mkldnn::_linear_pointwise` on a packed copy of that weight (in place on `module`)."""
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.target is not aten.linear.default:
+            continue
+        weight = _attribute(module, node.args[1])
+        if weight is None or weight.dtype != torch.float32 or weight.ndim != 2 or weight.device.type != "cpu":
+            continue
+        name = f"{node.args[1].target.replace('.', '_')}_packed"
+        if not hasattr(module, name):
+            module.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        with graph.inserting_before(node):
+            packed_weight = graph.get_attr(name)
+        bias = node.args[2] if len(node.args) > 2 else None
+        node.target = torch.ops.mkldnn._linear_pointwise.default
+        node.args = (node.args[0], packed_weight, bias, "none", [], "")
