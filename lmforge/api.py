@@ -65,7 +65,7 @@ class CompiledModel:
             pad_token_id=generation["pad_token_id"],
             tokenizer=tokenizer,
             speculation=program.meta.get("speculation"),
-            drafter=HydraHeads(**program.drafter) if program.drafter else None,
+            drafter=HydraHeads(**program.drafter).for_runtime() if program.drafter else None,
         )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:

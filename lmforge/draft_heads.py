@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from lmforge.codegen.cpu_kernels import packed_linear
 from lmforge.errors import LmforgeError
 from lmforge.training import ProgressFn, train
 
@@ -84,10 +86,19 @@ class HydraHeads:
     block_bias: torch.Tensor
     output: torch.Tensor
     embedding: torch.Tensor
+    packed: list[tuple[Callable, Callable]] | None = None
 
     @property
     def count(self) -> int:
         return self.output.shape[0]
+
+    def for_runtime(self) -> HydraHeads:
+        """These heads with each head's two products on packed weights (`cpu_kernels`): the
+        runtime drafts a chain after every verify forward has just streamed the model's
+        weights through the cache, so the heads' 4 MB output projections come from DRAM."""
+        packed = [(packed_linear(self.block_weight[i], self.block_bias[i]), packed_linear(self.output[i]))
+                  for i in range(self.count)]
+        return HydraHeads(self.block_weight, self.block_bias, self.output, self.embedding, packed)
 
     @classmethod
     def initial(cls, lm_head: torch.Tensor, embedding: torch.Tensor, count: int) -> HydraHeads:
@@ -103,6 +114,9 @@ class HydraHeads:
     def head_logits(self, index: int, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Head `index` on hidden states (..., H) and previous tokens (...) → (..., V)."""
         inputs = torch.cat([hidden, F.embedding(previous, self.embedding)], dim=-1)
+        if self.packed is not None:
+            block, output = self.packed[index]
+            return output(hidden + F.silu(block(inputs)))
         state = hidden + F.silu(F.linear(inputs, self.block_weight[index], self.block_bias[index]))
         return F.linear(state, self.output[index])
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 aten = torch.ops.aten
@@ -25,6 +27,15 @@ aten = torch.ops.aten
 
 def can_pack_weights() -> bool:
     return torch.backends.mkldnn.is_available()
+
+
+def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`x -> F.linear(x, weight, bias)` on a packed copy of the weight where oneDNN is
+    available (for the weights the runtime multiplies outside the program: Hydra heads)."""
+    if not can_pack_weights() or weight.dtype != torch.float32:
+        return lambda x: F.linear(x, weight, bias)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def select_cpu_kernels(graph_module: fx.GraphModule) -> fx.GraphModule:
