@@ -25,7 +25,8 @@ class CodegenConfig(BaseModel):
     backend: Literal["aten", "fx", "inductor"] = Field(
         "aten",
         description="aten: generated Python calling ATen directly (no compile wait); fx: the FX "
-        "graph as is; inductor: torch.compile (fastest steady state measured here, ~40 s first call)",
+        "graph as is; inductor: torch.compile (fused elementwise kernels, ~40 s first call; slower than aten "
+        "with packed weights here, benchmarks/decode.py)",
     )
     pack_weights: bool = Field(
         True,
