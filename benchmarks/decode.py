@@ -2,7 +2,11 @@
 
 Prints tokens/s, the ratio to HF, whether greedy tokens are identical, and a per-token
 time breakdown of one lmforge decode step (torch.profiler). Also measures each codegen
-backend and the recipe with and without `fuse_projections`, so every lever is measured.
+backend, the recipe with and without `fuse_projections` and without packed weights, so
+every lever is measured; and the model's matrix products alone, one after another as a
+forward runs them, with plain and with oneDNN-packed weights at 1, 4 and 11 rows (what a
+decode step and a verify forward of drafted tokens multiply), with the weight bytes they
+read per second.
 
     python benchmarks/decode.py [--checkpoint DIR] [--new-tokens 64] [--inductor] [--json]
 """
@@ -22,19 +26,47 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
 from lmforge.benchmarking import heldout_prompts, time_generation
+from lmforge.codegen.cpu_kernels import packed_linear
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
 RECIPE = """
 passes:
 {passes}
-codegen: {{backend: {backend}}}
+codegen: {{backend: {backend}, pack_weights: {pack}}}
 runtime: {{max_seq_len: 1024}}
 """
 
 
-def _recipe(backend: str, fuse: bool) -> str:
+def _recipe(backend: str, fuse: bool, pack: bool = True) -> str:
     names = ["cleanup", "fuse_projections", "verify"] if fuse else ["cleanup", "verify"]
-    return RECIPE.format(passes="\n".join(f"  - name: {n}" for n in names), backend=backend)
+    return RECIPE.format(passes="\n".join(f"  - name: {n}" for n in names), backend=backend, pack=str(pack).lower())
+
+
+def _weight_products(model, repeats: int = 50) -> list[dict]:
+    """Time the program's linear weights multiplied one after another (a forward's worth
+    of matrix products), plain `F.linear` vs packed, for a few row counts."""
+    weights = [node.args[1] for node in model.program.graph_module.graph.nodes
+               if node.target is torch.ops.aten.linear.default and node.args[1].op == "get_attr"]
+    weights = [getattr(model.program.graph_module, node.target) for node in weights]
+    megabytes = sum(w.numel() * w.element_size() for w in weights) / 1e6
+    kernels = {"plain": [lambda x, w=w: torch.nn.functional.linear(x, w) for w in weights],
+               "packed": [packed_linear(w) for w in weights]}
+    rows = []
+    for count in (1, 4, 11):
+        inputs = [torch.randn(count, w.shape[1]) for w in weights]
+        for name, products in kernels.items():
+            def chain():
+                for product, x in zip(products, inputs):
+                    product(x)
+            for _ in range(5):
+                chain()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                chain()
+            milliseconds = (time.perf_counter() - start) / repeats * 1e3
+            rows.append({"rows": count, "weights": name, "ms": milliseconds, "megabytes": megabytes,
+                         "gigabytes_per_second": megabytes / milliseconds})
+    return rows
 
 
 def _profile_step(model, ids: torch.Tensor, steps: int = 30) -> list[tuple[str, float, int]]:
@@ -66,10 +98,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     text = (args.checkpoint / "heldout.txt").read_text()
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
-    variants = [("lmforge aten + fused", "aten", True), ("lmforge aten, no fusion", "aten", False), ("lmforge fx + fused", "fx", True)]
+    variants = [("lmforge aten + fused", "aten", True, True), ("lmforge aten + fused, plain weights", "aten", True, False),
+                ("lmforge aten, no fusion", "aten", False, True), ("lmforge fx + fused", "fx", True, True)]
     if args.inductor:
-        variants.append(("lmforge inductor + fused", "inductor", True))
-    models = {name: lmforge.optimize(args.checkpoint, _recipe(backend, fuse)) for name, backend, fuse in variants}
+        variants.append(("lmforge inductor + fused", "inductor", True, True))
+    models = {name: lmforge.optimize(args.checkpoint, _recipe(backend, fuse, pack)) for name, backend, fuse, pack in variants}
     probe = torch.tensor([heldout_prompts(text, tokenizer, 1, args.prompt_len)[0]])
     warmup_seconds = {}
     for name, model in models.items():  # first calls compile (inductor) or initialise lazily
@@ -99,8 +132,9 @@ def main() -> None:
                          "ratio": timing.tokens_per_second / hf_timing.tokens_per_second,
                          "identical": bool(torch.equal(timing.output, hf_timing.output))})
     breakdown = _profile_step(models["lmforge aten + fused"], probe)
+    products = _weight_products(models["lmforge aten + fused"])
     if args.json:
-        json.dump({"rows": rows, "step_breakdown_us": breakdown}, sys.stdout, indent=2)
+        json.dump({"rows": rows, "step_breakdown_us": breakdown, "weight_products": products}, sys.stdout, indent=2)
         return
     console = Console()
     table = Table(title=f"greedy decode on {args.checkpoint.name}: prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
@@ -117,6 +151,12 @@ def main() -> None:
     for key, micros, calls in breakdown:
         steps.add_row(key, f"{micros:.0f}", str(calls))
     console.print(steps)
+    chain = Table(title=f"the program's {products[0]['megabytes']:.1f} MB of linear weights, multiplied one after another")
+    for column in ("rows", "weights", "ms", "GB/s of weights"):
+        chain.add_column(column)
+    for row in products:
+        chain.add_row(str(row["rows"]), row["weights"], f"{row['ms']:.2f}", f"{row['gigabytes_per_second']:.1f}")
+    console.print(chain)
 
 
 if __name__ == "__main__":
