@@ -8,8 +8,9 @@ stream from DRAM every step (28 MB for ref-llama-py, more than this machine's ca
 holds); the plain matrix-vector product runs on one thread at ~9 GB/s, the packed one on
 every core, and a few-row verify forward no longer repacks the weights on every call.
 Measured on ref-llama-py's 33 weights per step (benchmarks/decode.py): 3.2 → 1.2–1.6 ms
-at one row, 4.2 → 1.9–2.8 ms at 11 rows. Results differ from the plain product by float rounding (~1e-5); the
-`verify` pass checks greedy tokens as usual.
+at one row, 4.2 → 1.9–2.8 ms at 11 rows. Results differ from the plain product by float
+rounding (~1e-5); the `verify` pass checks greedy tokens as usual. The packed copy is held
+beside the plain weights, so the linear weights take twice their size in memory.
 """
 
 from __future__ import annotations
