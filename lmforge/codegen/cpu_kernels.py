@@ -30,12 +30,20 @@ def can_pack_weights() -> bool:
     return torch.backends.mkldnn.is_available()
 
 
+def _packable(weight: torch.Tensor) -> bool:
+    return can_pack_weights() and weight.dtype == torch.float32 and weight.ndim == 2 and weight.device.type == "cpu"
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
 def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`x -> F.linear(x, weight, bias)` on a packed copy of the weight where oneDNN is
-    available (for the weights the runtime multiplies outside the program: Hydra heads)."""
-    if not can_pack_weights() or weight.dtype != torch.float32:
+    """`x -> F.linear(x, weight, bias)` on a packed copy of the weight where it can be
+    packed (for the weights the runtime multiplies outside the program: Hydra heads)."""
+    if not _packable(weight):
         return lambda x: F.linear(x, weight, bias)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+    packed = _pack(weight)
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
@@ -44,8 +52,7 @@ def select_cpu_kernels(graph_module: fx.GraphModule) -> fx.GraphModule:
     torch build has no oneDNN)."""
     graph = copy.deepcopy(graph_module.graph)
     selected = fx.GraphModule(graph_module, graph)
-    if can_pack_weights():
-        pack_linear_weights(selected)
+    pack_linear_weights(selected)
     graph.eliminate_dead_code()
     selected.recompile()
     return selected
@@ -66,11 +73,11 @@ def pack_linear_weights(module: fx.GraphModule) -> None:
         if node.target is not aten.linear.default:
             continue
         weight = _attribute(module, node.args[1])
-        if weight is None or weight.dtype != torch.float32 or weight.ndim != 2 or weight.device.type != "cpu":
+        if weight is None or not _packable(weight):
             continue
         name = f"{node.args[1].target.replace('.', '_')}_packed"
         if not hasattr(module, name):
-            module.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+            module.register_buffer(name, _pack(weight))
         with graph.inserting_before(node):
             packed_weight = graph.get_attr(name)
         bias = node.args[2] if len(node.args) > 2 else None

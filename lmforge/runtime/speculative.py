@@ -33,7 +33,7 @@ class PromptLookup:
     max_ngram: int = 3
     min_ngram: int = 1
     num_draft: int = 8
-    scale_by_match: bool = False
+    scale_by_match: bool = False  # the pass defaults to True; artifacts saved before the option keep fixed drafts
     _index: dict[tuple, int] = field(default_factory=dict)
     _indexed: int = 0
 
