@@ -174,20 +174,6 @@ class EvictingSlot:
         self.scores.scatter_(2, entry, attention[..., -1:])
 
 
-def check_draft_length(layout: list[dict], drafted: int, pass_name: str) -> None:
-    """Refuse a draft source whose verification forwards (`drafted` + 1 tokens) the cache
-    cannot take: evicting caches decode one token per forward, and streaming rings hold a
-    fixed slack for the tokens of one forward."""
-    if any(entry.get("kind") == "evict" for entry in layout):
-        raise LmforgeError(f"{pass_name}: kv_evict caches decode one token per forward (a rejected draft would already "
-                           "have evicted tokens); drop kv_evict or the draft source")
-    slacks = [entry["streaming"]["capacity"] - entry["streaming"]["sink"] - entry["streaming"]["window"]
-              for entry in layout if "streaming" in entry]
-    if slacks and drafted > min(slacks):
-        raise LmforgeError(f"{pass_name}: drafts of {drafted} tokens need a streaming ring slack of {drafted}, the "
-                           f"streaming heads have {min(slacks)}; raise `slack` in streaming_heads or draft fewer tokens")
-
-
 def retained_capacity(entry: dict, max_len: int) -> int:
     return math.ceil(entry.get("retain_fraction", 0.0) * max_len)
 

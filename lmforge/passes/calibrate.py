@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import Program
+from lmforge.compiler.speculation_rules import per_token_decisions
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassContext
 
@@ -250,8 +251,7 @@ class CalibrationData:
 def makes_decode_time_decisions(program: Program) -> bool:
     """Whether the program decodes differently from its cache-free forward (dynamic
     ffn_skip, merged or evicting KV caches), so that its quality must be measured by decoding."""
-    cache_decides = any(entry.get("kind") in ("merged", "evict") for entry in program.meta["kv_cache"])
-    return cache_decides or program.meta.get("ffn_skip", {}).get("mode") == "dynamic"
+    return bool(per_token_decisions(program.meta))
 
 
 def compare(reference_logprobs: torch.Tensor, logprobs: torch.Tensor, ids: torch.Tensor) -> Quality:

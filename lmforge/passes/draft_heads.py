@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.compiler.kv_layout import allocate_kv_buffers, check_draft_length
+from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.layermap import role_of
 from lmforge.compiler.ops import (
     ATTENTION_OPS,
@@ -34,6 +34,7 @@ from lmforge.compiler.ops import (
     tree_attention,
 )
 from lmforge.compiler.program import Program
+from lmforge.compiler.speculation_rules import check_draft_source
 from lmforge.draft_heads import HydraHeads, MedusaHeads, load_heads
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
@@ -80,7 +81,7 @@ class DraftHeads(Pass):
         projection = _final_projection(program)
         hidden, lm_head = projection.args[0], projection.args[1]
         heads, config = load_heads(self.config.path, getattr(program.graph_module, lm_head.target))
-        check_draft_length(program.meta["kv_cache"], heads.count, self.name)
+        check_draft_source(program.meta, heads.count, self.name)
         if isinstance(heads, HydraHeads):
             _return_hidden_state(program, projection, hidden)
             program.drafter = heads.tensors()

@@ -20,7 +20,8 @@ operand alone (`find_ffn_block`). Architectures whose FFN runs in parallel with 
   the stream through unchanged, so their cosine is 1 and skipping continues to the end of
   the region, as in FFN-SkipLLM. The threshold is chosen on calibration text by measuring
   teacher-forced decoding (`calibrate.decoded_logits`), since this mode changes nothing in
-  a full-sequence forward.
+  a full-sequence forward. Verifying drafts runs several tokens per forward and so never
+  skips: a draft source and this mode refuse each other (`compiler/speculation_rules.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import fx
 from lmforge.compiler.layermap import role_of, set_role
 from lmforge.compiler.ops import ATTENTION_OPS, ffn_skip_gate
 from lmforge.compiler.program import RUNTIME_CHECKS, Program
+from lmforge.compiler.speculation_rules import refuse_if_drafting
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import (
@@ -232,6 +234,8 @@ class FFNSkip(LossyPass):
     provides = ("ffn_skip",)
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
+        if self.config.mode == "dynamic":
+            refuse_if_drafting(program.meta, "ffn_skip dynamic")
         data, budget = self.calibration_and_budget(ctx)
         num_layers = program.meta["num_layers"]
         for layer in self.config.layers or []:

@@ -11,7 +11,7 @@ measured by teacher-forced decoding on long calibration windows (`seq_len`, deco
 second half). Without a fixed `capacity`, the smallest of `capacities` within the quality
 budget is taken. Decoding with eviction is one token per forward: speculative drafts that
 were later rejected would already have evicted tokens, so the pass refuses a program with a
-draft source, and the draft passes refuse it after this one.
+draft source, and the draft passes refuse it after this one (`compiler/speculation_rules.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import Field
 from lmforge.compiler.layermap import plain_attention_layers
 from lmforge.compiler.ops import evicting_attention
 from lmforge.compiler.program import Program
+from lmforge.compiler.speculation_rules import refuse_if_drafting
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import LossyPass, QualityBudget, enforce_budget
@@ -60,9 +61,7 @@ class KVEvict(LossyPass):
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config
-        if program.meta.get("speculation"):
-            raise LmforgeError("kv_evict: the program drafts tokens (prompt_lookup / draft_heads); eviction decodes one "
-                               "token per forward, so put kv_evict in a recipe without a draft source")
+        refuse_if_drafting(program.meta, self.name)
         data, budget = self.calibration_and_budget(ctx)
         long = data.at_length(config.seq_len, config.samples, config.eval_samples)
         eligible = plain_attention_layers(program.layers, program.meta["kv_cache"], own_cache=True, windowed=False)

@@ -17,6 +17,8 @@ Modes:
   (`calibrate.greedy_search`, which also confirms the result on the held-out split).
 - `merge`: MiniCache — adjacent pairs keep computing their own keys and values but store
   one merged cache (`passes/kv_merge.py`); pairs given or chosen greedily under the budget.
+  Merged caches decode differently from a forward of several tokens, so this mode and a
+  draft source refuse each other (`compiler/speculation_rules.py`).
 - `heal` (auto or explicit): a short distillation fine-tune of the producers' K/V projections
   toward the original model's next-token distribution, with quality reported before and after.
 """
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.compiler.kv_layout import kv_cache_bytes
 from lmforge.compiler.program import Program
+from lmforge.compiler.speculation_rules import refuse_if_drafting
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import (
@@ -207,6 +210,8 @@ class KVShare(LossyPass):
         if "streaming_heads" in program.meta:
             raise LmforgeError("kv_share: run kv_share before streaming_heads; a cache split into retrieval and "
                                "streaming heads cannot be shared or merged (streaming_heads leaves shared layers whole)")
+        if config.mode == "merge":
+            refuse_if_drafting(program.meta, "kv_share merge")
         data, budget = self.calibration_and_budget(ctx)
         num_layers = program.meta["num_layers"]
         similarity = kv_similarity(program, data.ids("calibration")[:2])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from lmforge.compiler.kv_layout import check_draft_length
 from lmforge.compiler.program import Program
+from lmforge.compiler.speculation_rules import check_draft_source
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
 
 
@@ -38,7 +38,7 @@ class PromptLookupPass(Pass):
     provides = ("speculation",)
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
-        check_draft_length(program.meta["kv_cache"], self.config.num_draft, self.name)
+        check_draft_source(program.meta, self.config.num_draft, self.name)
         program.meta.setdefault("speculation", {})["prompt_lookup"] = self.config.model_dump()
         return PassResult(notes=(f"runtime drafts up to {self.config.num_draft} tokens after a "
                                  f"{self.config.min_ngram}..{self.config.max_ngram}-gram match",))
