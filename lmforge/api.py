@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.codegen.cpu import lower
+from lmforge.codegen import lower
 from lmforge.compiler.artifact import load_artifact, save_artifact
 from lmforge.compiler.capture import capture, load_reference
 from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline

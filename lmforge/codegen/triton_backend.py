@@ -1,0 +1,121 @@
+"""The `triton` backend: fusion groups become generated Triton kernels, matrix products stay
+torch ops, and lmforge's attention ops are bound to Triton implementations.
+
+On a CUDA device this is the fast path; on a CPU it runs only through Triton's interpreter
+(`TRITON_INTERPRET=1`, about 1 ms per program instance), which is how the tests check the
+generated kernels against PyTorch.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+
+import networkx as nx
+from torch import fx
+
+from lmforge.codegen.fusion import Partition, partition
+from lmforge.codegen.triton_emit import EmittedKernel, emit_group, kernel_name
+from lmforge.compiler.ops import PYTHON_KERNELS
+from lmforge.compiler.program import Program
+from lmforge.compiler.recipe import CodegenConfig
+from lmforge.errors import LmforgeError
+
+# Triton attention kernels are being written in lmforge/codegen/triton/attention.py; until
+# that module lands, every lmforge op runs its Python kernel. Delete this table and write
+# `from lmforge.codegen.triton.attention import TRITON_KERNELS` then.
+PENDING_TRITON_ATTENTION_KERNELS: dict = {}
+
+
+def lmforge_op_kernel(op) -> object:
+    """The implementation an lmforge op runs with on this backend: its Triton kernel, or its
+    Python kernel for ops that have no Triton one."""
+    return PENDING_TRITON_ATTENTION_KERNELS.get(op, PYTHON_KERNELS[op])
+
+
+def emit_kernels(program: Program) -> list[EmittedKernel]:
+    """Every fusion group of the program as a Triton kernel, in graph order (what the
+    artifact writer stores under `kernels/`)."""
+    return _emit(partition(program.graph_module))
+
+
+def _emit(parts: Partition) -> list[EmittedKernel]:
+    kernels, taken = [], set()
+    for group in parts.groups:
+        name, suffix = kernel_name(group), 2
+        while name in taken:
+            name, suffix = f"{kernel_name(group)}_{suffix}", suffix + 1
+        taken.add(name)
+        kernels.append(emit_group(name, group, parts.shapes))
+    return kernels
+
+
+def require_triton_device(program: Program) -> None:
+    """Fail early, with what to do, when the kernels could not run."""
+    weight = next(iter(program.graph_module.buffers()), None)
+    on_cpu = weight is None or weight.device.type == "cpu"
+    if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LmforgeError(
+            "codegen backend 'triton' on a CPU needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before importing lmforge (slow; for tests), or run on a CUDA device"
+        )
+
+
+def lower_triton(program: Program, config: CodegenConfig) -> fx.GraphModule:
+    """A copy of the program's graph in which every fusion group is one call to its
+    kernel's launcher; the result is called like the program, `(input_ids, position_ids)`."""
+    require_triton_device(program)
+    parts = partition(program.graph_module)
+    return kernel_graph(program.graph_module, parts, _emit(parts))
+
+
+def kernel_graph(graph_module: fx.GraphModule, parts: Partition, kernels: list[EmittedKernel]) -> fx.GraphModule:
+    """Rebuild the graph unit by unit in a topological order of (groups, other nodes): a
+    group's call comes after all its inputs and before any reader of its outputs."""
+    nodes = list(graph_module.graph.nodes)
+    position = {node: index for index, node in enumerate(nodes)}
+    unit_of: dict = {node: node for node in nodes}
+    absorbed = set()
+    for index, group in enumerate(parts.groups):
+        unit_of.update({node: ("group", index) for node in group.nodes})
+        absorbed.update(group.absorbed)
+    order = nx.DiGraph()
+    first = {}
+    for node in nodes:
+        if node in absorbed:
+            continue
+        unit = unit_of[node]
+        first[unit] = min(first.get(unit, position[node]), position[node])
+        order.add_node(unit)
+    for index, group in enumerate(parts.groups):
+        for source in group.inputs:
+            order.add_edge(unit_of[source], ("group", index))
+    for node in nodes:
+        if node in absorbed or unit_of[node] != node:
+            continue
+        for arg in node.all_input_nodes:
+            order.add_edge(unit_of[arg], node)
+    graph, env = fx.Graph(), {}
+    for unit in nx.lexicographical_topological_sort(order, key=lambda unit: first[unit]):
+        if isinstance(unit, tuple):
+            group, kernel = parts.groups[unit[1]], kernels[unit[1]]
+            call = graph.call_function(kernel.launcher, tuple(env[source] for source in group.inputs))
+            call.name = kernel.name
+            for k, output in enumerate(group.outputs):
+                env[output] = graph.call_function(operator.getitem, (call, k))
+            continue
+        env[unit] = graph.node_copy(unit, lambda arg: env[arg])
+        if unit.op == "call_function" and unit.target in PYTHON_KERNELS:
+            env[unit].target = lmforge_op_kernel(unit.target)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(graph_module, graph)
+
+
+def kernels_per_layer(parts: Partition) -> dict:
+    """Kernel count per decoder layer (matrix products and attention aside), from the
+    layer tags of each group's nodes; None for groups outside any layer."""
+    counts: dict = {}
+    for group in parts.groups:
+        counts[group.layer] = counts.get(group.layer, 0) + 1
+    return counts
+
