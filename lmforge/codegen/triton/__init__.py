@@ -1,0 +1,1 @@
+"""Triton kernels of the `triton` backend, one file per kernel family, each with its launcher."""

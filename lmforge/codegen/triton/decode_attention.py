@@ -1,0 +1,200 @@
+"""Split-K ("flash-decoding") attention for one query token per row, read straight from the
+runtime's `(batch, kv_heads, max_len, head_dim)` cache.
+
+Decoding has one query per row, so a kernel that parallelises over queries has only
+batch x heads programs and leaves most of a GPU idle while each walks the whole context.
+Splitting the keys of each row into `splits` ranges gives batch x kv_heads x splits
+programs; each writes its partial output and log-sum-exp, and a second kernel combines the
+splits exactly (softmax is associative once each part carries its log-sum-exp).
+
+One stage-1 program serves all query heads of its KV head (grouped-query attention): the
+heads' queries are the rows of one tile, so each key and value block is loaded once for
+the whole group instead of once per query head. Decode attention is bound by memory
+traffic, so reading K/V once per group is the saving that matters; the rows also give
+`tl.dot` the 16 rows tensor cores need.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from lmforge.codegen.triton.attention_core import EMPTY_TOP, NO_WINDOW, attend_range, position_arguments
+
+TARGET_PROGRAMS = 128
+"""Stage-1 programs to aim for: about one per streaming multiprocessor of a current GPU."""
+MIN_KEYS_PER_SPLIT = 256
+"""Below this many keys a split costs more in launch and combine than it saves."""
+MAX_SPLITS = 16
+
+
+@triton.jit
+def decode_attention_partial(
+    q_ptr, k_ptr, v_ptr, pad_ptr, positions_ptr, partial_out_ptr, partial_lse_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_pb, stride_ph, stride_ps,
+    length, query_pos, scan_begin, window, sink, group, head_dim, splits,
+    scale, softcap,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Stage 1, one program per (row, KV head, split): attention of the group's query heads
+    over the split's share of slots scan_begin..length, as an fp32 output normalised within
+    the split and its log-sum-exp (-inf for a split with no visible key)."""
+    row = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.arange(0, BLOCK_H)
+    row_ok = rows < group
+    heads = kv_head * group + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    first_real = 0
+    if HAS_PAD:
+        first_real = tl.load(pad_ptr + row)
+    begin = scan_begin
+    if not HAS_POSITIONS:
+        # slots are positions: a row's padding is invisible to all but a padding query itself
+        begin = tl.minimum(tl.maximum(scan_begin, first_real), query_pos)
+    per_split = tl.cdiv(length - begin, splits)
+    lo = begin + split * per_split
+    hi = tl.minimum(lo + per_split, length)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+    top = tl.full([BLOCK_H], EMPTY_TOP, dtype=tl.float32)
+    acc, denom, top = attend_range(
+        acc, denom, top, q, query_pos, 0, lo, hi,
+        k_ptr + row * stride_kb + kv_head * stride_kh, v_ptr + row * stride_vb + kv_head * stride_vh,
+        stride_ks, stride_kd, stride_vs, stride_vd,
+        positions_ptr + row * stride_pb + kv_head * stride_ph, stride_ps, q_ptr, 1, query_pos,
+        first_real, window, sink, scale, softcap, dims, dim_ok,
+        BLOCK_N, HAS_POSITIONS, False, HAS_SOFTCAP,
+    )
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    lse = tl.where(denom > 0, top + tl.log(denom), float("-inf"))
+    slot = (row * group * tl.num_programs(1) + heads) * splits + split
+    tl.store(partial_out_ptr + slot[:, None] * head_dim + dims[None, :], out, mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(partial_lse_ptr + slot, lse, mask=row_ok)
+
+
+@triton.jit
+def decode_attention_combine(
+    partial_out_ptr, partial_lse_ptr, out_ptr,
+    stride_ob, stride_oh, stride_od,
+    heads, head_dim, splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Stage 2, one program per (row, query head): the splits' outputs weighted by
+    exp(lse - max lse), which is the softmax over all the keys."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    parts = tl.arange(0, BLOCK_S)
+    part_ok = parts < splits
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    first = (row * heads + head) * splits
+    lse = tl.load(partial_lse_ptr + first + parts, mask=part_ok, other=float("-inf"))
+    weights = tl.exp(lse - tl.max(lse, 0))
+    partial = tl.load(partial_out_ptr + (first + parts[:, None]) * head_dim + dims[None, :],
+                      mask=part_ok[:, None] & dim_ok[None, :], other=0.0)
+    out = tl.sum(weights[:, None] * partial, 0) / tl.sum(weights, 0)
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + dims * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=dim_ok)
+
+
+def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_N, BLOCK_D): the group's heads padded to the 16 rows `tl.dot` needs,
+    64 keys per block (32 in fp32, whose products run on FMA units, not tensor cores: at
+    head_dim 128 on sm_80, 64 fp32 keys spill and 32 take 160 registers), head_dim padded
+    to a power of two (masked, e.g. 80 -> 128)."""
+    return max(16, triton.next_power_of_2(group)), 64 if element_size <= 2 else 32, triton.next_power_of_2(head_dim)
+
+
+def _split_count(rows_times_heads: int, scanned: int) -> int:
+    by_occupancy = triton.cdiv(TARGET_PROGRAMS, rows_times_heads)
+    by_length = triton.cdiv(scanned, MIN_KEYS_PER_SPLIT)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_pos: int,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    sink: int = 0,
+    pad: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query per row at position `query_pos` over a cache.
+
+    q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
+    `key_positions`, slot i holds position i and slots 0..query_pos are read (the query's
+    own key must already be written). With `key_positions` (B, S) or (B, Hkv, S) int32
+    (-1: empty slot), all S slots are read and the rule is applied to their positions.
+    `window` <= 0 means no window; `sink` keeps each row's first real tokens visible;
+    `pad` (B,) gives each row's first real position. Returns (B, Hq, 1, D), a view of a
+    contiguous (B, 1, Hq, D) tensor (the attention ops' output layout)."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    block_h, block_n, block_d = _block_sizes(group, head_dim, q.element_size())
+    positions, position_strides = position_arguments(key_positions, q)
+    if key_positions is not None:
+        length, scan_begin = k_cache.shape[2], 0
+    else:
+        length = query_pos + 1
+        scan_begin = max(0, query_pos - window + 1) if window > 0 and sink == 0 else 0
+    splits = _split_count(batch * kv_heads, length - scan_begin)
+    partial_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    decode_attention_partial[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, pad if pad is not None else q, positions, partial_out, partial_lse,
+        q.stride(0), q.stride(1), q.stride(3),
+        *k_cache.stride(), *v_cache.stride(), *position_strides,
+        length, query_pos, scan_begin, window if window > 0 else NO_WINDOW, sink, group, head_dim, splits,
+        scale, softcap,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_SOFTCAP=softcap > 0.0,
+    )
+    out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype, device=q.device)
+    decode_attention_combine[(batch, heads)](
+        partial_out, partial_lse, out, out.stride(0), out.stride(2), out.stride(3), heads, head_dim, splits,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+    )
+    return out.transpose(1, 2)
+
+
+def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[object, dict, dict, int]]:
+    """Example (kernel, signature, constexprs, num_warps) sets for ahead-of-time compiles of
+    a plain decode step (no padding, positions or soft-cap) at these shapes: what the
+    launcher would pick for `head_dim`, `group` query heads per KV head and `dtype`."""
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    block_h, block_n, block_d = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
+    partial_signature = {
+        "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}", "pad_ptr": "*i32",
+        "positions_ptr": "*i32", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
+        **{name: "i32" for name in (
+            "stride_qb", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
+            "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_pb", "stride_ph", "stride_ps",
+            "length", "query_pos", "scan_begin", "window", "sink", "group", "head_dim", "splits")},
+        "scale": "fp32", "softcap": "fp32",
+    }
+    partial_constexprs = {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_D": block_d,
+                          "HAS_PAD": False, "HAS_POSITIONS": False, "HAS_SOFTCAP": False}
+    combine_signature = {
+        "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{element}",
+        **{name: "i32" for name in ("stride_ob", "stride_oh", "stride_od", "heads", "head_dim", "splits")},
+    }
+    combine_constexprs = {"BLOCK_S": MAX_SPLITS, "BLOCK_D": block_d}
+    return [
+        (decode_attention_partial, {**partial_signature, **dict.fromkeys(partial_constexprs, "constexpr")},
+         partial_constexprs, 4),
+        (decode_attention_combine, {**combine_signature, **dict.fromkeys(combine_constexprs, "constexpr")},
+         combine_constexprs, 4),
+    ]

@@ -1,0 +1,191 @@
+"""Flash attention (online softmax) for a forward of q_len >= 1 tokens at positions
+start..start+q_len against the keys before and among them, read from the cache in place.
+
+Covers the prefill (start 0), a chunked forward or the verification of drafted tokens
+(start > 0, causal with that offset), a tree of drafts (a boolean (q_len, q_len) mask over
+this forward's tokens replaces the causal rule among them), left padding, sliding windows,
+attention sinks and soft-capped logits, all through the rule in `attention_core.visible`.
+A program owns one block of queries of one query head and walks only the key ranges its
+queries can see (the sinks, then the window up to the block's last query), so a windowed
+or streaming prefill costs in proportion to the window, not to the square of the length.
+
+With `blocks` (per row, query head and query block, the indices of the key blocks to
+compute, ascending, -1 after the last), the program walks only those key blocks (the
+MInference patterns of `compiler/sparse_attention.py`); the token rule still applies inside
+each block, so a pattern that keeps the diagonal block never leaves a query without a key.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from lmforge.codegen.triton.attention_core import EMPTY_TOP, NO_WINDOW, attend_range, position_arguments
+
+
+@triton.jit
+def prefill_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, pad_ptr, positions_ptr, tree_ptr, blocks_ptr,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_pb, stride_ph, stride_ps,
+    stride_bb, stride_bh, stride_bq,
+    q_len, kv_len, start, window, sink, heads, group, head_dim, query_rows, max_blocks,
+    scale, softcap,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_TREE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
+):
+    """One program per (query block of `query_rows` tokens, row x query head). In block-sparse
+    mode a query block and a key block both span `query_rows` tokens (the pattern's block,
+    any size: the key tiles walk it in BLOCK_N steps)."""
+    query_block = tl.program_id(0)
+    row = tl.program_id(1) // heads
+    head = tl.program_id(1) % heads
+    kv_head = head // group
+    tokens = query_block * query_rows + tl.arange(0, BLOCK_M)
+    token_ok = (tl.arange(0, BLOCK_M) < query_rows) & (tokens < q_len)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = tl.load(q_ptr + row * stride_qb + head * stride_qh + tokens[:, None] * stride_qt + dims[None, :] * stride_qd,
+                mask=token_ok[:, None] & dim_ok[None, :], other=0.0)
+    first_real = 0
+    if HAS_PAD:
+        first_real = tl.load(pad_ptr + row)
+    query_pos = (start + tokens)[:, None]
+    k_base = k_ptr + row * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + row * stride_vb + kv_head * stride_vh
+    positions_base = positions_ptr + row * stride_pb + kv_head * stride_ph
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    top = tl.full([BLOCK_M], EMPTY_TOP, dtype=tl.float32)
+    if BLOCK_SPARSE:
+        chosen = blocks_ptr + row * stride_bb + head * stride_bh + query_block * stride_bq
+        for index in range(0, max_blocks):
+            key_block = tl.load(chosen + index)
+            if key_block >= 0:
+                acc, denom, top = attend_range(
+                    acc, denom, top, q, query_pos, tokens[:, None], key_block * query_rows,
+                    tl.minimum(key_block * query_rows + query_rows, kv_len),
+                    k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, positions_base, stride_ps,
+                    tree_ptr, q_len, start, first_real, window, sink, scale, softcap, dims, dim_ok,
+                    BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP,
+                )
+    else:
+        if HAS_POSITIONS or HAS_TREE:
+            # slot order is not position order, or a tree may reach any of this forward's keys
+            sink_end = 0
+            lo = 0
+            hi = kv_len
+        else:
+            block_first = start + query_block * query_rows
+            hi = tl.minimum(kv_len, block_first + query_rows)
+            sink_end = tl.where(sink > 0, tl.minimum(first_real + sink, hi), 0)
+            # the window of the block's first query, from the row's first real key, but never
+            # past the block's first query itself (a padding query sees its own key)
+            lo = tl.minimum(tl.maximum(block_first - window + 1, first_real), block_first)
+            lo = tl.maximum(lo, sink_end)
+        acc, denom, top = attend_range(
+            acc, denom, top, q, query_pos, tokens[:, None], 0, sink_end,
+            k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, positions_base, stride_ps,
+            tree_ptr, q_len, start, first_real, window, sink, scale, softcap, dims, dim_ok,
+            BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP,
+        )
+        acc, denom, top = attend_range(
+            acc, denom, top, q, query_pos, tokens[:, None], lo, hi,
+            k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, positions_base, stride_ps,
+            tree_ptr, q_len, start, first_real, window, sink, scale, softcap, dims, dim_ok,
+            BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP,
+        )
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + tokens[:, None] * stride_ot + dims[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & dim_ok[None, :])
+
+
+def _block_sizes(q_len: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D): up to 64 queries (at least the 16 rows `tl.dot` needs)
+    and 64 keys (32 past head_dim 128), head_dim padded to a power of two (masked). fp32
+    products run on FMA units, not tensor cores, and hold more in registers: 32 queries and
+    16 keys, the largest tiles that did not spill at head_dim 128 on sm_80 (64 x 64 spilled
+    8 KB per thread)."""
+    block_d = triton.next_power_of_2(head_dim)
+    rows = max(16, triton.next_power_of_2(q_len))
+    if element_size > 2:
+        return min(32, rows), 16, block_d
+    return min(64, rows), 64 if block_d <= 128 else 32, block_d
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    start: int,
+    scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
+    sink: int = 0,
+    pad: torch.Tensor | None = None,
+    tree: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+    blocks: torch.Tensor | None = None,
+    block: int = 64,
+) -> torch.Tensor:
+    """Attention of the q_len queries at positions start.. over a cache.
+
+    q: (B, Hq, T, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
+    `key_positions`, slot i holds position i and slots 0..start+T are read (this forward's
+    keys must already be written); with it ((B, S) or (B, Hkv, S) int32, -1: empty) all S
+    slots are read. `window` <= 0: no window. `pad` (B,): each row's first real position.
+    `tree` (T, T) bool: which of this forward's tokens each one sees. `blocks` (B or 1,
+    Hq or 1, ceil(T / block), K) int32: key blocks per query block (block-sparse, start 0).
+    Returns (B, Hq, T, D), a view of a contiguous (B, T, Hq, D) tensor (the attention ops'
+    output layout)."""
+    batch, heads, q_len, head_dim = q.shape
+    group = heads // k_cache.shape[1]
+    block_m, block_n, block_d = _block_sizes(q_len, head_dim, q.element_size())
+    query_rows = block_m
+    if blocks is not None:
+        query_rows, block_m = block, max(16, triton.next_power_of_2(block))
+    kv_len = k_cache.shape[2] if key_positions is not None else start + q_len
+    out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
+    positions, position_strides = position_arguments(key_positions, q)
+    if blocks is not None:
+        blocks = blocks.to(torch.int32).contiguous()
+        block_strides = tuple(blocks.stride(i) if blocks.shape[i] > 1 else 0 for i in range(3))
+        max_blocks = blocks.shape[3]
+    else:
+        blocks, block_strides, max_blocks = q, (0, 0, 0), 0
+    prefill_attention_kernel[(triton.cdiv(q_len, query_rows), batch * heads)](
+        q, k_cache, v_cache, out, pad if pad is not None else q, positions,
+        tree.to(torch.int8).contiguous() if tree is not None else q, blocks,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *position_strides, *block_strides,
+        q_len, kv_len, start, window if window > 0 else NO_WINDOW, sink, heads, group, head_dim, query_rows,
+        max_blocks,
+        scale, softcap,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_TREE=tree is not None,
+        HAS_SOFTCAP=softcap > 0.0, BLOCK_SPARSE=max_blocks > 0,
+    )
+    return out
+
+
+def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[object, dict, dict, int]]:
+    """Example (kernel, signature, constexprs, num_warps) sets for ahead-of-time compiles of
+    a padded causal prefill at these shapes (`group` does not change the kernel: a program
+    serves one query head): what the launcher picks for a long prompt."""
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    block_m, block_n, block_d = _block_sizes(1 << 16, head_dim, torch.empty((), dtype=dtype).element_size())
+    signature = {
+        "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}", "out_ptr": f"*{element}",
+        "pad_ptr": "*i32", "positions_ptr": "*i32", "tree_ptr": "*i8", "blocks_ptr": "*i32",
+        **{f"stride_{tensor}{axis}": "i32" for tensor, axes in
+           (("q", "bhtd"), ("k", "bhsd"), ("v", "bhsd"), ("o", "bhtd"), ("p", "bhs"), ("b", "bhq")) for axis in axes},
+        **{name: "i32" for name in ("q_len", "kv_len", "start", "window", "sink", "heads", "group", "head_dim",
+                                    "query_rows", "max_blocks")},
+        "scale": "fp32", "softcap": "fp32",
+    }
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "HAS_PAD": True,
+                  "HAS_POSITIONS": False, "HAS_TREE": False, "HAS_SOFTCAP": False, "BLOCK_SPARSE": False}
+    return [(prefill_attention_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
+             8 if block_m * block_d >= 64 * 128 else 4)]
