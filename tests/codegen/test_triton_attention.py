@@ -12,7 +12,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -58,6 +57,7 @@ def _close(actual, expected, dtype):
         (2, 4, 1, 80, 1, 0, 0.0, None, torch.float32),
         (2, 2, 2, 64, 63, 0, 30.0, [0, 5], torch.float32),
         (2, 4, 1, 80, 65, 16, 0.0, [3, 0], torch.float16),
+        (2, 2, 2, 64, 3, 0, 0.0, [5, 0], torch.float32),  # a padding query sees itself
         (1, 4, 1, 64, 1000, 0, 0.0, None, torch.float32),  # several splits
     ],
 )
@@ -200,6 +200,21 @@ def test_streaming_op_over_a_ring():
         _close(*outputs, torch.float32)
         for field in ("keys", "values", "slots"):
             assert torch.equal(getattr(rings[0][0], field), getattr(rings[1][0], field))
+
+
+def test_streaming_op_chunked_padded_prompt():
+    """A second chunk whose first tokens are still left padding (row 0 pads 6 slots): the
+    ring never stores padding, yet those queries must see their own keys."""
+    batch, heads, head_dim, sink, window = 2, 2, 64, 2, 4
+    pad = torch.tensor([6, 0])
+    rings = [[RingSlot.allocate(batch, 1, head_dim, sink, window, sink + window + 3, torch.float32)] for _ in range(2)]
+    for step, (start, q_len) in enumerate([(0, 4), (4, 4)]):
+        q, k, v = _tensors(batch, heads, 1, q_len, q_len, head_dim, torch.float32, seed=step)
+        outputs = []
+        for kernels, ring in zip((TRITON_KERNELS, PYTHON_KERNELS), rings):
+            with attention_context(AttentionContext(kv=ring, start=start, q_len=q_len, pad=pad)):
+                outputs.append(kernels[streaming_attention](q, k, v, 0, sink, window, 0.125, 0.0))
+        _close(*outputs, torch.float32)
 
 
 def test_sparse_op_prefill():
