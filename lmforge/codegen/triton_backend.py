@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import operator
 import os
+from pathlib import Path
 
 import networkx as nx
 from torch import fx
@@ -37,6 +38,16 @@ def emit_kernels(program: Program) -> list[EmittedKernel]:
     """Every fusion group of the program as a Triton kernel, in graph order (what the
     artifact writer stores under `kernels/`)."""
     return _emit(partition(program.graph_module))
+
+
+def write_kernel_sources(program: Program, directory: Path) -> list[dict]:
+    """Write each kernel's source to `directory/<name>.py` (for reading: the runtime
+    regenerates kernels from the program) and return the manifest entries."""
+    entries = []
+    for kernel in emit_kernels(program):
+        (directory / f"{kernel.name}.py").write_text(kernel.source)
+        entries.append({"name": kernel.name, "ops": kernel.ops, "file": f"{directory.name}/{kernel.name}.py"})
+    return entries
 
 
 def _emit(parts: Partition) -> list[EmittedKernel]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import yaml
 from torch import fx
 
 from lmforge.compiler.architectures import spec_for
@@ -106,6 +107,15 @@ def _versions() -> dict[str, str]:
     return {"lmforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _kernel_sources(program: Program, recipe_yaml: str, directory: Path) -> list[dict]:
+    """The generated Triton kernels' sources, written when the recipe runs them."""
+    if (yaml.safe_load(recipe_yaml) or {}).get("codegen", {}).get("backend") != "triton":
+        return []
+    from lmforge.codegen.triton_backend import write_kernel_sources  # a later stage, loaded only when used
+
+    return write_kernel_sources(program, directory)
+
+
 def save_artifact(
     out_dir: str | Path,
     program: Program,
@@ -133,6 +143,7 @@ def save_artifact(
         if patterns is not None:
             _write_json(staging / PATTERNS_FILE, patterns)
         (staging / KERNELS).mkdir()
+        kernels = _kernel_sources(program, recipe_yaml, staging / KERNELS)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -143,7 +154,7 @@ def save_artifact(
             "meta": program.meta,
             "history": program.history,
             "generation": generation,
-            "kernels": [],
+            "kernels": kernels,
             "weight_bytes": sum(t.nbytes for t in weights.values()),
             "files": {str(p.relative_to(staging)): sha256(p) for p in files},
         }

@@ -1,0 +1,136 @@
+"""The `triton` backend: every generated kernel against the PyTorch ops it replaces, the
+partition's invariants, deterministic source, and whole-model logits and greedy tokens.
+
+There is no GPU here, so the kernels run in Triton's CPU interpreter. TRITON_INTERPRET must
+be set before any `@triton.jit` function is defined (defined later, launches fail with
+"0 active drivers"), hence before the imports below.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+
+import networkx as nx  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+from torch import fx  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge.codegen.fusion import POINTWISE, ROW_REDUCTIONS, partition  # noqa: E402
+from lmforge.codegen.triton_backend import emit_kernels, kernels_per_layer, lower_triton  # noqa: E402
+from lmforge.compiler.ops import AttentionContext, attention_context  # noqa: E402
+from lmforge.compiler.recipe import CodegenConfig  # noqa: E402
+from lmforge.errors import LmforgeError  # noqa: E402
+
+PASSES = "passes: [{name: cleanup}, {name: fuse_projections}]\n"
+_PROGRAMS: dict = {}
+
+
+def program_of(arch: str, dtype: torch.dtype = torch.float32):
+    """The captured, cleaned, projection-fused program of a tiny model (cached per file)."""
+    if (arch, dtype) not in _PROGRAMS:
+        model = tiny_model(arch).to(dtype)
+        _PROGRAMS[arch, dtype] = lmforge.optimize(model, PASSES + "codegen: {backend: fx}\n").program
+    return _PROGRAMS[arch, dtype]
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph with PyTorch and keeps every node's value."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        super().__init__(graph_module)
+        self.values: dict = {}
+
+    def run_node(self, node: fx.Node):
+        self.values[node] = super().run_node(node)
+        return self.values[node]
+
+
+def reference_values(program, batch: int, seq: int) -> dict:
+    ids = torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
+    positions = torch.arange(seq).repeat(batch, 1)
+    recorder = _Recorder(program.graph_module)
+    with torch.no_grad(), attention_context(AttentionContext(kv=None, start=0, q_len=seq)):
+        recorder.run(ids, positions)
+    return recorder.values
+
+
+@pytest.mark.parametrize(("arch", "dtype"), [
+    ("llama", torch.float32), ("qwen2", torch.float32), ("gemma2", torch.float32), ("llama", torch.float16),
+])
+def test_each_kernel_matches_the_pytorch_ops_it_replaces(arch, dtype):
+    program = program_of(arch, dtype)
+    kernels = emit_kernels(program)
+    tolerance = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    for batch, seq in ((2, 5), (1, 1)):  # one kernel serves a prefill and a decode step
+        values = reference_values(program, batch, seq)
+        for kernel in kernels:
+            outputs = kernel.launcher(*(values[node] for node in kernel.group.inputs))
+            for node, output in zip(kernel.group.outputs, outputs, strict=True):
+                expected = values[node]
+                assert output.dtype == expected.dtype and output.shape == expected.shape, (kernel.name, node.name)
+                torch.testing.assert_close(output, expected, **tolerance, msg=f"{kernel.name}: {node.name}")
+
+
+def test_emitting_twice_gives_identical_source():
+    first = [(kernel.name, kernel.source) for kernel in emit_kernels(program_of("gemma2"))]
+    again = [(kernel.name, kernel.source) for kernel in emit_kernels(program_of("gemma2"))]
+    recaptured = lmforge.optimize(tiny_model("gemma2"), PASSES + "codegen: {backend: fx}\n").program
+    assert first == again == [(kernel.name, kernel.source) for kernel in emit_kernels(recaptured)]
+    assert len({name for name, _ in first}) == len(first)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_partition_covers_every_pointwise_node_once_without_cycles(arch):
+    graph_module = program_of(arch).graph_module
+    parts = partition(graph_module)
+    grouped = [node for group in parts.groups for node in group.nodes]
+    pointwise = [node for node in graph_module.graph.nodes if node.target in POINTWISE or node.target in ROW_REDUCTIONS]
+    assert sorted(n.name for n in grouped) == sorted(n.name for n in pointwise)
+    assert all(group.reductions <= 1 for group in parts.groups)
+    group_of = {node: index for index, group in enumerate(parts.groups) for node in group.nodes}
+    kernels_graph = nx.DiGraph()
+    for source, target in parts.graph.edges:
+        a, b = group_of.get(source, source.name), group_of.get(target, target.name)
+        if a != b:
+            kernels_graph.add_edge(a, b)
+    assert nx.is_directed_acyclic_graph(kernels_graph)
+
+
+def test_decode_step_needs_at_most_six_kernels_per_layer_besides_matrix_products():
+    counts = kernels_per_layer(partition(program_of("llama").graph_module))
+    # RMSNorm (+ residual) before attention, RoPE of q and k, RMSNorm + residual after it,
+    # SiLU·mul; the last layer also runs the final norm; plus one attention op per layer
+    assert counts == {0: 4, 1: 5}
+
+
+def test_whole_model_matches_hugging_face():
+    model = tiny_model("llama")
+    compiled = lmforge.optimize(model, PASSES + "codegen: {backend: triton}\n")
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.testing.assert_close(compiled(ids).logits, expected, atol=1e-4, rtol=0)
+    greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=8), greedy)
+
+
+def test_artifact_keeps_each_kernel_source_with_its_hash(tmp_path):
+    model = tiny_model("llama")
+    compiled = lmforge.optimize(model, PASSES + "codegen: {backend: triton}\n")
+    out = compiled.save(tmp_path / "artifact")
+    manifest = json.loads((out / "manifest.json").read_text())
+    sources = {kernel.name: kernel.source for kernel in emit_kernels(compiled.program)}
+    assert [entry["name"] for entry in manifest["kernels"]] == list(sources)
+    for entry in manifest["kernels"]:
+        assert (out / entry["file"]).read_text() == sources[entry["name"]]
+        assert entry["file"] in manifest["files"] and entry["ops"]
+
+
+def test_cpu_without_the_interpreter_is_refused_with_a_way_out(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(LmforgeError, match="TRITON_INTERPRET=1"):
+        lower_triton(program_of("llama"), CodegenConfig(backend="triton"))
