@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lmforge.codegen import lower
-from lmforge.compiler.artifact import load_artifact, save_artifact
+from lmforge.compiler.artifact import load_artifact, load_artifact_tokenizer, save_artifact
 from lmforge.compiler.capture import capture, load_reference
 from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline
 from lmforge.compiler.program import Program
@@ -45,7 +45,7 @@ def load_tokenizer(source: Any) -> Any:
     try:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError):
         return None
 
@@ -150,4 +150,4 @@ def load(path: str | Path) -> CompiledModel:
     """Load an artifact written by `CompiledModel.save` or `lmforge compile`, checking hashes."""
     program, manifest = load_artifact(path)
     recipe = parse_recipe((Path(path) / "recipe.yaml").read_text(), str(Path(path) / "recipe.yaml"))
-    return CompiledModel(program, recipe, manifest["generation"], load_tokenizer(path))
+    return CompiledModel(program, recipe, manifest["generation"], load_artifact_tokenizer(path, manifest))

@@ -1,12 +1,19 @@
 """Artifact directory: save and load a compiled Program without pickle.
 
 Layout: `manifest.json` (versions, architecture, recipe, pass history, sha256 of every
-file), `weights.safetensors`, `program.pt2` (the graph, exported with the weights lifted to
-inputs so they are stored once, in safetensors), `config.json`, tokenizer files,
-`recipe.yaml`, `kernels/` for generated kernel sources, `attention_patterns.json` when
-sparse-attention passes made per-head decisions (checked against the model on load), and
-`drafter.safetensors` for Hydra draft heads, which the runtime runs beside the program. The directory is written under a
-temporary name and renamed into place; loading checks every hash first.
+file), `weights.safetensors`, `program.json` (the graph in torch.export's JSON schema, exported
+with the weights lifted to inputs so they are stored once, in safetensors), `config.json`,
+tokenizer files, `recipe.yaml`, `kernels/` for generated kernel sources (for reading: nothing
+runs them), `attention_patterns.json` when sparse-attention passes made per-head decisions
+(checked against the model on load), and `drafter.safetensors` for Hydra draft heads, which the
+runtime runs beside the program. The directory is built in a locked staging directory and
+swapped into place (atomic_dir), so a killed compile leaves the old artifact or none.
+
+An artifact may come from a stranger, and its manifest hashes sit beside the files they vouch
+for: they catch corruption, not malice. So loading checks the manifest's shape and every listed
+file's hash before reading anything else, reads only listed files (by plain relative paths, no
+symbolic links), and takes nothing executable from the artifact: safetensors for tensors, JSON
+checked by program_file for the graph, Hugging Face config and tokenizer without remote code.
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +36,25 @@ import yaml
 from torch import fx
 
 from lmforge.compiler.architectures import spec_for
+from lmforge.compiler.atomic_dir import replace_with, staged_directory
 from lmforge.compiler.attention_patterns import FILENAME as PATTERNS_FILE
 from lmforge.compiler.attention_patterns import load_patterns, patterns_document
 from lmforge.compiler.layermap import build_layer_map
 from lmforge.compiler.program import Program, plain_graph_module
+from lmforge.compiler.program_file import parse_json, program_bytes, read_program
 from lmforge.errors import LmforgeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: program.json replaced torch.export's pickle-bearing program.pt2
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
-PROGRAM = "program.pt2"
+PROGRAM = "program.json"
+CONFIG = "config.json"
+RECIPE = "recipe.yaml"
 KERNELS = "kernels"
 DRAFTER = "drafter.safetensors"
+REQUIRED_FILES = (WEIGHTS, PROGRAM, CONFIG, RECIPE)
+MAX_MANIFEST_BYTES = 64 << 20  # lmforge writes kilobytes; the bound keeps a hostile one from exhausting memory
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256(path: Path) -> str:
@@ -80,13 +98,21 @@ def _export_graph(graph_module: fx.GraphModule) -> torch.export.ExportedProgram:
 
 
 def _attach_weights(exported: torch.export.ExportedProgram, weights: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Turn the weight placeholders of a loaded program back into module buffers."""
-    module = exported.module()
+    """Turn the weight placeholders of a loaded program back into module buffers.
+
+    Works on the exported graph itself, not `exported.module()`, which would also compile
+    pytree and guard code for calling conventions lmforge does not use."""
+    module = exported.graph_module
     graph = module.graph
     for node in [n for n in graph.nodes if n.op == "placeholder"][2:]:
         if node.target not in weights:
-            raise LmforgeError(f"artifact weights lack {node.target!r}, which program.pt2 needs")
-        module.register_buffer(node.target, weights[node.target])
+            raise LmforgeError(f"artifact weights lack {node.target!r}, which {PROGRAM} needs")
+        expected, weight = node.meta.get("val"), weights[node.target]
+        same = isinstance(expected, torch.Tensor) and expected.shape == weight.shape and expected.dtype == weight.dtype
+        if not same:
+            raise LmforgeError(f"artifact weight {node.target!r} is {weight.dtype} {tuple(weight.shape)}, "
+                               f"not what {PROGRAM} expects")
+        module.register_buffer(node.target, weight)
         with graph.inserting_before(node):
             attr = graph.get_attr(node.target)
         attr.meta = dict(node.meta)
@@ -129,16 +155,14 @@ def save_artifact(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise LmforgeError(f"{out_dir} already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         weights = {name: tensor.contiguous().clone() for name, tensor in program.state_dict().items()}
         safetensors.torch.save_file(weights, staging / WEIGHTS)
         if program.drafter:
             safetensors.torch.save_file({k: v.contiguous() for k, v in program.drafter.items()}, staging / DRAFTER)
-        torch.export.save(_export_graph(program.graph_module), staging / PROGRAM)
-        (staging / "config.json").write_text(program.config.to_json_string())
-        (staging / "recipe.yaml").write_text(recipe_yaml)
+        (staging / PROGRAM).write_bytes(program_bytes(_export_graph(program.graph_module)))
+        (staging / CONFIG).write_text(program.config.to_json_string())
+        (staging / RECIPE).write_text(recipe_yaml)
         patterns = patterns_document(program.meta, program.config)
         if patterns is not None:
             _write_json(staging / PATTERNS_FILE, patterns)
@@ -159,39 +183,79 @@ def save_artifact(
             "files": {str(p.relative_to(staging)): sha256(p) for p in files},
         }
         _write_json(staging / MANIFEST, manifest)
-        if out_dir.exists():
-            retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(retired)
-            staging.rename(out_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        replace_with(staging, out_dir)
     return out_dir
 
 
+def _corrupted(path: Path, problem: str) -> LmforgeError:
+    return LmforgeError(f"{path}: corrupted manifest ({problem}); recompile or restore the artifact")
+
+
+def _check_manifest(manifest: Any, path: Path) -> None:
+    """The fields loading relies on, with the types it relies on."""
+    if not isinstance(manifest, dict):
+        raise _corrupted(path, "not a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise LmforgeError(
+            f"{path.parent}: artifact format {manifest.get('format_version')} is not the supported "
+            f"format {FORMAT_VERSION}; recompile it with this lmforge"
+        )
+    for key, kind in (("files", dict), ("meta", dict), ("history", list), ("generation", dict), ("architecture", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise _corrupted(path, f"{key!r} is not a JSON {'object' if kind is dict else kind.__name__}")
+    for name, digest in manifest["files"].items():
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise _corrupted(path, f"the sha256 of {name[:80]!r} is not 64 hex digits")
+    if not isinstance(manifest["generation"].get("eos_token_ids"), list):
+        raise _corrupted(path, "generation lacks eos_token_ids")
+    meta = manifest["meta"]
+    if not isinstance(meta.get("num_layers"), int) or not isinstance(meta.get("kv_cache"), list):
+        raise _corrupted(path, "meta lacks num_layers or kv_cache")
+    if not isinstance(getattr(torch, str(meta.get("dtype")), None), torch.dtype):
+        raise _corrupted(path, f"meta's dtype {str(meta.get('dtype'))[:40]!r} is not a torch dtype")
+    unlisted = [name for name in REQUIRED_FILES if name not in manifest["files"]]
+    if unlisted:
+        raise LmforgeError(f"{path.parent}: artifact is incomplete: the manifest does not list {unlisted[0]}")
+
+
+def _listed_file(artifact: Path, name: str) -> Path:
+    """The regular file a manifest entry names: a plain relative path that stays inside the
+    artifact, through no symbolic link."""
+    parts = name.split("/")
+    if "\\" in name or "\0" in name or any(part in ("", ".", "..") for part in parts):
+        raise LmforgeError(f"{artifact}: manifest entry {name[:80]!r} is not a plain relative path inside the artifact")
+    path = artifact
+    for part in parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            raise LmforgeError(f"{artifact}: artifact is incomplete: {name} is missing") from None
+        if stat.S_ISLNK(mode):
+            raise LmforgeError(f"{artifact}: {name} is a symbolic link; an artifact holds only regular files")
+    if not stat.S_ISREG(mode):
+        raise LmforgeError(f"{artifact}: {name} is not a regular file")
+    return path
+
+
 def read_manifest(artifact: str | Path) -> dict:
-    """The manifest, after checking the format version and every file's sha256."""
+    """The manifest, after checking its shape, the format version and every listed file's sha256.
+
+    Nothing else in the artifact is read before this passes, and files the manifest does not
+    list are never read."""
     artifact = Path(artifact)
     path = artifact / MANIFEST
     if not path.is_file():
         raise LmforgeError(f"{artifact}: not an lmforge artifact (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LmforgeError(f"{path}: corrupted manifest ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LmforgeError(
-            f"{artifact}: artifact format {manifest.get('format_version')} is not the supported "
-            f"format {FORMAT_VERSION}; recompile it with this lmforge"
-        )
+    if path.is_symlink():
+        raise LmforgeError(f"{path} is a symbolic link; an artifact holds only regular files")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise _corrupted(path, f"{size:,} bytes, more than the {MAX_MANIFEST_BYTES:,} a manifest may take")
+    manifest = parse_json(path.read_bytes(), f"{path}: corrupted manifest")
+    _check_manifest(manifest, path)
     for name, expected in manifest["files"].items():
-        file = artifact / name
-        if not file.is_file():
-            raise LmforgeError(f"{artifact}: artifact is incomplete: {name} is missing")
-        actual = sha256(file)
+        actual = sha256(_listed_file(artifact, name))
         if actual != expected:
             raise LmforgeError(
                 f"{artifact}: {name} is corrupted (sha256 {actual[:12]}… does not match the "
@@ -200,17 +264,44 @@ def read_manifest(artifact: str | Path) -> dict:
     return manifest
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(path)
+    except Exception as exc:  # SafetensorError and friends: a malformed header or truncated data
+        raise LmforgeError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return "/" not in name and name not in {MANIFEST, WEIGHTS, PROGRAM, RECIPE, DRAFTER, PATTERNS_FILE}
+
+
+@contextmanager
+def _hugging_face_view(artifact: Path, manifest: dict) -> Iterator[Path]:
+    """A directory holding copies of the listed config and tokenizer files and nothing else:
+    the Hugging Face loaders pick files by name, so they must not see unlisted ones."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-artifact-") as view:
+        for name in filter(_is_tokenizer_file, manifest["files"]):
+            shutil.copyfile(artifact / name, Path(view) / name)
+        yield Path(view)
+
+
 def load_artifact(artifact: str | Path) -> tuple[Program, dict]:
     """The Program stored in an artifact, and its manifest."""
     from transformers import AutoConfig
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    config = AutoConfig.from_pretrained(artifact)
-    weights = safetensors.torch.load_file(artifact / WEIGHTS)
-    graph_module = _attach_weights(torch.export.load(artifact / PROGRAM), weights)
+    files = manifest["files"]
+    with _hugging_face_view(artifact, manifest) as view:
+        try:
+            config = AutoConfig.from_pretrained(view, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise LmforgeError(f"{artifact / CONFIG}: not a config transformers can read without remote code "
+                               f"({str(exc).splitlines()[0][:200]})") from None
+    weights = _read_safetensors(artifact / WEIGHTS)
+    graph_module = _attach_weights(read_program((artifact / PROGRAM).read_bytes(), str(artifact / PROGRAM)), weights)
     meta = manifest["meta"]
-    if (artifact / PATTERNS_FILE).is_file():
+    if PATTERNS_FILE in files:
         load_patterns(artifact, meta, config)
     program = Program(
         graph_module=graph_module,
@@ -218,6 +309,22 @@ def load_artifact(artifact: str | Path) -> tuple[Program, dict]:
         config=config,
         meta=meta,
         history=manifest["history"],
-        drafter=safetensors.torch.load_file(artifact / DRAFTER) if (artifact / DRAFTER).is_file() else {},
+        drafter=_read_safetensors(artifact / DRAFTER) if DRAFTER in files else {},
     )
     return program, manifest
+
+
+def load_artifact_tokenizer(artifact: str | Path, manifest: dict) -> Any:
+    """The artifact's tokenizer, or None if it was saved without one. Never with remote code:
+    a tokenizer_config.json naming its own Python class is refused by transformers."""
+    files = manifest["files"]
+    if "tokenizer_config.json" not in files and "tokenizer.json" not in files:
+        return None
+    from transformers import AutoTokenizer
+
+    with _hugging_face_view(Path(artifact), manifest) as view:
+        try:
+            return AutoTokenizer.from_pretrained(view, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise LmforgeError(f"{artifact}: its tokenizer files do not load without remote code "
+                               f"({str(exc).splitlines()[0][:200]})") from None

@@ -57,7 +57,7 @@ def test_missing_file_and_wrong_format_are_refused(saved, tmp_path):
     broken = tmp_path / "incomplete"
     shutil.copytree(saved, broken)
     (broken / PROGRAM).unlink()
-    with pytest.raises(LmforgeError, match="program.pt2 is missing"):
+    with pytest.raises(LmforgeError, match=f"{PROGRAM} is missing"):
         lmforge.load(broken)
     manifest = json.loads((saved / "manifest.json").read_text())
     manifest["format_version"] = 999
