@@ -1,6 +1,7 @@
 """Decode speed: Hugging Face `generate` vs lmforge, one process, same held-out prompts.
 
-Prints tokens/s, the ratio to HF, whether greedy tokens are identical, and a per-token
+Prints tokens/s (HF and every lmforge variant timed alternately, run by run), the ratio to
+HF, whether greedy tokens are identical, and a per-token
 time breakdown of one lmforge decode step (torch.profiler). Also measures each codegen
 backend, the recipe with and without `fuse_projections` and without packed weights, so
 every lever is measured; and the model's matrix products alone, one after another as a
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
-from lmforge.benchmarking import heldout_prompts, time_generation
+from lmforge.benchmarking import heldout_prompts, prompt_text_for, run_alternately, time_alternating
 from lmforge.codegen.cpu_kernels import packed_linear
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
@@ -42,9 +44,10 @@ def _recipe(backend: str, fuse: bool, pack: bool = True) -> str:
     return RECIPE.format(passes="\n".join(f"  - name: {n}" for n in names), backend=backend, pack=str(pack).lower())
 
 
-def _weight_products(model, repeats: int = 50) -> list[dict]:
+def _weight_products(model, rounds: int = 5) -> list[dict]:
     """Time the program's linear weights multiplied one after another (a forward's worth
-    of matrix products), plain `F.linear` vs packed, for a few row counts."""
+    of matrix products), plain `F.linear` vs packed, for a few row counts: the median of
+    `rounds` blocks of 10 chains, plain and packed blocks alternating."""
     weights = [node.args[1] for node in model.program.graph_module.graph.nodes
                if node.target is torch.ops.aten.linear.default and node.args[1].op == "get_attr"]
     weights = [getattr(model.program.graph_module, node.target) for node in weights]
@@ -54,16 +57,17 @@ def _weight_products(model, repeats: int = 50) -> list[dict]:
     rows = []
     for count in (1, 4, 11):
         inputs = [torch.randn(count, w.shape[1]) for w in weights]
-        for name, products in kernels.items():
-            def chain():
+
+        def chain_ms(products, inputs=inputs) -> float:
+            start = time.perf_counter()
+            for _ in range(10):
                 for product, x in zip(products, inputs):
                     product(x)
-            for _ in range(5):
-                chain()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                chain()
-            milliseconds = (time.perf_counter() - start) / repeats * 1e3
+            return (time.perf_counter() - start) / 10 * 1e3
+
+        blocks = run_alternately({name: lambda p=products: chain_ms(p) for name, products in kernels.items()}, rounds)
+        for name, times in blocks.items():
+            milliseconds = statistics.median(times)
             rows.append({"rows": count, "weights": name, "ms": milliseconds, "megabytes": megabytes,
                          "gigabytes_per_second": megabytes / milliseconds})
     return rows
@@ -96,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    text = (args.checkpoint / "heldout.txt").read_text()
+    text = prompt_text_for(args.checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     variants = [("lmforge aten + fused", "aten", True, True), ("lmforge aten + fused, plain weights", "aten", True, False),
                 ("lmforge aten, no fusion", "aten", False, True), ("lmforge fx + fused", "fx", True, True)]
@@ -114,19 +118,17 @@ def main() -> None:
         prompts = heldout_prompts(text, tokenizer, batch, args.prompt_len)
         ids = torch.tensor([p[: args.prompt_len] for p in prompts])
         mask = torch.ones_like(ids)
+        engines = {"hf": lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                             min_new_tokens=args.new_tokens, do_sample=False)}
+        for name, model in models.items():
+            engines[name] = lambda model=model: model.generate(ids, mask, max_new_tokens=args.new_tokens, eos_token_id=[])
         with torch.no_grad():
-            hf_timing = time_generation(
-                lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                    min_new_tokens=args.new_tokens, do_sample=False),
-                ids.shape[1], args.repeats,
-            )
+            timings = time_alternating(engines, ids.shape[1], args.repeats)
+        hf_timing = timings["hf"]
         rows.append({"batch": batch, "engine": "HF generate (eager PyTorch, sdpa)",
                      "tokens_per_second": hf_timing.tokens_per_second, "ratio": 1.0, "identical": None})
-        for name, model in models.items():
-            timing = time_generation(
-                lambda: model.generate(ids, mask, max_new_tokens=args.new_tokens, eos_token_id=[]),
-                ids.shape[1], args.repeats,
-            )
+        for name in models:
+            timing = timings[name]
             rows.append({"batch": batch, "engine": name, "tokens_per_second": timing.tokens_per_second,
                          "first_call_seconds": warmup_seconds[name],
                          "ratio": timing.tokens_per_second / hf_timing.tokens_per_second,

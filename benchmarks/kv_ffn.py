@@ -27,7 +27,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
-from lmforge.benchmarking import heldout_prompts, hf_kv_cache_bytes, time_alternating
+from lmforge.benchmarking import heldout_prompts, hf_kv_cache_bytes, prompt_text_for, time_alternating
 from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import CalibrationConfig, CalibrationData
 from lmforge.runtime.kv_cache import kv_cache_bytes
@@ -105,7 +105,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
-    text = (args.checkpoint / "heldout.txt").read_text()
+    text = prompt_text_for(args.checkpoint)
     prompt = torch.tensor([heldout_prompts(text, tokenizer, 1, args.prompt_len)[0]])
     heldout = CalibrationData.from_config(
         CalibrationConfig(data=str(args.checkpoint / "heldout.txt"), samples=16, eval_samples=16, seq_len=256), tokenizer, hf

@@ -33,7 +33,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
-from lmforge.benchmarking import hf_kv_cache_bytes
+from lmforge.benchmarking import hf_kv_cache_bytes, run_alternately
 from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import CalibrationConfig, CalibrationData, decoded_logits, makes_decode_time_decisions
 from lmforge.passes.long_range import build_copy_task
@@ -94,17 +94,6 @@ class _DecodeClock:
         return self.stamps[-1] - self.stamps[1], len(self.stamps) - 2
 
 
-def _alternate(runs: dict, repeats: int) -> dict[str, list]:
-    """Each callable's results, run in turn after one warm-up each."""
-    for run in runs.values():
-        run()
-    results: dict[str, list] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            results[name].append(run())
-    return results
-
-
 def _timings(hf, dense, compiled, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
     """Median prefill seconds (one new token) and decode tokens/s (tokens after the first)."""
     def timed(generate, tokens):
@@ -124,8 +113,8 @@ def _timings(hf, dense, compiled, prompt: torch.Tensor, new_tokens: int, repeats
         return lambda tokens, clock: model.generate(prompt, max_new_tokens=tokens, eos_token_id=[], streamer=clock)
 
     engines = {"hf": hf_generate, "dense": lmforge_generate(dense), "this": lmforge_generate(compiled)}
-    prefill = _alternate({name: timed(generate, 1) for name, generate in engines.items()}, repeats)
-    decode = _alternate({name: timed(generate, new_tokens) for name, generate in engines.items()}, repeats)
+    prefill = run_alternately({name: timed(generate, 1) for name, generate in engines.items()}, repeats)
+    decode = run_alternately({name: timed(generate, new_tokens) for name, generate in engines.items()}, repeats)
     return {
         "prefill": {name: statistics.median(seconds for seconds, _ in runs) for name, runs in prefill.items()},
         "decode": {name: statistics.median(count / seconds for seconds, count in (clock.decode_seconds()

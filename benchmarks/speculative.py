@@ -11,8 +11,8 @@ generated text is (share of generated 4-grams seen before), since lookup thrives
 
 Heads come from `--heads DIR` / `--hydra-heads DIR` (written by `lmforge train-heads
 [--kind hydra]`), or are trained here first
-(`--train-steps`, self-distillation on the first part of heldout.txt; the prompts come from
-its end).
+(`--train-steps`, self-distillation on the first half of heldout.txt, as `lmforge train-heads
+--first-half`; the prompts come from the second half, as in `lmforge bench`).
 
     python benchmarks/speculative.py [--checkpoint DIR] [--heads DIR] [--prompts 4] [--new-tokens 128] [--json]
 """
@@ -31,9 +31,8 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
-from lmforge.benchmarking import heldout_prompts, time_alternating
+from lmforge.benchmarking import heldout_prompts, prompt_text_for, split_heldout, text_windows, time_alternating
 from lmforge.draft_heads import agreement, save_heads, train_heads
-from lmforge.passes.calibrate import token_windows
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
 LOOKUP = "{name: prompt_lookup, num_draft: 10, max_ngram: 3}"
@@ -48,8 +47,8 @@ def _heads(given: Path | None, kind: str, args, hf, tokenizer) -> Path:
     if given is not None:
         return given
     directory = Path(tempfile.mkdtemp(prefix=f"lmforge-{kind}-heads-"))
-    windows = token_windows(args.checkpoint / "heldout.txt", tokenizer, 128)
-    train_ids, heldout_ids = windows[: len(windows) // 2], windows[-16:]
+    windows = text_windows(split_heldout((args.checkpoint / "heldout.txt").read_text())[0], tokenizer, 128)
+    train_ids, heldout_ids = windows[:-16], windows[-16:]  # as `lmforge train-heads --first-half` splits it
     heads, _ = train_heads(hf, train_ids, count=3, kind=kind, steps=args.train_steps, lr=2e-3)
     save_heads(directory, heads, hf, {"heldout_agreement": agreement(heads, hf, heldout_ids)})
     return directory
@@ -107,10 +106,8 @@ def main() -> None:
     models = {name: lmforge.optimize(args.checkpoint, recipe()) for name, recipe in recipes.items() if wanted(name)}
     agreement_note = {name: models[name].program.history[1]["measurements"]["heldout_agreement"]
                       for name in ("lmforge + draft_heads", "lmforge + Hydra heads") if name in models}
-    text = (args.checkpoint / "heldout.txt").read_text()
-    prompts_text = text[len(text) // 2 :]  # the heads trained on the first half
     totals: dict[str, dict] = {}
-    for prompt in heldout_prompts(prompts_text, tokenizer, args.prompts, args.prompt_len):
+    for prompt in heldout_prompts(prompt_text_for(args.checkpoint), tokenizer, args.prompts, args.prompt_len):
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
         forwards = {}

@@ -1,7 +1,14 @@
 """Timing helpers shared by `lmforge bench` and the scripts in benchmarks/.
 
 Each measurement warms up first (so one-time allocation and lazy initialisation are not
-counted) and reports the median of several timed runs.
+counted) and reports the median of several timed runs. Engines compared with each other
+(Hugging Face and lmforge, or several lmforge programs) are always timed alternately, run
+by run on the same prompts (`run_alternately`), never one after the other: on a shared
+machine the speed drifts, and timing one engine first would credit the drift to it.
+
+Held-out text is split once for all: draft heads train on its first half
+(`lmforge train-heads --first-half`, benchmarks/speculative.py) and benchmark prompts come
+from its second half (`split_heldout`), so no benchmark prompts heads with text they saw.
 """
 
 from __future__ import annotations
@@ -11,8 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+from lmforge.errors import LmforgeError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,33 +38,35 @@ class Timing:
         return self.new_tokens / self.seconds
 
 
-def time_generation(generate: Callable[[], torch.Tensor], prompt_len: int, repeats: int = 3) -> Timing:
-    """Median wall time of `generate()` after one warm-up call; counts new tokens of all rows."""
-    output = generate()
-    durations = []
+def run_alternately(runs: dict[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
+    """Each callable's results over `repeats` rounds, after one warm-up call each; every
+    round calls all of them in turn, so that drifts in machine speed hit them alike."""
+    for run in runs.values():
+        run()
+    results: dict[str, list[T]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        output = generate()
-        durations.append(time.perf_counter() - start)
-    new_tokens = output.shape[0] * (output.shape[1] - prompt_len)
-    return Timing(statistics.median(durations), new_tokens, output)
+        for name, run in runs.items():
+            results[name].append(run())
+    return results
 
 
 def time_alternating(generators: dict[str, Callable[[], torch.Tensor]], prompt_len: int, repeats: int = 5) -> dict[str, Timing]:
-    """Like `time_generation` for several engines at once, alternating them run by run, so
-    that drifts in machine speed hit all of them alike and their ratios stay meaningful."""
-    outputs = {name: generate() for name, generate in generators.items()}
-    durations: dict[str, list[float]] = {name: [] for name in generators}
-    for _ in range(repeats):
-        for name, generate in generators.items():
+    """Median wall time of each `generate()` (new tokens of all rows counted), the engines
+    alternating run by run (`run_alternately`) so that their ratios stay meaningful."""
+    def timed(generate: Callable[[], torch.Tensor]) -> Callable[[], tuple[float, torch.Tensor]]:
+        def run() -> tuple[float, torch.Tensor]:
             start = time.perf_counter()
-            outputs[name] = generate()
-            durations[name].append(time.perf_counter() - start)
-    return {
-        name: Timing(statistics.median(durations[name]), outputs[name].shape[0] * (outputs[name].shape[1] - prompt_len),
-                     outputs[name])
-        for name in generators
-    }
+            output = generate()
+            return time.perf_counter() - start, output
+        return run
+
+    results = run_alternately({name: timed(generate) for name, generate in generators.items()}, repeats)
+    timings = {}
+    for name, runs in results.items():
+        output = runs[-1][1]
+        timings[name] = Timing(statistics.median(seconds for seconds, _ in runs),
+                               output.shape[0] * (output.shape[1] - prompt_len), output)
+    return timings
 
 
 def hf_kv_cache_bytes(config, tokens: int, bytes_per_value: int = 4) -> int:
@@ -72,8 +86,24 @@ def heldout_prompts(text: str, tokenizer, count: int, length: int, stride: int =
     return prompts
 
 
+def split_heldout(text: str) -> tuple[str, str]:
+    """(the half draft heads may train on, the half benchmark prompts come from)."""
+    middle = len(text) // 2
+    return text[:middle], text[middle:]
+
+
+def text_windows(text: str, tokenizer, seq_len: int) -> torch.Tensor:
+    """All consecutive windows of `seq_len` tokens of `text`, `(windows, seq_len)`."""
+    if tokenizer is None:
+        raise LmforgeError("reading text needs the model's tokenizer; use a checkpoint directory that has one")
+    ids = tokenizer(text).input_ids
+    windows = len(ids) // seq_len
+    return torch.tensor(ids[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+
+
 def prompt_text_for(checkpoint: str | Path | None) -> str:
-    """Held-out text shipped beside a checkpoint (heldout.txt), else a short code sample."""
+    """The prompt half of the held-out text shipped beside a checkpoint (heldout.txt), else
+    a short code sample."""
     if checkpoint is not None and (Path(checkpoint) / "heldout.txt").is_file():
-        return (Path(checkpoint) / "heldout.txt").read_text()
+        return split_heldout((Path(checkpoint) / "heldout.txt").read_text())[1]
     return "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n" * 40

@@ -184,7 +184,7 @@ def agreement(heads: MedusaHeads, model: Any, ids: torch.Tensor, batch: int = 4)
 Heads = MedusaHeads | HydraHeads
 
 
-def initial_heads(model: Any, count: int, kind: str = "medusa") -> Heads:
+def initial_heads(model: Any, count: int, kind: str = "hydra") -> Heads:
     """Untrained heads of `kind` for `model` (what training starts from)."""
     lm_head = model.get_output_embeddings().weight
     if kind == "hydra":
@@ -199,7 +199,7 @@ def train_heads(
     train_ids: torch.Tensor,
     *,
     count: int = 3,
-    kind: str = "medusa",
+    kind: str = "hydra",
     steps: int = 300,
     lr: float = 1e-3,
     batch: int = 8,

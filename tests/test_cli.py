@@ -32,6 +32,13 @@ def test_run_streams_text(compiled_dir):
     assert result.exit_code == 0 and result.stdout.startswith("def main():")
 
 
+def test_bench_times_hf_and_lmforge_on_the_same_prompts(compiled_dir):
+    result = runner.invoke(app, ["bench", str(compiled_dir), "--prompt-len", "16", "-n", "6", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["identical_tokens"] and record["prompt_len"] == 16 and record["ratio"] > 0
+
+
 def test_info_reports_bytes(compiled_dir, ref_hf):
     result = runner.invoke(app, ["info", str(compiled_dir), "--context", "1024", "--json"])
     record = json.loads(result.stdout)

@@ -10,7 +10,7 @@ from lmforge.passes.calibrate import token_windows
 
 def test_kv_share_ffn_skip_heads_and_lookup_compose(tmp_path, ref_path, ref_hf, ref_tokenizer):
     windows = token_windows(ref_path / "heldout.txt", ref_tokenizer, 64)
-    heads, _ = train_heads(ref_hf, windows[:64], count=2, steps=3, batch=4)
+    heads, _ = train_heads(ref_hf, windows[:64], count=2, kind="medusa", steps=3, batch=4)
     save_heads(tmp_path / "heads", heads, ref_hf, {})
     lossy = (
         f"calibration: {{data: {ref_path / 'heldout.txt'}, samples: 4, eval_samples: 4, seq_len: 64}}\n"

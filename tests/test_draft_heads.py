@@ -23,7 +23,7 @@ PLAIN = "passes: [{name: cleanup}, {name: fuse_projections}]\nruntime: {max_seq_
 def _tiny_heads(directory, model) -> tuple[MedusaHeads, torch.Tensor]:
     """Heads for a tiny model after a few real training steps, saved to `directory`."""
     ids = torch.randint(3, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    heads, _ = train_heads(model, ids, count=3, steps=3)
+    heads, _ = train_heads(model, ids, count=3, kind="medusa", steps=3)
     save_heads(directory, heads, model, {})
     return heads, ids
 
@@ -33,12 +33,17 @@ def _recipe(heads_dir) -> str:
             "{name: verify}]\nruntime: {max_seq_len: 256}")
 
 
-def test_train_heads_cli_improves_agreement_and_resumes(tmp_path, ref_path):
+def test_train_heads_cli_improves_agreement_and_resumes(tmp_path, ref_path, ref_tokenizer):
+    from lmforge.benchmarking import split_heldout, text_windows
+
     arguments = ["train-heads", str(ref_path), "-o", str(tmp_path / "heads"), "--data", str(ref_path / "heldout.txt"),
-                 "--steps", "12", "--json"]
+                 "--first-half", "--steps", "12", "--json"]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
+    assert record["kind"] == "hydra", "the default kind is the one measured faster"
+    first_half = text_windows(split_heldout((ref_path / "heldout.txt").read_text())[0], ref_tokenizer, 128)
+    assert record["first_half"] and record["train_windows"] + 16 == first_half.shape[0]  # 16 held out
     assert record["heldout_agreement"][0] > record["heldout_agreement_untrained"][0] + 0.1
     assert (tmp_path / "heads" / "heads.safetensors").is_file()
     arguments[arguments.index("12")] = "16"
@@ -66,7 +71,7 @@ def test_fused_heads_keep_base_logits_and_greedy_output(tmp_path, arch):
 
 def test_reference_checkpoint_with_heads_stays_greedy_exact_through_an_artifact(tmp_path, ref_path, ref_hf, heldout_prompts):
     windows = torch.tensor([p[:24] for p in heldout_prompts] * 4)
-    heads, _ = train_heads(ref_hf, windows, count=3, steps=4, batch=4)
+    heads, _ = train_heads(ref_hf, windows, count=3, kind="medusa", steps=4, batch=4)
     save_heads(tmp_path, heads, ref_hf, {"heldout_agreement": agreement(heads, ref_hf, windows[:3])})
     fused, plain = lmforge.optimize(ref_path, _recipe(tmp_path)), lmforge.optimize(ref_path, PLAIN)
     for prompt in heldout_prompts:
@@ -147,7 +152,7 @@ def test_tree_verification_on_the_reference_checkpoint(tmp_path, ref_path, ref_h
     from lmforge.passes.calibrate import token_windows
 
     windows = token_windows(ref_path / "heldout.txt", ref_tokenizer, 128)
-    heads, _ = train_heads(ref_hf, windows[:200], count=3, steps=15, lr=2e-3)
+    heads, _ = train_heads(ref_hf, windows[:200], count=3, kind="medusa", steps=15, lr=2e-3)
     save_heads(tmp_path, heads, ref_hf, {})
     recipe = (f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {tmp_path}, tree: [3, 2, 1]}}, "
               "{name: fuse_projections}]\nruntime: {max_seq_len: 512}")
