@@ -398,6 +398,8 @@ def kernel_kind(group: FusionGroup) -> str:
         parts.append("reduce")
     if "residual_add" in roles:
         parts.append("residual")
+    if targets & ROW_REDUCTIONS:
+        parts.extend(_norm_label(group))
     if aten.neg.default in targets and (aten.cos.default in targets or "attention_other" in roles):
         parts.append("rope")
     elif aten.cos.default in targets:
@@ -409,6 +411,21 @@ def kernel_kind(group: FusionGroup) -> str:
     if aten.tanh.default in targets and not parts:
         parts.append("softcap")
     return "_".join(parts) or "pointwise"
+
+
+def _norm_label(group: FusionGroup) -> list[str]:
+    """Which norm a group's reduction belongs to, from its module name in the captured model:
+    `input` (input_layernorm), `post_attention`, `pre_feedforward`, ...; `final` for the
+    norm after the last layer; nothing when the graph no longer says."""
+    reduction = next(node for node in group.nodes if node.target in ROW_REDUCTIONS)
+    stack = reduction.meta.get("nn_module_stack")
+    if not stack:
+        return []
+    if role_of(reduction)[0] is None:
+        return ["final"]
+    leaf = list(stack.values())[-1][0].rsplit(".", 1)[-1]
+    label = leaf.replace("layernorm", "").replace("layer_norm", "").replace("norm", "").strip("_")
+    return [label] if label.isidentifier() else []
 
 
 # ---- index arithmetic ---------------------------------------------------------------
