@@ -9,6 +9,7 @@ from tiny_models import tiny_model
 from lmforge.codegen.cpu import lower
 from lmforge.compiler.capture import capture
 from lmforge.compiler.recipe import CodegenConfig
+from lmforge.compiler.speculation_rules import check_draft_source
 from lmforge.draft_heads import initial_heads, save_heads
 from lmforge.errors import LmforgeError
 from lmforge.passes.draft_heads import DraftHeads, DraftHeadsConfig
@@ -83,3 +84,11 @@ def test_static_ffn_skip_still_drafts_and_stays_greedy_exact(model, captured):
     tokens = speculative.generate(prompt, max_new_tokens=32)
     assert torch.equal(tokens, engine(plain).generate(prompt, max_new_tokens=32))
     assert speculative.speculation_stats["drafted"] > 0
+
+
+def test_drafts_longer_than_a_streaming_ring_slack_are_refused():
+    ring = {"cache": 1, "kv_heads": 1, "head_dim": 8, "sink": 2, "window": 16, "capacity": 2 + 16 + 3}
+    meta = {"kv_cache": [{"layer": 0, "cache": 0, "kv_heads": 1, "head_dim": 8, "streaming": ring}]}
+    check_draft_source(meta, 3, "prompt_lookup")
+    with pytest.raises(LmforgeError, match="drafts of 4 tokens need a streaming ring slack of 4, the streaming heads have 3"):
+        check_draft_source(meta, 4, "prompt_lookup")
