@@ -71,7 +71,7 @@ def _final_projection(program: Program) -> torch.fx.Node:
 
 @register_pass("draft_heads")
 class DraftHeads(Pass):
-    description = "add trained Medusa draft heads beside the LM head (one fused GEMM); lossless"
+    description = "add trained Hydra or Medusa draft heads (Medusa: beside the LM head, one fused GEMM); lossless"
     Config = DraftHeadsConfig
     provides = ("draft_heads",)
 
