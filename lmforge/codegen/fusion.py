@@ -194,6 +194,9 @@ def is_index_op(node: fx.Node, shapes: Shapes) -> bool:
         return False
     if node.target in _SPLITS:
         return isinstance(shapes.info.get(node), tuple) and shapes.get(node.args[0]) is not None
+    if node.target in (aten.slice.Tensor, aten.select.int) and not all(
+            arg is None or isinstance(arg, int) for arg in node.args[1:]):
+        return False  # symbolic bounds: left to torch
     if node.target is aten.slice.Tensor and (len(node.args) > 4 and node.args[4] != 1):
         return False
     return shapes.get(node) is not None and all(shapes.get(arg) is not None for arg in tensor_args(node))

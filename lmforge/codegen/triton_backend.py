@@ -16,22 +16,17 @@ import networkx as nx
 from torch import fx
 
 from lmforge.codegen.fusion import Partition, partition
+from lmforge.codegen.triton.attention import TRITON_KERNELS
 from lmforge.codegen.triton_emit import EmittedKernel, emit_group, kernel_name
 from lmforge.compiler.ops import PYTHON_KERNELS
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
 from lmforge.errors import LmforgeError
 
-# Triton attention kernels are being written in lmforge/codegen/triton/attention.py; until
-# that module lands, every lmforge op runs its Python kernel. Delete this table and write
-# `from lmforge.codegen.triton.attention import TRITON_KERNELS` then.
-PENDING_TRITON_ATTENTION_KERNELS: dict = {}
-
-
 def lmforge_op_kernel(op) -> object:
     """The implementation an lmforge op runs with on this backend: its Triton kernel, or its
     Python kernel for ops that have no Triton one."""
-    return PENDING_TRITON_ATTENTION_KERNELS.get(op, PYTHON_KERNELS[op])
+    return TRITON_KERNELS.get(op, PYTHON_KERNELS[op])
 
 
 def emit_kernels(program: Program) -> list[EmittedKernel]:

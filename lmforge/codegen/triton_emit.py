@@ -34,12 +34,10 @@ from lmforge.codegen.fusion import (
     Shapes,
     TensorInfo,
     broadcast_index,
-    contiguous_strides,
     is_index_op,
     keeps_dim,
     linear_offset,
     reshape_index,
-    tensor_args,
 )
 from lmforge.compiler.layermap import role_of
 from lmforge.errors import LmforgeError

@@ -20,8 +20,9 @@ from torch import fx  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.codegen.fusion import POINTWISE, ROW_REDUCTIONS, partition  # noqa: E402
+from lmforge.codegen.triton.attention import TRITON_KERNELS  # noqa: E402
 from lmforge.codegen.triton_backend import emit_kernels, kernels_per_layer, lower_triton  # noqa: E402
-from lmforge.compiler.ops import AttentionContext, attention_context  # noqa: E402
+from lmforge.compiler.ops import AttentionContext, attention, attention_context  # noqa: E402
 from lmforge.compiler.recipe import CodegenConfig  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 
@@ -110,6 +111,8 @@ def test_decode_step_needs_at_most_six_kernels_per_layer_besides_matrix_products
 def test_whole_model_matches_hugging_face():
     model = tiny_model("llama")
     compiled = lmforge.optimize(model, PASSES + "codegen: {backend: triton}\n")
+    targets = {node.target for node in compiled.engine.runner.graph.nodes if node.op == "call_function"}
+    assert TRITON_KERNELS[attention] in targets and not targets & (POINTWISE | ROW_REDUCTIONS)
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = model(ids).logits
