@@ -184,7 +184,8 @@ def bench(
     checkpoint = checkpoint or model.program.meta.get("source")
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise typer.BadParameter("no checkpoint to compare with; pass --checkpoint")
-    hf = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    # the path may come from the artifact's meta, so never with the checkpoint's own code
+    hf = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=False).eval()
     prompts = heldout_prompts(prompt_text_for(checkpoint), model.tokenizer, batch, prompt_len)
     shortest = min(len(p) for p in prompts)
     ids = torch.tensor([p[:shortest] for p in prompts])

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -277,11 +276,11 @@ def _is_tokenizer_file(name: str) -> bool:
 
 @contextmanager
 def _hugging_face_view(artifact: Path, manifest: dict) -> Iterator[Path]:
-    """A directory holding copies of the listed config and tokenizer files and nothing else:
+    """A directory holding links to the listed config and tokenizer files and nothing else:
     the Hugging Face loaders pick files by name, so they must not see unlisted ones."""
     with tempfile.TemporaryDirectory(prefix="lmforge-artifact-") as view:
         for name in filter(_is_tokenizer_file, manifest["files"]):
-            shutil.copyfile(artifact / name, Path(view) / name)
+            os.symlink((artifact / name).resolve(), Path(view) / name)
         yield Path(view)
 
 
@@ -299,7 +298,7 @@ def load_artifact(artifact: str | Path) -> tuple[Program, dict]:
             raise LmforgeError(f"{artifact / CONFIG}: not a config transformers can read without remote code "
                                f"({str(exc).splitlines()[0][:200]})") from None
     weights = _read_safetensors(artifact / WEIGHTS)
-    graph_module = _attach_weights(read_program((artifact / PROGRAM).read_bytes(), str(artifact / PROGRAM)), weights)
+    graph_module = _attach_weights(read_program(artifact / PROGRAM), weights)
     meta = manifest["meta"]
     if PATTERNS_FILE in files:
         load_patterns(artifact, meta, config)

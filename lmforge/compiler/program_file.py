@@ -20,6 +20,7 @@ import json
 import keyword
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -245,11 +246,12 @@ def program_bytes(exported: torch.export.ExportedProgram) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def read_program(data: bytes, where: str) -> torch.export.ExportedProgram:
-    """The exported program in `data`, after `check_program`; torch reads only the JSON."""
-    if len(data) > MAX_PROGRAM_BYTES:
-        raise LmforgeError(f"{where}: {len(data):,} bytes, more than the {MAX_PROGRAM_BYTES:,} a program may take")
-    document = parse_json(data, where)
+def read_program(path: Path) -> torch.export.ExportedProgram:
+    """The exported program stored at `path`, after `check_program`; torch reads only the JSON."""
+    where, size = str(path), path.stat().st_size
+    if size > MAX_PROGRAM_BYTES:
+        raise LmforgeError(f"{where}: {size:,} bytes, more than the {MAX_PROGRAM_BYTES:,} a program may take")
+    document = parse_json(path.read_bytes(), where)
     check_program(document, where)
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, document)
