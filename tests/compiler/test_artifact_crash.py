@@ -21,6 +21,7 @@ from lmforge.compiler.artifact import FORMAT_VERSION, REQUIRED_FILES, read_manif
 from lmforge.compiler.atomic_dir import remove_stale_staging, staging_name_pattern
 
 POLL_SECONDS = 0.002
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def previous_artifact(path: Path) -> dict[str, str]:
@@ -80,7 +81,7 @@ def test_kill_during_compile_leaves_previous_or_complete_artifact(tmp_path):
         processes[name] = subprocess.Popen(
             [sys.executable, "-c", "from lmforge.cli import main; main()", "compile", str(checkpoint),
              "--recipe", str(recipe), "--output", str(tmp_path / name), "--json"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPOSITORY,
         )
         arguments = (processes[name], tmp_path / name, anchor, jitter, killed)
         threads.append(threading.Thread(target=kill_at, args=arguments))
