@@ -14,10 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from tiny_models import tiny_model
 
 import lmforge
 from lmforge.compiler.artifact import FORMAT_VERSION, REQUIRED_FILES, read_manifest
+from lmforge.compiler import atomic_dir
 from lmforge.compiler.atomic_dir import remove_stale_staging, staging_name_pattern
 
 POLL_SECONDS = 0.002
@@ -115,3 +117,17 @@ def test_only_unlocked_staging_directories_of_the_target_are_removed(tmp_path):
     finally:
         os.close(holder)
     assert busy.is_dir() and all(path.is_dir() for path in unrelated)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_replacing_leaves_only_the_new_content(tmp_path, monkeypatch, exchange):
+    if not exchange:  # file systems without RENAME_EXCHANGE
+        monkeypatch.setattr(atomic_dir, "_exchange", lambda first, second: False)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_dir.staged_directory(target) as staging:
+        (staging / "new.txt").write_text("new")
+        atomic_dir.replace_with(staging, target)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
