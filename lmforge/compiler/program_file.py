@@ -10,7 +10,8 @@ only the JSON (weights live in safetensors) and, before torch sees it, refuses a
 what lmforge itself writes: ops outside `aten` and `lmforge` (plus `torch.cond` and integer
 arithmetic on sizes), custom-class objects, operator-valued arguments, names that are not
 plain identifiers, shape expressions that are not sympy constructor calls over symbols and
-literals, guard code, and node metadata other than the two keys lmforge reads.
+literals, guard code, node metadata other than the two keys lmforge reads, and metadata text
+with line breaks (code generators copy node annotations into comments of the source they run).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ SIZE_ARITHMETIC = frozenset(
 )
 REFUSED_ARGUMENTS = ("as_custom_obj", "as_operator", "as_string_to_argument")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f\x85\u2028\u2029]*")  # no line breaks or other control characters
 _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")
 _NAME_LISTS = ("forward_arg_names",)
 _NAMED_VALUES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values")
@@ -157,9 +159,28 @@ def _check_node(node: dict, where: str) -> None:
     extra = sorted(set(metadata) - set(KEPT_METADATA))
     if extra:
         raise _refuse(where, f"node metadata {extra[0]!r} is not one lmforge writes")
-    for value in metadata.values():
-        if not isinstance(value, str):
-            raise _refuse(where, "node metadata holds a non-string")
+    for key, value in metadata.items():
+        if not isinstance(value, str) or not _PRINTABLE.fullmatch(value):
+            raise _refuse(where, f"node metadata {key!r} is not a line of printable text")
+    if "custom" in metadata:
+        _check_annotations(metadata["custom"], where)
+
+
+def _check_annotations(text: str, where: str) -> None:
+    """`custom` holds lmforge's per-node annotations (layer, role, pass). Code generators write
+    them into comments of the source they compile, so they must be flat, short and printable."""
+    try:
+        annotations = json.loads(text)
+    except ValueError:
+        raise _refuse(where, "node annotations are not JSON") from None
+    if not isinstance(annotations, dict):
+        raise _refuse(where, "node annotations are not a JSON object")
+    for key, value in annotations.items():
+        check_name(key, where)
+        if isinstance(value, str) and (len(value) > 200 or not _PRINTABLE.fullmatch(value)):
+            raise _refuse(where, f"node annotation {key!r} is not a short line of printable text")
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise _refuse(where, f"node annotation {key!r} is not a single value")
 
 
 def _walk(value: Any, where: str) -> None:

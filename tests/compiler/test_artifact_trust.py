@@ -177,6 +177,8 @@ def test_a_node_name_that_is_not_an_identifier_is_refused(artifact):
     (lambda d: d["graph_module"]["signature"]["input_specs"].append(
         {"custom_obj": {"arg": {"name": "o", "class_fqn": "x"}, "custom_obj_name": "o"}}), "not a plain input"),
     (lambda d: d.update(graph_module=[]), "not a serialized program"),
+    (lambda d: nodes(d)[5]["metadata"].update(custom='{"lmforge_role": "q\\nimport os"}'),
+     "annotation 'lmforge_role' is not a short line of printable text"),
 ])
 def test_code_bearing_program_entries_are_refused(artifact, edit, message):
     edit_program(artifact, edit)
