@@ -18,6 +18,7 @@ from torch import fx
 from lmforge.codegen.fusion import Partition, partition
 from lmforge.codegen.triton.attention import TRITON_KERNELS
 from lmforge.codegen.triton_emit import EmittedKernel, emit_group, kernel_name
+from lmforge.compiler.layermap import set_role
 from lmforge.compiler.ops import PYTHON_KERNELS
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
@@ -107,6 +108,8 @@ def kernel_graph(graph_module: fx.GraphModule, parts: Partition, kernels: list[E
             group, kernel = parts.groups[unit[1]], kernels[unit[1]]
             call = graph.call_function(kernel.launcher, tuple(env[source] for source in group.inputs))
             call.name = kernel.name
+            if group.layer is not None:
+                set_role(call, group.layer, "fused")  # so launches can be counted per layer
             for k, output in enumerate(group.outputs):
                 env[output] = graph.call_function(operator.getitem, (call, k))
             continue
@@ -115,13 +118,4 @@ def kernel_graph(graph_module: fx.GraphModule, parts: Partition, kernels: list[E
             env[unit].target = lmforge_op_kernel(unit.target)
     graph.eliminate_dead_code()
     return fx.GraphModule(graph_module, graph)
-
-
-def kernels_per_layer(parts: Partition) -> dict:
-    """Kernel count per decoder layer (matrix products and attention aside), from the
-    layer tags of each group's nodes; None for groups outside any layer."""
-    counts: dict = {}
-    for group in parts.groups:
-        counts[group.layer] = counts.get(group.layer, 0) + 1
-    return counts
 

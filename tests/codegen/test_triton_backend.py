@@ -21,7 +21,8 @@ from torch import fx  # noqa: E402
 import lmforge  # noqa: E402
 from lmforge.codegen.fusion import POINTWISE, ROW_REDUCTIONS, partition  # noqa: E402
 from lmforge.codegen.triton.attention import TRITON_KERNELS  # noqa: E402
-from lmforge.codegen.triton_backend import emit_kernels, kernels_per_layer, lower_triton  # noqa: E402
+from lmforge.codegen.triton_backend import emit_kernels, lower_triton  # noqa: E402
+from lmforge.codegen.triton_launches import decode_step_launches  # noqa: E402
 from lmforge.compiler.ops import AttentionContext, attention, attention_context  # noqa: E402
 from lmforge.compiler.recipe import CodegenConfig  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
@@ -101,11 +102,18 @@ def test_partition_covers_every_pointwise_node_once_without_cycles(arch):
     assert nx.is_directed_acyclic_graph(kernels_graph)
 
 
-def test_decode_step_needs_at_most_six_kernels_per_layer_besides_matrix_products():
-    counts = kernels_per_layer(partition(program_of("llama").graph_module))
-    # RMSNorm (+ residual) before attention, RoPE of q and k, RMSNorm + residual after it,
-    # SiLU·mul; the last layer also runs the final norm; plus one attention op per layer
-    assert counts == {0: 4, 1: 5}
+def test_decode_step_launches_are_counted_per_layer_by_kind():
+    launches = decode_step_launches(program_of("llama"))
+    # before attention: RMSNorm (+ the previous layer's residual), RoPE of q and k; attention:
+    # two cache writes (torch copies) and the split-K partials and combine; after it: RMSNorm
+    # + residual, SiLU·mul; the last layer also adds its residual and runs the final norm
+    layer = {"generated": 4, "matmul": 4, "copy": 2, "attention": 2}
+    assert launches.by_layer() == {0: layer, 1: {**layer, "generated": 5}, None: {"other": 1, "matmul": 1}}
+    assert launches.besides_matmuls() == {0: 8, 1: 9, None: 1}  # outside the layers: the embedding lookup
+    # the LM head reads the last position in place: no copy for `last_position`
+    assert [launch.kernel for launch in launches.launches if launch.layer is None] == ["aten.embedding", "aten.mm"]
+    assert [launch.kernel for launch in launches.launches if launch.kind == "attention"] == [
+        "decode_attention_partial", "decode_attention_combine"] * 2
 
 
 def test_whole_model_matches_hugging_face():

@@ -38,7 +38,6 @@ PYTHON_FALLBACKS = {
     evicting_attention: "its eviction scores need every cached entry's attention probability, which the kernels "
                         "do not return (they keep only the running softmax)",
     ffn_skip_gate: "not attention: a host-side decision on one cosine per row",
-    last_position: "not attention: a slice of the hidden states",
 }
 
 
@@ -143,8 +142,16 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     return out.transpose(1, 2).contiguous()
 
 
+def triton_last_position(hidden: torch.Tensor) -> torch.Tensor:
+    """`last_position` as a view: the custom op must copy (an op's output may not alias its
+    input), which on a GPU is one more launch per step; the lowered graph is plain Python, so
+    the LM head can read the slice in place."""
+    return hidden[:, -1:] if current_context().last_only else hidden
+
+
 TRITON_KERNELS = {
     attention: triton_attention,
+    last_position: triton_last_position,
     tree_attention: triton_tree_attention,
     streaming_attention: triton_streaming_attention,
     sparse_attention: triton_sparse_attention,
