@@ -1,0 +1,356 @@
+"""Ahead-of-time compilation of lmforge's Triton kernels for NVIDIA targets, on any machine.
+
+A kernel that spills registers, or asks for more shared memory than the chip has, fails or
+crawls only when it is launched on that chip. Triton can compile for a target without its
+GPU (`triton.compile` with a `GPUTarget`), so those problems can be caught here, on a CPU:
+this module compiles a `KernelSpec` for sm_80 (A100) and sm_90 (H100), reads what the chip
+would have to provide, and refuses a kernel that spills or cannot fit.
+
+What the compile does not say without a GPU is read from the binary. Registers are not in
+Triton's metadata until a driver loads the cubin, so they come from `cuobjdump -res-usage`
+on the cubin Triton produced, and spills from `ptxas -v` re-run on its PTX with the flags
+Triton uses; both tools ship inside the triton wheel (`triton/backends/nvidia/bin/`).
+`metadata.shared` is the dynamic shared memory a launch requests; cuobjdump adds the static
+part. Triton never checks either against the target, so the limits below are checked here.
+
+The PTX and cubin written to an artifact are for reading (`cuobjdump`, `nvdisasm`, a diff
+between versions); the runtime never loads them (DESIGN.md: nothing executable is taken
+from an artifact).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class TargetLimits:
+    """What one streaming multiprocessor offers, from the CUDA C++ Programming Guide's table
+    "Technical Specifications per Compute Capability" (8.0: A100; 9.0: H100)."""
+
+    name: str
+    capability: int
+    shared_per_sm: int
+    shared_per_block: int
+    registers_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_blocks_per_sm: int = 32
+    register_unit: int = 256
+    """Registers are given to a warp in multiples of 256 (the occupancy calculator's unit)."""
+    shared_reserved_per_block: int = 1024
+    """The system's own 1 KB of shared memory per resident block (CUDA tuning guides)."""
+    shared_unit: int = 128
+
+
+TARGETS = {
+    "sm_80": TargetLimits("sm_80", 80, shared_per_sm=164 * 1024, shared_per_block=163 * 1024),
+    "sm_90": TargetLimits("sm_90", 90, shared_per_sm=228 * 1024, shared_per_block=227 * 1024),
+}
+"""sm_90 compiles to sm_90a (H100/H200 only), as Triton does for capability 90."""
+
+_SCALAR_TYPES = {"i1", "i8", "i16", "i32", "i64", "u32", "u64", "fp16", "bf16", "fp32", "fp64"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One kernel at one configuration, as a launcher would specialise it.
+
+    `signature` maps every argument of `fn`, in order, to "*fp16", "*bf16", "*fp32", "*i32",
+    … (pointers), "i32", "fp32", … (scalars) or "constexpr" (then its value is in
+    `constexprs`). `aligned` names the pointer and integer arguments that get Triton's
+    16-byte divisibility hint: the JIT adds it for every 16-byte-aligned pointer and every
+    integer divisible by 16, and without it loads are not vectorised, so leaving it out
+    measures a different kernel from the one that runs."""
+
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    aligned: tuple[str, ...] = ()
+    ops: tuple[str, ...] = ()
+    """The graph ops (e.g. "lmforge::attention") this kernel implements, for reports."""
+
+    def config(self) -> str:
+        """The configuration in one line, for error messages and reports."""
+        values = ", ".join(f"{key}={value}" for key, value in self.constexprs.items())
+        return f"num_warps={self.num_warps}, num_stages={self.num_stages}" + (f", {values}" if values else "")
+
+
+@dataclass(frozen=True)
+class CompiledKernelReport:
+    """One kernel compiled for one target, and what a launch would need from the chip."""
+
+    name: str
+    target: str
+    ptx: str
+    cubin: bytes
+    registers: int
+    """Per thread, from the cubin (cuobjdump -res-usage)."""
+    spill_store_bytes: int
+    spill_load_bytes: int
+    """Both from ptxas -v; a kernel that spills is refused, so a report always has 0."""
+    shared_bytes: int
+    """Dynamic shared memory a launch requests (Triton's metadata.shared)."""
+    static_shared_bytes: int
+    """Shared memory declared in the cubin itself (cuobjdump's SHARED)."""
+    occupancy_warps: int
+    """Resident warps per SM that registers, shared memory and warp limits allow."""
+    occupancy_limit: str
+    compile_seconds: float
+
+    def summary(self) -> dict:
+        """The report without the binaries: what `lmforge info --json` shows per target."""
+        limits = TARGETS[self.target]
+        return {
+            "registers": self.registers,
+            "spills": self.spill_store_bytes,
+            "spill_loads": self.spill_load_bytes,
+            "shared_bytes": self.shared_bytes,
+            "static_shared_bytes": self.static_shared_bytes,
+            "occupancy_warps": self.occupancy_warps,
+            "occupancy_fraction": round(self.occupancy_warps / limits.max_warps_per_sm, 3),
+            "occupancy_limit": self.occupancy_limit,
+            "compile_seconds": round(self.compile_seconds, 3),
+        }
+
+
+def nvidia_tool(name: str) -> Path:
+    """A binary the triton wheel ships for its NVIDIA backend (ptxas, cuobjdump)."""
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.is_file():
+        raise LmforgeError(
+            f"{name} not found at {path}: the installed triton wheel has no NVIDIA tools, so the registers "
+            "and spills of an ahead-of-time compile cannot be read (install the official triton wheel from PyPI)"
+        )
+    return path
+
+
+def _ptxas_for(limits: TargetLimits) -> Path:
+    """The ptxas Triton 3.9 itself runs for this target: the legacy one below sm_90, the
+    newer one (named ptxas-blackwell) from sm_90 on (backends/nvidia/compiler.get_ptxas)."""
+    return nvidia_tool("ptxas" if limits.capability < 90 else "ptxas-blackwell")
+
+
+def _check_spec(spec: KernelSpec) -> JITFunction:
+    fn = spec.fn
+    if not isinstance(fn, JITFunction):
+        raise LmforgeError(
+            f"kernel {spec.name}: {type(fn).__name__} is not a compiled Triton function; kernels defined while "
+            "TRITON_INTERPRET=1 is set can only be interpreted: compile ahead of time in a process without it"
+        )
+    if list(spec.signature) != list(fn.arg_names):
+        raise LmforgeError(
+            f"kernel {spec.name}: signature names {list(spec.signature)}, the function takes {fn.arg_names}"
+        )
+    for arg, kind in spec.signature.items():
+        scalar = kind[1:] if kind.startswith("*") else kind
+        if kind != "constexpr" and scalar not in _SCALAR_TYPES:
+            raise LmforgeError(f"kernel {spec.name}: argument {arg} has unknown type {kind!r}")
+        if (kind == "constexpr") != (arg in spec.constexprs):
+            raise LmforgeError(
+                f"kernel {spec.name}: argument {arg} must be 'constexpr' exactly when it has a value in constexprs"
+            )
+    for arg in spec.aligned:
+        kind = spec.signature.get(arg)
+        if kind is None or not (kind.startswith("*") or kind in {"i32", "i64"}):
+            raise LmforgeError(f"kernel {spec.name}: aligned argument {arg} is not a pointer or integer argument")
+    return fn
+
+
+def _compile(spec: KernelSpec, fn: JITFunction, limits: TargetLimits):
+    attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.aligned}
+    source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
+    with triton.knobs.compilation.scope():
+        triton.knobs.compilation.always_compile = True  # a cache hit would make compile_seconds meaningless
+        began = time.perf_counter()
+        compiled = triton.compile(source, target=GPUTarget("cuda", limits.capability, 32), options=options)
+        return compiled, time.perf_counter() - began
+
+
+def _resource_usage(cubin: bytes, function: str) -> dict[str, int]:
+    """cuobjdump's line for the kernel: REG, STACK, SHARED, LOCAL, … as integers."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(nvidia_tool("cuobjdump")), "-res-usage", str(path)],
+                              capture_output=True, text=True, check=True).stdout
+    found = re.search(rf"Function {re.escape(function)}:\s*\n\s*(.*)", text)
+    if found is None:
+        raise LmforgeError(f"cuobjdump -res-usage lists no function {function}:\n{text}")
+    return {key: int(value) for key, value in re.findall(r"(\w+)(?:\[\d+\])?:(\d+)", found.group(1))}
+
+
+def _spills(ptx: str, limits: TargetLimits) -> tuple[int, int]:
+    """(spill store bytes, spill load bytes) from ptxas -v run on Triton's PTX with the flags
+    Triton passes (backends/nvidia/compiler.make_cubin: -lineinfo, --regAllocOptLevel=2)."""
+    gpu = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE)
+    if gpu is None:
+        raise LmforgeError("the PTX Triton produced has no .target line")
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "kernel.ptx"
+        source.write_text(ptx)
+        run = subprocess.run(
+            [str(_ptxas_for(limits)), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu.group(1)}",
+             str(source), "-o", str(Path(folder) / "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        )
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr + run.stdout)
+    if found is None:
+        raise LmforgeError(f"ptxas -v printed no spill line:\n{run.stderr}")
+    return int(found.group(1)), int(found.group(2))
+
+
+def occupancy(registers: int, shared_bytes: int, num_warps: int, limits: TargetLimits) -> tuple[int, str]:
+    """(resident warps per SM, what limits it): the CUDA occupancy calculator's rules for
+    whole blocks of `num_warps` warps. An estimate: it ignores the L1/shared carve-out the
+    driver picks and anything else running on the SM."""
+    warp_registers = math.ceil(registers * 32 / limits.register_unit) * limits.register_unit
+    block_shared = shared_bytes + limits.shared_reserved_per_block
+    block_shared = math.ceil(block_shared / limits.shared_unit) * limits.shared_unit
+    blocks = {
+        "registers": (limits.registers_per_sm // warp_registers) // num_warps,
+        "shared memory": limits.shared_per_sm // block_shared,
+        "warps": limits.max_warps_per_sm // num_warps,
+        "blocks": limits.max_blocks_per_sm,
+    }
+    limit = min(blocks, key=blocks.get)
+    return blocks[limit] * num_warps, limit
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def compile_for_target(spec: KernelSpec, target: str) -> CompiledKernelReport:
+    """Compile `spec` for one target and measure it; raises LmforgeError if it spills or
+    needs more shared memory per block than the target allows."""
+    if target not in TARGETS:
+        raise LmforgeError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    limits = TARGETS[target]
+    fn = _check_spec(spec)
+    compiled, seconds = _compile(spec, fn, limits)
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    usage = _resource_usage(cubin, compiled.metadata.name)
+    where = f"kernel {spec.name} ({spec.config()}) on {target}"
+    shared = compiled.metadata.shared + usage.get("SHARED", 0)
+    if shared > limits.shared_per_block:
+        raise LmforgeError(f"{where} needs {shared} bytes of shared memory per block; "
+                           f"{target} allows {limits.shared_per_block}")
+    spill_stores, spill_loads = _spills(ptx, limits)
+    if spill_stores or spill_loads:
+        raise LmforgeError(f"{where} spills registers: {spill_stores} bytes stored, {spill_loads} loaded "
+                           f"({usage['REG']} registers per thread)")
+    warps, limit = occupancy(usage["REG"], shared, spec.num_warps, limits)
+    return CompiledKernelReport(
+        name=spec.name, target=target, ptx=ptx, cubin=cubin, registers=usage["REG"],
+        spill_store_bytes=spill_stores, spill_load_bytes=spill_loads, shared_bytes=compiled.metadata.shared,
+        static_shared_bytes=usage.get("SHARED", 0), occupancy_warps=warps, occupancy_limit=limit,
+        compile_seconds=seconds,
+    )
+
+
+def compile_for_targets(
+    spec: KernelSpec, targets: Iterable[str] = ("sm_80", "sm_90"), out_dir: Path | None = None
+) -> dict[str, CompiledKernelReport]:
+    """Compile `spec` for each target (see `compile_for_target`). With `out_dir`, the PTX and
+    cubin go to `out_dir/kernels/<name>.<target>.ptx` and `.cubin`, each written atomically,
+    once every target has compiled."""
+    reports = {target: compile_for_target(spec, target) for target in targets}
+    if out_dir is not None:
+        for target, report in reports.items():
+            stem = Path(out_dir) / "kernels" / f"{spec.name}.{target}"
+            _write_atomically(stem.with_name(stem.name + ".ptx"), report.ptx.encode())
+            _write_atomically(stem.with_name(stem.name + ".cubin"), report.cubin)
+    return reports
+
+
+def report_kernels(
+    specs: Iterable[KernelSpec], targets: Iterable[str] = ("sm_80", "sm_90"), out_dir: Path | None = None
+) -> list[dict]:
+    """The `kernels` entry of `lmforge info --json`: per kernel its name, the ops it
+    implements, its configuration and, per target, registers, spills, shared memory,
+    occupancy and compile time."""
+    targets = tuple(targets)
+    kernels = []
+    for spec in specs:
+        reports = compile_for_targets(spec, targets, out_dir)
+        kernels.append({
+            "name": spec.name,
+            "ops": list(spec.ops),
+            "config": spec.config(),
+            "targets": {target: report.summary() for target, report in reports.items()},
+        })
+    return kernels
+
+
+def spec_from_aot_tuple(
+    name: str, entry: tuple, ops: tuple[str, ...] = (), aligned: tuple[str, ...] | None = None,
+    unit: tuple[str, ...] = (), num_stages: int = 3,
+) -> KernelSpec:
+    """A KernelSpec from a kernel module's `aot_specs` entry `(fn, signature, constexprs,
+    num_warps)`. `aligned` defaults to every pointer argument (torch allocations are
+    aligned); integer arguments are hinted only when named, since a stride of 1 hinted
+    divisible by 16 would be compiled wrong. `unit` names integer arguments the JIT would
+    see as 1 (innermost strides of contiguous tensors) and specialise to the constant 1."""
+    fn, signature, constexprs, num_warps = entry
+    signature = {arg: "constexpr" if arg in unit else kind for arg, kind in signature.items()}
+    constexprs = {**constexprs, **dict.fromkeys(unit, 1)}
+    if aligned is None:
+        aligned = tuple(arg for arg, kind in signature.items() if kind.startswith("*"))
+    return KernelSpec(name=name, fn=fn, signature=signature, constexprs=constexprs, num_warps=num_warps,
+                      num_stages=num_stages, aligned=aligned, ops=ops)
+
+
+def attention_kernel_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[KernelSpec]:
+    """The attention kernels (split-K decode, both stages, and flash prefill) as their
+    launchers specialise them for a contiguous cache at these shapes: the modules'
+    `aot_specs`, plus what Triton's JIT would add on its own — innermost strides of 1 become
+    constants, and every pointer and every stride that is a multiple of `head_dim` (with
+    `head_dim` itself, when divisible by 16) gets the divisibility hint.
+
+    The kernel modules are imported here, not at the top of this module: importing them
+    defines their `@triton.jit` functions, which must happen after a test has had the
+    chance to set TRITON_INTERPRET."""
+    from lmforge.codegen.triton import decode_attention, prefill_attention
+
+    unit_strides = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
+    multiples = {"head_dim", *(f"stride_{tensor}{axis}" for tensor in "qkvo" for axis in "bhst")} - unit_strides
+    if head_dim % 16:
+        multiples = set()
+    entries = [*decode_attention.aot_specs(head_dim, group, dtype),
+               *prefill_attention.aot_specs(head_dim, group, dtype)]
+    specs = []
+    for entry in entries:
+        fn, signature = entry[0], entry[1]
+        unit = tuple(arg for arg in signature if arg in unit_strides)
+        aligned = tuple(arg for arg, kind in signature.items() if kind.startswith("*") or arg in multiples)
+        specs.append(spec_from_aot_tuple(fn.__name__, entry, ops=("lmforge::attention",), aligned=aligned, unit=unit))
+    return specs

@@ -1,0 +1,92 @@
+"""How close split-K decode attention can come to the memory-bandwidth roofline: a count of
+the bytes its two kernels move per generated token, not a measurement.
+
+Decoding reads the whole cache to produce one token and does ~4 flops per byte read, far
+below the ridge point of any current GPU (~150 flops/byte on A100, ~300 on H100), so its
+best possible time is the bytes moved divided by peak memory bandwidth. Only the keys and
+values are bytes the answer needs; the query, the output and the partial results the two
+stages pass through global memory are overhead. The useful fraction (KV bytes over all
+bytes) is the share of peak bandwidth the kernels could turn into progress even if every
+byte moved at full speed — the "roofline estimate" this module reports.
+
+What the count assumes, from `codegen/triton/decode_attention.py`: one stage-1 program per
+(row, KV head, split) reads each key and value of its split once for all query heads of the
+group (GQA), reads the group's queries (so the query is read once per split), and writes an
+fp32 partial output and an fp32 log-sum-exp per query head; stage 2 reads them back and
+writes the output once. Caches, L2 hits, masked tail blocks and launch overhead are not
+modelled; a real kernel reaches perhaps 70–90 % of peak bandwidth even when it moves only
+these bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class MemoryBandwidth:
+    name: str
+    bytes_per_second: float
+    source: str
+
+
+PEAK_BANDWIDTH = {
+    bandwidth.name: bandwidth
+    for bandwidth in (
+        MemoryBandwidth("A100-40GB", 1555e9, "NVIDIA A100 Tensor Core GPU datasheet: 40GB HBM2, 1,555 GB/s"),
+        MemoryBandwidth("A100-80GB-SXM", 2039e9, "NVIDIA A100 Tensor Core GPU datasheet: 80GB HBM2e SXM, 2,039 GB/s"),
+        MemoryBandwidth("H100-SXM", 3350e9, "NVIDIA H100 Tensor Core GPU datasheet: H100 SXM, 3.35 TB/s"),
+    )
+}
+"""Peak HBM bandwidth as NVIDIA's datasheets state it (decimal gigabytes)."""
+
+PARTIAL_BYTES = 4
+"""Stage 1's partial outputs and log-sum-exps are fp32, whatever the cache's dtype."""
+
+
+@dataclass(frozen=True)
+class DecodeRoofline:
+    """Bytes one generated token's decode attention moves across all layers, by kind, and
+    the time they take at peak bandwidth."""
+
+    kv_bytes: int
+    query_bytes: int
+    output_bytes: int
+    partial_bytes: int
+    bandwidth: MemoryBandwidth
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kv_bytes + self.query_bytes + self.output_bytes + self.partial_bytes
+
+    @property
+    def useful_fraction(self) -> float:
+        """KV bytes over all bytes moved: the most of peak bandwidth that does useful work."""
+        return self.kv_bytes / self.total_bytes
+
+    @property
+    def microseconds_at_peak(self) -> float:
+        return self.total_bytes / self.bandwidth.bytes_per_second * 1e6
+
+
+def decode_attention_roofline(
+    layers: int, query_heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int, splits: int,
+    bandwidth: MemoryBandwidth,
+) -> DecodeRoofline:
+    """The bytes-moved model for one token of one sequence attending over `context` cached
+    positions, with stage 1 split `splits` ways (the launcher's choice: batch x KV heads x
+    splits programs aimed at ~128, at least 256 keys a split, at most 16)."""
+    if query_heads % kv_heads:
+        raise LmforgeError(f"{query_heads} query heads cannot be grouped over {kv_heads} KV heads")
+    if min(layers, query_heads, kv_heads, head_dim, dtype_bytes, context, splits) < 1:
+        raise LmforgeError("every shape in a decode roofline must be at least 1")
+    head_vector = head_dim * dtype_bytes
+    return DecodeRoofline(
+        kv_bytes=layers * 2 * context * kv_heads * head_vector,
+        query_bytes=layers * splits * query_heads * head_vector,
+        output_bytes=layers * query_heads * head_vector,
+        partial_bytes=layers * 2 * splits * query_heads * (head_dim + 1) * PARTIAL_BYTES,
+        bandwidth=bandwidth,
+    )
