@@ -8,8 +8,8 @@ would have to provide, and refuses a kernel that spills or cannot fit.
 
 What the compile does not say without a GPU is read from the binary. Registers are not in
 Triton's metadata until a driver loads the cubin, so they come from `cuobjdump -res-usage`
-on the cubin Triton produced, and spills from `ptxas -v` re-run on its PTX with the flags
-Triton uses; both tools ship inside the triton wheel (`triton/backends/nvidia/bin/`).
+on the cubin Triton produced, and spills from the `ptxas -v` log of the run that produced
+it; both tools ship inside the triton wheel (`triton/backends/nvidia/bin/`).
 `metadata.shared` is the dynamic shared memory a launch requests; cuobjdump adds the static
 part. Triton never checks either against the target, so the limits below are checked here.
 
@@ -20,6 +20,8 @@ from an artifact).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import re
@@ -176,14 +178,21 @@ def _check_spec(spec: KernelSpec) -> JITFunction:
 
 
 def _compile(spec: KernelSpec, fn: JITFunction, limits: TargetLimits):
+    """(compiled kernel, seconds, ptxas -v log). Triton always runs ptxas with -v and prints
+    the log when asked (TRITON_DUMP_PTXAS_LOG), so the log read here is that of the very
+    run that produced the cubin; a cache hit would skip ptxas, so the cache is bypassed."""
+    _ptxas_for(limits)  # say which tool is missing before Triton fails less clearly
     attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.aligned}
     source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
-    with triton.knobs.compilation.scope():
-        triton.knobs.compilation.always_compile = True  # a cache hit would make compile_seconds meaningless
+    log = io.StringIO()
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
         began = time.perf_counter()
         compiled = triton.compile(source, target=GPUTarget("cuda", limits.capability, 32), options=options)
-        return compiled, time.perf_counter() - began
+        seconds = time.perf_counter() - began
+    return compiled, seconds, log.getvalue()
 
 
 def _resource_usage(cubin: bytes, function: str) -> dict[str, int]:
@@ -199,23 +208,11 @@ def _resource_usage(cubin: bytes, function: str) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(\w+)(?:\[\d+\])?:(\d+)", found.group(1))}
 
 
-def _spills(ptx: str, limits: TargetLimits) -> tuple[int, int]:
-    """(spill store bytes, spill load bytes) from ptxas -v run on Triton's PTX with the flags
-    Triton passes (backends/nvidia/compiler.make_cubin: -lineinfo, --regAllocOptLevel=2)."""
-    gpu = re.search(r"^\.target\s+(\w+)", ptx, re.MULTILINE)
-    if gpu is None:
-        raise LmforgeError("the PTX Triton produced has no .target line")
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "kernel.ptx"
-        source.write_text(ptx)
-        run = subprocess.run(
-            [str(_ptxas_for(limits)), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu.group(1)}",
-             str(source), "-o", str(Path(folder) / "kernel.cubin")],
-            capture_output=True, text=True, check=True,
-        )
-    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr + run.stdout)
+def _spills(ptxas_log: str, name: str) -> tuple[int, int]:
+    """(spill store bytes, spill load bytes) from the ptxas -v log of the compile."""
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
     if found is None:
-        raise LmforgeError(f"ptxas -v printed no spill line:\n{run.stderr}")
+        raise LmforgeError(f"kernel {name}: the compile printed no ptxas -v spill line (log: {ptxas_log[:200]!r})")
     return int(found.group(1)), int(found.group(2))
 
 
@@ -256,7 +253,7 @@ def compile_for_target(spec: KernelSpec, target: str) -> CompiledKernelReport:
         raise LmforgeError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     limits = TARGETS[target]
     fn = _check_spec(spec)
-    compiled, seconds = _compile(spec, fn, limits)
+    compiled, seconds, ptxas_log = _compile(spec, fn, limits)
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     usage = _resource_usage(cubin, compiled.metadata.name)
     where = f"kernel {spec.name} ({spec.config()}) on {target}"
@@ -264,7 +261,7 @@ def compile_for_target(spec: KernelSpec, target: str) -> CompiledKernelReport:
     if shared > limits.shared_per_block:
         raise LmforgeError(f"{where} needs {shared} bytes of shared memory per block; "
                            f"{target} allows {limits.shared_per_block}")
-    spill_stores, spill_loads = _spills(ptx, limits)
+    spill_stores, spill_loads = _spills(ptxas_log, spec.name)
     if spill_stores or spill_loads:
         raise LmforgeError(f"{where} spills registers: {spill_stores} bytes stored, {spill_loads} loaded "
                            f"({usage['REG']} registers per thread)")
@@ -354,3 +351,22 @@ def attention_kernel_specs(head_dim: int, group: int, dtype: torch.dtype) -> lis
         aligned = tuple(arg for arg, kind in signature.items() if kind.startswith("*") or arg in multiples)
         specs.append(spec_from_aot_tuple(fn.__name__, entry, ops=("lmforge::attention",), aligned=aligned, unit=unit))
     return specs
+
+
+def spec_from_emitted(kernel, rows: int, columns: int | None = None) -> KernelSpec:
+    """A KernelSpec for a fused kernel from `triton_emit` (an `EmittedKernel`) as its launcher
+    would run it over `rows` rows: BLOCK_R = min(next_power_of_2(rows), MAX_TILE // BLOCK_C),
+    Triton's default 4 warps. `columns` gives the row width for a kernel whose width is not
+    known from the graph. Every pointer gets the divisibility hint (the launcher passes
+    `.contiguous()` inputs and fresh outputs); size arguments do not, as their values vary."""
+    from lmforge.codegen.triton_emit import MAX_TILE
+
+    block_c = kernel.constexprs.get("BLOCK_C")
+    if block_c is None:
+        if columns is None:
+            raise LmforgeError(f"kernel {kernel.name}: its row width depends on the input; give columns")
+        block_c = triton.next_power_of_2(columns)
+    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, MAX_TILE // block_c))
+    aligned = tuple(arg for arg, kind in kernel.signature.items() if kind.startswith("*"))
+    return KernelSpec(name=kernel.name, fn=kernel.fn, signature=dict(kernel.signature),
+                      constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c}, aligned=aligned, ops=tuple(kernel.ops))

@@ -156,23 +156,58 @@ def test_decode_roofline_for_llama_3_8b_at_4k_by_hand():
         decode_attention_roofline(32, 30, 8, 128, 2, 4096, 16, h100)
 
 
-def test_attention_kernels_compile_for_both_targets_without_spills():
-    """lmforge's split-K decode (both stages) and flash prefill kernels, fp16, head_dim 128,
-    4 query heads per KV head, as their launchers specialise them."""
-    script = ("import json, torch\n"
-              "from lmforge.codegen.aot import attention_kernel_specs, report_kernels\n"
-              "print(json.dumps(report_kernels(attention_kernel_specs(128, 4, torch.float16))))\n")
+CLEAN_PROCESS_SCRIPT = """
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from tiny_models import tiny_model
+import lmforge
+from lmforge.codegen.aot import attention_kernel_specs, report_kernels, spec_from_emitted
+from lmforge.codegen.triton_backend import emit_kernels
+
+model = tiny_model("llama", num_layers=1).to(torch.float16)
+program = lmforge.optimize(model, "passes: [{{name: cleanup}}, {{name: fuse_projections}}]\\ncodegen: {{backend: fx}}").program
+print(json.dumps({{
+    "attention": report_kernels(attention_kernel_specs(128, 4, torch.float16)),
+    "fused": report_kernels([spec_from_emitted(kernel, rows=8) for kernel in emit_kernels(program)]),
+}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def lmforge_kernel_reports() -> dict:
+    """report_kernels for lmforge's attention kernels (fp16, head_dim 128, 4 query heads per
+    KV head, as their launchers specialise them) and for the fused kernels generated for a
+    one-layer tiny fp16 Llama at 8 rows, compiled in a process without TRITON_INTERPRET."""
+    script = CLEAN_PROCESS_SCRIPT.format(tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
     assert run.returncode == 0, run.stderr
-    kernels = json.loads(run.stdout.splitlines()[-1])
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def assert_fits_without_spills(kernel: dict) -> None:
+    assert set(kernel["targets"]) == {"sm_80", "sm_90"}
+    for target, summary in kernel["targets"].items():
+        assert summary["spills"] == summary["spill_loads"] == 0
+        assert 0 < summary["registers"] <= 255
+        assert summary["shared_bytes"] + summary["static_shared_bytes"] <= TARGETS[target].shared_per_block
+        assert summary["occupancy_warps"] > 0
+
+
+def test_attention_kernels_compile_for_both_targets_without_spills(lmforge_kernel_reports):
+    kernels = lmforge_kernel_reports["attention"]
     assert [kernel["name"] for kernel in kernels] == [
         "decode_attention_partial", "decode_attention_combine", "prefill_attention_kernel"]
     for kernel in kernels:
         assert kernel["ops"] == ["lmforge::attention"]
-        assert set(kernel["targets"]) == {"sm_80", "sm_90"}
-        for target, summary in kernel["targets"].items():
-            assert summary["spills"] == summary["spill_loads"] == 0
-            assert 0 < summary["registers"] <= 255
-            assert summary["shared_bytes"] + summary["static_shared_bytes"] <= TARGETS[target].shared_per_block
-            assert summary["occupancy_warps"] > 0
+        assert_fits_without_spills(kernel)
+
+
+def test_generated_fused_kernels_compile_for_both_targets_without_spills(lmforge_kernel_reports):
+    kernels = lmforge_kernel_reports["fused"]
+    names = [kernel["name"] for kernel in kernels]
+    assert any(name.startswith("rmsnorm") for name in names) and any(name.startswith("rope") for name in names)
+    for kernel in kernels:
+        assert kernel["ops"]
+        assert "BLOCK_R=8" in kernel["config"]
+        assert_fits_without_spills(kernel)
