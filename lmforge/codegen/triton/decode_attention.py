@@ -5,7 +5,9 @@ Decoding has one query per row, so a kernel that parallelises over queries has o
 batch x heads programs and leaves most of a GPU idle while each walks the whole context.
 Splitting the keys of each row into `splits` ranges gives batch x kv_heads x splits
 programs; each writes its partial output and log-sum-exp, and a second kernel combines the
-splits exactly (softmax is associative once each part carries its log-sum-exp).
+splits exactly (softmax is associative once each part carries its log-sum-exp). When one
+split is enough (a short context, or rows x KV heads that already fill the GPU), stage 1
+writes the answer itself: one launch instead of two.
 
 One stage-1 program serves all query heads of its KV head (grouped-query attention): the
 heads' queries are the rows of one tile, so each key and value block is loaded once for
@@ -29,19 +31,21 @@ MAX_SPLITS = 16
 
 @triton.jit
 def decode_attention_partial(
-    q_ptr, k_ptr, v_ptr, pad_ptr, positions_ptr, partial_out_ptr, partial_lse_ptr,
-    stride_qb, stride_qh, stride_qd,
+    q_ptr, k_ptr, v_ptr, pad_ptr, positions_ptr, partial_out_ptr, partial_lse_ptr, out_ptr,
+    stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_pb, stride_ph, stride_ps,
     length, query_pos, scan_begin, window, sink, group, head_dim, splits,
     scale, softcap,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
 ):
     """Stage 1, one program per (row, KV head, split): attention of the group's query heads
     over the split's share of slots scan_begin..length, as an fp32 output normalised within
-    the split and its log-sum-exp (-inf for a split with no visible key)."""
+    the split and its log-sum-exp (-inf for a split with no visible key). With a single
+    split that output is already the answer: it goes straight to `out_ptr`, and stage 2
+    is not launched."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -74,10 +78,15 @@ def decode_attention_partial(
         BLOCK_N, HAS_POSITIONS, False, HAS_SOFTCAP,
     )
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
-    lse = tl.where(denom > 0, top + tl.log(denom), float("-inf"))
-    slot = (row * group * tl.num_programs(1) + heads) * splits + split
-    tl.store(partial_out_ptr + slot[:, None] * head_dim + dims[None, :], out, mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(partial_lse_ptr + slot, lse, mask=row_ok)
+    if SINGLE_SPLIT:
+        tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        lse = tl.where(denom > 0, top + tl.log(denom), float("-inf"))
+        slot = (row * group * tl.num_programs(1) + heads) * splits + split
+        tl.store(partial_out_ptr + slot[:, None] * head_dim + dims[None, :], out,
+                 mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(partial_lse_ptr + slot, lse, mask=row_ok)
 
 
 @triton.jit
@@ -151,18 +160,21 @@ def decode_attention(
         length = query_pos + 1
         scan_begin = max(0, query_pos - window + 1) if window > 0 and sink == 0 else 0
     splits = _split_count(batch * kv_heads, length - scan_begin)
-    partial_out = torch.empty(batch, heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype, device=q.device)
+    partial_out = torch.empty(batch, heads, splits if splits > 1 else 0, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(batch, heads, splits if splits > 1 else 0, dtype=torch.float32, device=q.device)
     decode_attention_partial[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, pad if pad is not None else q, positions, partial_out, partial_lse,
-        q.stride(0), q.stride(1), q.stride(3),
+        q, k_cache, v_cache, pad if pad is not None else q, positions, partial_out, partial_lse, out,
+        q.stride(0), q.stride(1), q.stride(3), out.stride(0), out.stride(2), out.stride(3),
         *k_cache.stride(), *v_cache.stride(), *position_strides,
         length, query_pos, scan_begin, window if window > 0 else NO_WINDOW, sink, group, head_dim, splits,
         scale, softcap,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_SOFTCAP=softcap > 0.0,
+        SINGLE_SPLIT=splits == 1,
     )
-    out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype, device=q.device)
+    if splits == 1:
+        return out.transpose(1, 2)
     decode_attention_combine[(batch, heads)](
         partial_out, partial_lse, out, out.stride(0), out.stride(2), out.stride(3), heads, head_dim, splits,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
@@ -178,15 +190,15 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
     block_h, block_n, block_d = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
     partial_signature = {
         "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}", "pad_ptr": "*i32",
-        "positions_ptr": "*i32", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32",
+        "positions_ptr": "*i32", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{element}",
         **{name: "i32" for name in (
-            "stride_qb", "stride_qh", "stride_qd", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
+            "stride_qb", "stride_qh", "stride_qd", "stride_ob", "stride_oh", "stride_od", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
             "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_pb", "stride_ph", "stride_ps",
             "length", "query_pos", "scan_begin", "window", "sink", "group", "head_dim", "splits")},
         "scale": "fp32", "softcap": "fp32",
     }
     partial_constexprs = {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                          "HAS_PAD": False, "HAS_POSITIONS": False, "HAS_SOFTCAP": False}
+                          "HAS_PAD": False, "HAS_POSITIONS": False, "HAS_SOFTCAP": False, "SINGLE_SPLIT": False}
     combine_signature = {
         "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{element}",
         **{name: "i32" for name in ("stride_ob", "stride_oh", "stride_od", "heads", "head_dim", "splits")},
