@@ -22,6 +22,7 @@ from lmforge.passes.base import ProgressFn
 from lmforge.passes.calibrate import CalibrationData
 from lmforge.runtime.engine import Engine
 from lmforge.runtime.sampling import SamplingParams
+from lmforge.verification import LossySnapshot, verify_lowered
 
 DEFAULT_CONTEXT_CAP = 4096
 
@@ -141,9 +142,12 @@ def optimize(
         progress=progress,
         rewrite_limit=rewrite_limit,
     )
-    run_pipeline(program, passes, ctx, on_pass, instruments)
+    snapshot = LossySnapshot()
+    run_pipeline(program, passes, ctx, on_pass, [*instruments, snapshot])
     compiled = CompiledModel(program, recipe, _generation_settings(reference), tokenizer)
     compiled.rewrite_log = ctx.rewrite_log
+    # after codegen: `verify` also checks the Engine the user gets (lmforge/verification.py)
+    verify_lowered(compiled.engine, program, reference, recipe.codegen, snapshot, progress)
     return compiled
 
 def load(path: str | Path) -> CompiledModel:
