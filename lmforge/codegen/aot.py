@@ -13,6 +13,12 @@ it; both tools ship inside the triton wheel (`triton/backends/nvidia/bin/`).
 `metadata.shared` is the dynamic shared memory a launch requests; cuobjdump adds the static
 part. Triton never checks either against the target, so the limits below are checked here.
 
+The first import of triton in a process (importing lmforge does it, through torch.export)
+fixes whether Triton's own library functions (tl.sum, …) are compiled or interpreted: with
+TRITON_INTERPRET=1 set at that moment nothing can be compiled ahead of time, and without it
+kernels cannot be interpreted later. Where the interpreter is in use, compile in a process
+of its own (the tests do). Target limits and occupancy arithmetic are in `gpu_targets.py`.
+
 The PTX and cubin written to an artifact are for reading (`cuobjdump`, `nvdisasm`, a diff
 between versions); the runtime never loads them (DESIGN.md: nothing executable is taken
 from an artifact).
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import re
 import subprocess
@@ -38,33 +43,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from lmforge.codegen.gpu_targets import TARGETS, TargetLimits, occupancy
 from lmforge.errors import LmforgeError
-
-
-@dataclass(frozen=True)
-class TargetLimits:
-    """What one streaming multiprocessor offers, from the CUDA C++ Programming Guide's table
-    "Technical Specifications per Compute Capability" (8.0: A100; 9.0: H100)."""
-
-    name: str
-    capability: int
-    shared_per_sm: int
-    shared_per_block: int
-    registers_per_sm: int = 65536
-    max_warps_per_sm: int = 64
-    max_blocks_per_sm: int = 32
-    register_unit: int = 256
-    """Registers are given to a warp in multiples of 256 (the occupancy calculator's unit)."""
-    shared_reserved_per_block: int = 1024
-    """The system's own 1 KB of shared memory per resident block (CUDA tuning guides)."""
-    shared_unit: int = 128
-
-
-TARGETS = {
-    "sm_80": TargetLimits("sm_80", 80, shared_per_sm=164 * 1024, shared_per_block=163 * 1024),
-    "sm_90": TargetLimits("sm_90", 90, shared_per_sm=228 * 1024, shared_per_block=227 * 1024),
-}
-"""sm_90 compiles to sm_90a (H100/H200 only), as Triton does for capability 90."""
 
 _SCALAR_TYPES = {"i1", "i8", "i16", "i32", "i64", "u32", "u64", "fp16", "bf16", "fp32", "fp64"}
 
@@ -182,6 +162,11 @@ def _compile(spec: KernelSpec, fn: JITFunction, limits: TargetLimits):
     the log when asked (TRITON_DUMP_PTXAS_LOG), so the log read here is that of the very
     run that produced the cubin; a cache hit would skip ptxas, so the cache is bypassed."""
     _ptxas_for(limits)  # say which tool is missing before Triton fails less clearly
+    if not isinstance(triton.language.standard.sum, JITFunction):
+        raise LmforgeError(
+            "triton was imported while TRITON_INTERPRET=1 was set, so its own library functions (tl.sum, …) "
+            "can only be interpreted in this process: compile ahead of time in a process started without it"
+        )
     attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in spec.aligned}
     source = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
@@ -214,23 +199,6 @@ def _spills(ptxas_log: str, name: str) -> tuple[int, int]:
     if found is None:
         raise LmforgeError(f"kernel {name}: the compile printed no ptxas -v spill line (log: {ptxas_log[:200]!r})")
     return int(found.group(1)), int(found.group(2))
-
-
-def occupancy(registers: int, shared_bytes: int, num_warps: int, limits: TargetLimits) -> tuple[int, str]:
-    """(resident warps per SM, what limits it): the CUDA occupancy calculator's rules for
-    whole blocks of `num_warps` warps. An estimate: it ignores the L1/shared carve-out the
-    driver picks and anything else running on the SM."""
-    warp_registers = math.ceil(registers * 32 / limits.register_unit) * limits.register_unit
-    block_shared = shared_bytes + limits.shared_reserved_per_block
-    block_shared = math.ceil(block_shared / limits.shared_unit) * limits.shared_unit
-    blocks = {
-        "registers": (limits.registers_per_sm // warp_registers) // num_warps,
-        "shared memory": limits.shared_per_sm // block_shared,
-        "warps": limits.max_warps_per_sm // num_warps,
-        "blocks": limits.max_blocks_per_sm,
-    }
-    limit = min(blocks, key=blocks.get)
-    return blocks[limit] * num_warps, limit
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
