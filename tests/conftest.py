@@ -2,8 +2,13 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton decides once per process, when it is first imported, whether kernels are interpreted;
+# lmforge imports it through torch.export, so the CPU test run sets the interpreter before any
+# import. Ahead-of-time compiles run in a subprocess without it (tests/codegen/aot_worker.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
