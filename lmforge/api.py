@@ -122,7 +122,8 @@ def optimize(
     recipe's calibration text. `progress(description, done, total)` hears about long work
     inside a pass (calibration searches, fine-tuning). `instruments` observe every pass
     and `rewrite_limit` applies only the first N rewrites (both for `lmforge.debug`); the
-    rewrites the passes asked for are logged in `compiled.rewrite_log`.
+    rewrites the passes asked for are logged in `compiled.rewrite_log`. When the recipe runs
+    `verify`, the returned model's Engine is checked too, after codegen (`lmforge.verification`).
     """
     recipe = load_recipe(recipe)
     passes = recipe.instantiate()

@@ -284,6 +284,11 @@ def info(
     for entry in record["passes"]:
         table.add_row(entry["pass"], f"{entry['seconds']:.3f}", f"{entry['ops_before']} → {entry['ops_after']}", str(entry["rewrites"]))
     console.print(table)
+    for entry in record["passes"]:
+        if entry["pass"] == "verify" and "status" in entry["measurements"]:
+            stages = sorted({check["stage"] for check in entry["measurements"]["checks"]})
+            console.print(f"verify: {entry['measurements']['status']}, {len(entry['measurements']['checks'])} checks "
+                          f"({'; '.join(stages)})", highlight=False)
 
 
 def _compile_progress(total_passes: int, as_json: bool):

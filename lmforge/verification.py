@@ -11,9 +11,10 @@ on the very Engine the user gets, with sample prompts at batch 1 and in a left-p
   own KV cache, so Hugging Face's handling of padding is not what is under test;
 - lossy pipeline: greedy tokens vs those of the program right after the last lossy pass
   (later lossless passes and codegen must keep them); the quality budget stays in the pass;
-- runtime: cached decoding vs greedy decoding by cache-free forwards of the lowered program
-  (unless the program decides per decoded token, where the two differ by design), and, when
-  the recipe drafts, speculative decoding vs plain decoding of the same Engine.
+- runtime: after lossy passes, cached decoding vs greedy decoding by cache-free forwards of
+  the lowered program (unless the program decides per decoded token, where the two differ
+  by design; after lossless passes the reference's tokens imply it), and, when the recipe
+  drafts, speculative decoding vs plain decoding of the same Engine.
 
 A failure is one LmforgeError naming the stage it blames; when greedy tokens differ the
 program graph is decoded too, to tell a pass from codegen. The checks, batch shapes and
@@ -82,10 +83,12 @@ class Prompts:
         return torch.ones_like(self.ids, dtype=torch.bool) if self.mask is None else self.mask.bool()
 
 
-def sample_prompts(vocab_size: int, rows: int, length: int) -> tuple[Prompts, Prompts]:
+def sample_prompts(vocab_size: int, rows: int, length: int,
+                   device: torch.device = torch.device("cpu")) -> tuple[Prompts, Prompts]:
     """A prompt alone (batch 1) and `rows` prompts of decreasing length, left-padded; the
     first row of the batch is the single prompt. Each prompt's last third repeats its start,
-    so prompt lookup finds drafts from the first step."""
+    so prompt lookup finds drafts from the first step. Drawn on the CPU (the same prompts on
+    every device), then moved to `device`."""
     generator = torch.Generator().manual_seed(0)
     prompts = []
     for row in range(rows):
@@ -96,6 +99,8 @@ def sample_prompts(vocab_size: int, rows: int, length: int) -> tuple[Prompts, Pr
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, length - len(prompt) :], mask[row, length - len(prompt) :] = prompt, 1
+    prompts = [prompt.to(device) for prompt in prompts]
+    ids, mask = ids.to(device), mask.to(device)
     return Prompts("batch 1", prompts[0][None], None, (prompts[0],)), Prompts("left-padded", ids, mask, tuple(prompts))
 
 
@@ -155,7 +160,8 @@ class LoweredCheck:
     batch if that program decides per decoded token: dynamic `ffn_skip` skips only when every
     row of the batch may). A difference is blamed by decoding the final program graph
     through a draft-free Engine: alone (its passes), in the batch (codegen if that
-    matches), else the runtime's left padding."""
+    matches), else the runtime's left padding; after lossless passes a cache-free decode of
+    the lowered program first tells the runtime's KV cache from the rest."""
 
     def __init__(self, engine: Engine, program: Program, reference: Any, codegen: CodegenConfig,
                  config: VerifyConfig, snapshot: Program | None) -> None:
@@ -226,6 +232,8 @@ class LoweredCheck:
 
     def _blame(self, prompts: Prompts, expected: torch.Tensor, steps: int) -> str:
         """Which stage made the lowered program's tokens differ from `expected` (class doc)."""
+        if self.lossless and torch.equal(decode_cache_free(self.engine, prompts, steps), expected):
+            return "runtime, KV cache decoding"
         run = decode_cache_free if self.lossless else decode
         in_batch = torch.equal(run(self.graph, prompts, steps), expected)
         if self.per_token:
@@ -237,18 +245,15 @@ class LoweredCheck:
     def _tokens(self, prompts: Prompts, steps: int) -> None:
         drafting = decode(self.plain, prompts, self.decode_steps) if self.drafts else None
         plain = decode(self.plain, prompts, steps) if drafting is None else drafting[:, :steps]  # greedy: a prefix
-        cache_free = None if self.per_token else decode_cache_free(self.engine, prompts, steps)
         expected = self._expected_tokens(prompts, steps)
-        # after lossless passes, compare before the cache is involved; a lossy program's own
-        # tokens are its cached decoding (it may decide per decoded token)
-        got = cache_free if self.lossless else plain
-        ok = bool(torch.equal(got, expected))
+        ok = bool(torch.equal(plain, expected))
         source = "the reference model" if self.lossless else f"the program after {self.snapshot.history[-1]['pass']}"
         how = "in the same batch" if self.per_token else "each prompt alone"
-        self.check(self.codegen if ok else self._blame(prompts, expected, steps),
+        self.check(f"{self.codegen} + runtime" if ok else self._blame(prompts, expected, steps),
                    f"greedy tokens of the lowered program vs {source} ({how})", prompts, ok,
-                   "identical" if ok else first_difference(got, expected))
-        if cache_free is not None:
+                   "identical" if ok else first_difference(plain, expected))
+        if not self.lossless and not self.per_token:  # after lossless passes the reference's tokens imply it
+            cache_free = decode_cache_free(self.engine, prompts, steps)
             ok = bool(torch.equal(plain, cache_free))
             self.check("runtime, KV cache decoding", "greedy tokens of cached decoding vs cache-free forwards",
                        prompts, ok, "identical" if ok else first_difference(plain, cache_free))
@@ -277,8 +282,9 @@ class LoweredCheck:
                         for p in batches],
             "greedy_tokens": self.config.greedy_tokens,
             "expected_tokens": "reference model" if self.lossless else f"program after {self.snapshot.history[-1]['pass']}",
-            "cache_consistency": "checked" if not self.per_token else
-                                 f"not applicable: {PER_TOKEN_REASONS[self.per_token[0]]}",
+            "cache_consistency": "implied: cached decoding gives the reference model's tokens" if self.lossless
+                                 else "checked" if not self.per_token
+                                 else f"not applicable: {PER_TOKEN_REASONS[self.per_token[0]]}",
             "speculation": {"sources": sorted(self.engine.speculation), **self.speculation} if self.drafts
                            else "not applicable: the recipe does not draft",
         }
@@ -304,7 +310,7 @@ def verify_lowered(engine: Engine, program: Program, reference: Any, codegen: Co
     if length < 3:
         raise LmforgeError(f"verify: runtime.max_seq_len {engine.max_seq_len} leaves no room for a prompt and "
                            f"{lowered.decode_steps} new tokens; raise it or set lowered: false")
-    batches = sample_prompts(program.config.vocab_size, config.padded_rows, length)
+    batches = sample_prompts(program.config.vocab_size, config.padded_rows, length, engine.device)
     try:
         for done, prompts in enumerate(batches):
             if progress is not None:

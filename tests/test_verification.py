@@ -35,9 +35,11 @@ def test_default_recipe_checks_the_lowered_program_at_batch_1_and_left_padded():
     assert [batch["shape"] for batch in lowered["batches"]] == [[1, 24], [3, 24]]
     assert lowered["batches"][1]["prompt_lengths"] == [24, 16, 8]
     lowered_checks = [check for check in measurements["checks"] if check["batch"] == "left-padded 3x24"]
-    assert {check["stage"] for check in lowered_checks} == {"codegen aten, packed weights", "runtime, KV cache decoding"}
-    assert all(check["ok"] for check in lowered_checks) and len(lowered_checks) == 4
-    assert any("lowered program (codegen aten, packed weights): 8/8 checks passed" in note for note in entry["notes"])
+    assert [check["stage"] for check in lowered_checks] == ["codegen aten, packed weights"] * 2 + [
+        "codegen aten, packed weights + runtime"]  # logits vs graph and reference; greedy tokens vs reference
+    assert all(check["ok"] for check in lowered_checks)
+    assert lowered["cache_consistency"].startswith("implied")
+    assert any("lowered program (codegen aten, packed weights): 6/6 checks passed" in note for note in entry["notes"])
 
 
 def _perturb_silu(monkeypatch):
@@ -96,7 +98,20 @@ def test_broken_speculative_acceptance_is_caught_and_blames_the_runtime(monkeypa
 
 def test_broken_left_padding_is_blamed_on_the_runtime(monkeypatch):
     monkeypatch.setattr(engine_module, "left_padding", lambda attention_mask, input_ids: None)  # pads are attended
-    with pytest.raises(LmforgeError, match=r"^verify \(runtime, left padding\): .*\(left-padded 3x24\)"):
+    with pytest.raises(LmforgeError, match=r"^verify \(runtime, left padding\): prefill logits of the lowered program "
+                                           r"vs the reference model"):
+        lmforge.optimize(tiny_model("llama"), DEFAULT)
+
+
+def test_broken_cached_decoding_is_blamed_on_the_runtime(monkeypatch):
+    step = engine_module.Engine.step
+
+    def shifted(self, input_ids, positions, start, *args, **kwargs):  # decode steps one position too far
+        return step(self, input_ids, positions + int(start > 0), start, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "step", shifted)
+    with pytest.raises(LmforgeError, match=r"^verify \(runtime, KV cache decoding\): greedy tokens of the lowered "
+                                           r"program vs the reference model \(each prompt alone\) \(batch 1 1x24\)"):
         lmforge.optimize(tiny_model("llama"), DEFAULT)
 
 
@@ -137,7 +152,7 @@ def test_per_token_program_checks_codegen_and_its_own_tokens_and_says_cache_cons
     measurements = entry["measurements"]
     assert measurements["status"] == "passed"
     assert measurements["lowered"]["cache_consistency"].startswith("not applicable: dynamic ffn_skip")
-    assert _stages(entry) == {"codegen aten, packed weights"}
+    assert _stages(entry) == {"codegen aten, packed weights", "codegen aten, packed weights + runtime"}
     assert len(measurements["checks"]) == 4  # logits vs graph and tokens vs the ffn_skip program, at both batches
     assert "in the same batch" in measurements["checks"][-1]["check"]
 
@@ -145,5 +160,6 @@ def test_per_token_program_checks_codegen_and_its_own_tokens_and_says_cache_cons
 def test_reference_checkpoint_default_compile_verifies_the_lowered_program(ref_compiled):
     measurements = _verify_entry(ref_compiled)["measurements"]
     assert measurements["status"] == "passed"
-    assert {"codegen aten, packed weights", "runtime, KV cache decoding"} <= {c["stage"] for c in measurements["checks"]}
+    assert {"codegen aten, packed weights", "codegen aten, packed weights + runtime"} <= {
+        check["stage"] for check in measurements["checks"]}
     assert ref_compiled.engine.cache is None  # the check's cache is not left allocated for the user
