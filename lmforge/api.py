@@ -67,10 +67,12 @@ class CompiledModel:
             tokenizer=tokenizer,
             speculation=program.meta.get("speculation"),
             drafter=HydraHeads(**program.drafter).for_runtime() if program.drafter else None,
+            vocab_size=getattr(program.config, "vocab_size", None),
         )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
-        """Logits for every position (no KV cache), like a Hugging Face forward."""
+        """Logits for every position (no KV cache), like a Hugging Face forward. Bad token
+        ids or masks raise `LmforgeError`; calls from several threads run concurrently."""
         return CausalLMOutput(logits=self.engine.forward(input_ids, attention_mask))
 
     def generate(
@@ -88,7 +90,9 @@ class CompiledModel:
         stop_strings: Sequence[str] | None = None,
         streamer: Any = None,
     ) -> torch.Tensor:
-        """Prompt + new tokens, as Hugging Face `generate` returns them."""
+        """Prompt + new tokens, as Hugging Face `generate` returns them. Bad input raises one
+        `LmforgeError` before anything runs (`max_new_tokens` must be >= 1, as in Hugging
+        Face); calls from several threads on one model take turns (one KV cache)."""
         sampling = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         return self.engine.generate(
             input_ids,

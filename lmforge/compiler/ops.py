@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 
@@ -52,7 +53,8 @@ class AttentionContext:
     `tree` (q_len, q_len), when set, says which of this forward's tokens each one may
     see (itself and its ancestors): a tree of draft candidates verified in one forward.
     `last_only` asks for the logits of the last position only (a prefill that verifies
-    nothing), so the LM head is not applied to every prompt token.
+    nothing), so the LM head is not applied to every prompt token. `device` is where the
+    masks are built: the program's device (the engine's), else the cache's or the padding's.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -63,6 +65,7 @@ class AttentionContext:
     skip_counts: dict[int, int] | None = None
     tree: torch.Tensor | None = None
     last_only: bool = False
+    device: torch.device | None = None
     _masks: dict[Hashable, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int) -> torch.Tensor | None:
@@ -83,7 +86,7 @@ class AttentionContext:
             raise LmforgeError("tree verification with sliding-window attention is not supported; draft a chain instead")
         if self.pad is None and self.tree is None and not window_active and (self.q_len == 1 or self.start == 0):
             return None
-        device = self.pad.device if self.pad is not None else None
+        device = self.device or (self.pad.device if self.pad is not None else None)
         query_slots = torch.arange(self.start, kv_len, device=device)[:, None]
         key_slots = torch.arange(kv_len, device=device)[None, :]
         allowed = key_slots <= query_slots
@@ -100,28 +103,37 @@ class AttentionContext:
         return allowed
 
 
-_active: list[AttentionContext] = []
+class _ContextStack(threading.local):
+    """The forward contexts entered in this thread, innermost last. Per thread, so that
+    engines running forwards in two threads at once each see their own cache and masks."""
+
+    def __init__(self) -> None:
+        self.contexts: list[AttentionContext] = []
+
+
+_active = _ContextStack()
 
 
 @contextlib.contextmanager
 def attention_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
-    """Make `ctx` the context every `lmforge::attention` call in this forward reads."""
-    _active.append(ctx)
+    """Make `ctx` the context every `lmforge::attention` call in this forward (in this
+    thread) reads."""
+    _active.contexts.append(ctx)
     try:
         yield ctx
     finally:
-        _active.pop()
+        _active.contexts.pop()
 
 
 def current_context() -> AttentionContext:
-    if not _active:
+    if not _active.contexts:
         raise LmforgeError(
             "lmforge::attention was called outside a forward context; run the program through "
             "lmforge's runtime (Engine or CompiledModel) or wrap the call in "
             "`with lmforge.compiler.ops.attention_context(AttentionContext(kv=None, start=0, "
             "q_len=T)):`"
         )
-    return _active[-1]
+    return _active.contexts[-1]
 
 
 def attention_reference(
@@ -244,7 +256,7 @@ def _ffn_skip_gate(before: torch.Tensor, after: torch.Tensor, threshold: float, 
     cache-free forwards always compute every FFN, so skipping is a decode-time decision."""
     context = current_context()
     if context.kv is None or context.q_len != 1 or context.generated < warmup:
-        return torch.tensor(False)
+        return torch.tensor(False)  # a host-side predicate: `torch.cond` branches on it in Python
     cosine = F.cosine_similarity(before[:, -1].float(), after[:, -1].float(), dim=-1)
     skip = bool((cosine >= threshold).all())
     if skip and context.skip_counts is not None:
@@ -321,7 +333,7 @@ def _streaming_full(q, k, v, pad, sink: int, window: int, scale: float, softcap:
     if length >= 4 * (sink + window):
         blocks = streaming_blocks(length, STREAMING_BLOCK, sink, window, pad)
         return block_sparse_attention(q, k, v, blocks, STREAMING_BLOCK, scale, softcap, pad, (sink, window))
-    slots = torch.arange(length)
+    slots = torch.arange(length, device=q.device)
     allowed = streaming_allowed(slots.view(1, 1, -1, 1), slots.view(1, 1, 1, -1), first_real_slot(pad), sink, window)
     return attention_reference(q, k, v, allowed, scale, softcap)
 
@@ -349,7 +361,7 @@ def _streaming_attention(
 
         def build_mask() -> torch.Tensor:
             past = torch.where(ring.slots < ctx.start, ring.slots, -1)  # stale entries are hidden like empty ones
-            new = torch.arange(ctx.start, ctx.start + q.shape[2])
+            new = torch.arange(ctx.start, ctx.start + q.shape[2], device=q.device)
             key_slots = torch.cat([past, new.expand(q.shape[0], -1)], dim=1).view(q.shape[0], 1, 1, -1)
             return streaming_allowed(new.view(1, 1, -1, 1), key_slots, first_real_slot(ctx.pad), sink, window)
 
@@ -448,13 +460,14 @@ def prefill_importance(q: torch.Tensor, k: torch.Tensor, pad: torch.Tensor | Non
     queries = q[:, :, -observe:].float()
     count = queries.shape[2]
     logits = torch.matmul(queries, k.float().repeat_interleave(groups, dim=1).transpose(-1, -2)) * scale
-    future = torch.arange(length)[None, :] > torch.arange(length - count, length)[:, None]
+    future = torch.arange(length, device=q.device)[None, :] > torch.arange(length - count, length, device=q.device)[:, None]
     probabilities = torch.softmax(logits.masked_fill(future, -math.inf), dim=-1)
-    weights = decay ** torch.arange(count - 1, -1, -1, dtype=torch.float32)
+    weights = decay ** torch.arange(count - 1, -1, -1, dtype=torch.float32, device=q.device)
     importance = torch.einsum("bhqt,q->bht", probabilities, weights)
     importance = importance.view(k.shape[0], k.shape[1], groups, length).sum(2)
     if pad is not None:
-        importance = importance.masked_fill(torch.arange(length)[None, None] < pad.view(-1, 1, 1), -math.inf)
+        importance = importance.masked_fill(torch.arange(length, device=q.device)[None, None] < pad.view(-1, 1, 1),
+                                            -math.inf)
     return importance
 
 

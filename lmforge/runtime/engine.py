@@ -3,10 +3,16 @@
 The program is any callable `(input_ids, position_ids) -> logits` whose attention op reads
 its cache from the forward context; the engine owns the cache, builds the masks once per
 step, and keeps per-step Python work to a handful of tensor ops.
+
+Threads: an engine has one cache, so `generate` holds the engine's lock for the whole call —
+two threads generating on one model take turns and each gets the result it would get alone.
+`forward` uses no engine state and runs concurrently; the forward context is per thread
+(`compiler.ops.attention_context`), so engines in different threads run at the same time.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +21,14 @@ import torch
 from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import draft_head_count, split_output
 from lmforge.errors import LmforgeError
+from lmforge.runtime.buckets import pad_to_bucket
+from lmforge.runtime.inputs import (
+    check_attention_mask,
+    check_eos_token_ids,
+    check_max_new_tokens,
+    check_stop_strings,
+    check_token_ids,
+)
 from lmforge.runtime.kv_cache import StaticKVCache
 from lmforge.runtime.sampling import SamplingParams, select_next
 from lmforge.runtime.speculative import (
@@ -50,7 +64,7 @@ def left_padding(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -
 def prompt_positions(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
     """Position ids as Hugging Face `generate` computes them (cumsum of the mask)."""
     if attention_mask is None:
-        return torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     mask = attention_mask.long()
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
@@ -66,14 +80,18 @@ class _StopStrings:
 
     def hit(self, new_tokens: torch.Tensor) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(new_tokens[:, -self.tail :])
-        return torch.tensor([any(s in text for s in self.strings) for text in texts])
+        return torch.tensor([any(s in text for s in self.strings) for text in texts], device=new_tokens.device)
 
 
 class Engine:
     """Prefill + decode with a static cache; greedy or sampled; batch with left padding.
 
     Set `skip_counts` to a dict to have decode-time skipping (dynamic `ffn_skip`) count
-    the FFNs it skipped per layer, which is how benchmarks report the skip rate."""
+    the FFNs it skipped per layer, which is how benchmarks report the skip rate.
+    `vocab_size`, when known, lets bad token ids fail with a clear error. The engine runs on
+    `device` (default: torch's default device at construction), the program's: its cache,
+    masks, token buffers, sampling generator and drafts are created there, and only host
+    decisions (stop, accepted length, prompt lookup) read values back."""
 
     def __init__(
         self,
@@ -87,6 +105,8 @@ class Engine:
         tokenizer: Any = None,
         speculation: dict | None = None,
         drafter: Any = None,
+        vocab_size: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.speculation = speculation or {}
         self.draft_heads = draft_head_count(self.speculation)
@@ -99,21 +119,37 @@ class Engine:
         self.tokenizer = tokenizer
         self.cache: StaticKVCache | None = None
         self.skip_counts: dict[int, int] | None = None
+        self.vocab_size = vocab_size
+        self.device = torch.device(device) if device is not None else torch.get_default_device()
+        self.lock = threading.Lock()
+        self._generating_in: int | None = None  # the thread inside `generate`, to refuse re-entry
+        self.prompt_padding = 0  # cache slots the last `generate` padded before its prompt (length bucket)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for every position, computed without a cache (for evaluation)."""
-        context = AttentionContext(kv=None, start=0, q_len=input_ids.shape[1], pad=left_padding(attention_mask, input_ids))
+        """Logits for every position, computed without a cache (for evaluation). The input
+        is left-padded to its length bucket (`runtime.buckets`) and the padding cut off again."""
+        input_ids = check_token_ids(input_ids, self.vocab_size, self.device)
+        attention_mask = check_attention_mask(attention_mask, input_ids)
+        input_ids, attention_mask, added = pad_to_bucket(input_ids, attention_mask, self.pad_token_id)
+        context = AttentionContext(kv=None, start=0, q_len=input_ids.shape[1], pad=left_padding(attention_mask, input_ids),
+                                   device=self.device)
         with torch.no_grad(), attention_context(context):
-            return split_output(self.runner(input_ids, prompt_positions(attention_mask, input_ids)), self.speculation)[0]
+            logits = split_output(self.runner(input_ids, prompt_positions(attention_mask, input_ids)), self.speculation)[0]
+        return logits[:, added:]
 
-    def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
+    def _check_length(self, length: int) -> None:
         if length > self.max_seq_len:
             raise LmforgeError(
                 f"prompt + new tokens = {length} exceeds the KV cache length {self.max_seq_len}; "
                 "raise runtime.max_seq_len in the recipe"
             )
+
+    def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
+        self._check_length(length)
         if self.cache is None or not self.cache.fits(batch, length):
-            self.cache = StaticKVCache(self.kv_layout, batch, self.max_seq_len, self.dtype)
+            self.cache = None  # release the old buffers before allocating the new ones
+            with torch.device(self.device):
+                self.cache = StaticKVCache(self.kv_layout, batch, self.max_seq_len, self.dtype, self.device)
         return self.cache
 
     def step(
@@ -132,14 +168,13 @@ class Engine:
         of a tree of drafts fed at once."""
         context = AttentionContext(
             kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad, generated=generated,
-            skip_counts=self.skip_counts, tree=tree, last_only=not every_position,
+            skip_counts=self.skip_counts, tree=tree, last_only=not every_position, device=self.device,
         )
         with attention_context(context):
             output = self.runner(input_ids, positions)
         logits, self.draft_inputs = split_output(output, self.speculation)
         return logits if every_position else logits[:, -1]
 
-    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -153,22 +188,56 @@ class Engine:
     ) -> torch.Tensor:
         """Prompt + generated tokens, shaped like Hugging Face `generate` output: rows that
         finish early are filled with the pad token until every row is done. With a draft
-        source configured (`prompt_lookup`), each forward also verifies drafted tokens."""
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-            raise LmforgeError(f"input_ids must be (batch, length>0), got {tuple(input_ids.shape)}")
+        source configured (`prompt_lookup`), each forward also verifies drafted tokens.
+        Every input is checked before the cache is touched; one call at a time per engine."""
+        input_ids = check_token_ids(input_ids, self.vocab_size, self.device)
+        attention_mask = check_attention_mask(attention_mask, input_ids)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        eos_token_id = check_eos_token_ids(eos_token_id)
+        stop_strings = check_stop_strings(stop_strings)
+        if self._generating_in == threading.get_ident():
+            raise LmforgeError("generate was called again from inside generate on the same model (from a streamer?); "
+                               "its one KV cache is in use")
+        with self.lock, torch.no_grad():
+            self._generating_in = threading.get_ident()
+            try:
+                return self._generate(input_ids, attention_mask, max_new_tokens, sampling, eos_token_id, stop_strings,
+                                      streamer)
+            finally:
+                self._generating_in = None
+
+    def _generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        eos_token_id: list[int] | None,
+        stop_strings: list[str] | None,
+        streamer: Any,
+    ) -> torch.Tensor:
+        """`generate` on checked inputs. The prompt is left-padded to its length bucket
+        (`runtime.buckets`); those `added` columns are cut from the result and hidden from
+        prompt lookup."""
+        self._check_length(input_ids.shape[1] + max_new_tokens)
+        stops = _StopStrings(stop_strings, self.tokenizer) if stop_strings else None
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        input_ids, attention_mask, added = pad_to_bucket(input_ids, attention_mask, self.pad_token_id,
+                                                         limit=self.max_seq_len - max_new_tokens)
+        self.prompt_padding = added
         batch, prompt_len = input_ids.shape
         total = prompt_len + max_new_tokens
-        eos = self.eos_token_ids if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        eos_ids = torch.tensor(eos, dtype=torch.long)
-        stops = _StopStrings(stop_strings, self.tokenizer) if stop_strings else None
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        eos = self.eos_token_ids if eos_token_id is None else eos_token_id
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
+        generator = torch.Generator(self.device).manual_seed(sampling.seed) if sampling.seed is not None else None
         self._ensure_cache(batch, total)
         pad = left_padding(attention_mask, input_ids)
-        tokens = torch.empty(batch, total, dtype=torch.long)
+        tokens = torch.empty(batch, total, dtype=torch.long, device=self.device)
         tokens[:, :prompt_len] = input_ids
         positions = prompt_positions(attention_mask, input_ids)
         last_prompt_position = positions[:, -1:]
-        unfinished = torch.ones(batch, dtype=torch.bool)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
         lookup = self.speculation.get("prompt_lookup")
         lookups = [PromptLookup(**lookup) for _ in range(batch)] if lookup else []
         tree_widths = self.speculation.get("draft_heads", {}).get("tree")
@@ -178,25 +247,23 @@ class Engine:
         typical = TypicalAcceptance(**typical_options) if typical_options else None
         gate = ProfitabilityGate()
         self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
         logits = self.step(input_ids, positions, 0, pad)[:, None]
         drafts, length = None, prompt_len
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=self.device)
         while True:
-            head_index = torch.full((batch,), -1)  # per row, the position whose token was accepted last
+            head_index = torch.full((batch,), -1, device=self.device)  # per row, the position whose token was accepted last
             if drafts is None:
                 new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
             else:
                 if isinstance(drafts, TokenTree):
                     paths, own = accept_tree(logits, drafts)
                     compact_cache(self.cache.buffers, length - 1, paths)
-                    nodes = torch.tensor(paths)
+                    nodes = torch.tensor(paths, device=self.device)
                     head_index, accepted, drafted = nodes[:, -1], nodes.shape[1] - 1, len(drafts.parents) - 1
                     new_tokens = torch.cat([drafts.tokens.gather(1, nodes[:, 1:]), own[:, None]], dim=1)
                 else:
                     accepted, own = accept(logits, drafts, sampling, generator, typical)
-                    head_index, drafted = torch.full((batch,), accepted), drafts.shape[1]
+                    head_index, drafted = torch.full((batch,), accepted, device=self.device), drafts.shape[1]
                     new_tokens = torch.cat([drafts[:, :accepted], own[:, None]], dim=1)
                 gate.record(accepted, drafted)
                 self.speculation_stats["drafted"] += drafted
@@ -217,18 +284,18 @@ class Engine:
                 break
             heads = self._head_drafts(self.draft_inputs[rows, head_index], tokens[:, length - 1], tree_widths) \
                 if self.draft_heads else None
-            drafts = self._drafts(lookups, heads, gate, tokens[:, :length], room=total - length - 1)
+            drafts = self._drafts(lookups, heads, gate, tokens[:, added:length], room=total - length - 1)
             if isinstance(drafts, TokenTree):
                 feed, offsets, tree = drafts.tokens, drafts.depths, drafts.mask()
             else:
                 feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
-                offsets, tree = torch.arange(feed.shape[1]), None
+                offsets, tree = torch.arange(feed.shape[1], device=self.device), None
             logits = self.step(feed, last_prompt_position + (length - prompt_len) + offsets, length - 1, pad,
                                generated=length - 1 - prompt_len, every_position=True, tree=tree)
             self.speculation_stats["forwards"] += 1
         if streamer is not None:
             streamer.end()
-        return tokens[:, :length]
+        return tokens[:, added:length]
 
     def _plain_cache(self) -> bool:
         """Trees move cache entries after verification, which only plain slots support."""
@@ -258,8 +325,9 @@ class Engine:
         cut to the shortest and to `room`); else the draft heads' (`heads(room)`); else None."""
         if (not lookups and heads is None) or room < 1 or not gate.should_draft():
             return None
-        proposals = [lookup.propose(row) for lookup, row in zip(lookups, tokens.tolist())]
+        proposals = [lookup.propose(row) for lookup, row in zip(lookups, tokens.tolist() if lookups else [])]
         length = min((len(proposal) for proposal in proposals), default=0)
         if length > 0:
-            return torch.tensor([proposal[: min(length, room)] for proposal in proposals], dtype=torch.long)
+            return torch.tensor([proposal[: min(length, room)] for proposal in proposals], dtype=torch.long,
+                                device=tokens.device)
         return heads(room) if heads is not None else None

@@ -6,11 +6,14 @@ same settings mean the same distribution in both.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.runtime.inputs import is_integer
 
 
 @dataclass(frozen=True)
@@ -22,12 +25,25 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise LmforgeError(f"temperature must be > 0 (got {self.temperature}); use do_sample=False for greedy")
-        if not 0 < self.top_p <= 1:
-            raise LmforgeError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise LmforgeError(f"top_k must be >= 0 (got {self.top_k})")
+        """Every setting is checked whether or not it is used, so a NaN or a typo is caught
+        before it reaches `torch.multinomial`; temperature 0 is refused only when sampling
+        (greedy ignores it, as Hugging Face does)."""
+        if not isinstance(self.do_sample, bool):
+            raise LmforgeError(f"do_sample must be True or False (got {self.do_sample!r})")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise LmforgeError(f"temperature must be a finite number > 0 (got {self.temperature!r})")
+        if self.temperature == 0 and self.do_sample:
+            raise LmforgeError("temperature must be > 0 when sampling (got 0); use do_sample=False for greedy")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise LmforgeError(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if not is_integer(self.top_k) or self.top_k < 0:
+            raise LmforgeError(f"top_k must be an integer >= 0 (got {self.top_k!r})")
+        if self.seed is not None and not is_integer(self.seed):
+            raise LmforgeError(f"seed must be an integer or None (got {self.seed!r})")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
