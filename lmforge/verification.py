@@ -38,7 +38,7 @@ from lmforge.codegen.cpu_kernels import can_pack_weights
 from lmforge.compiler.pipeline import Instrument
 from lmforge.compiler.program import Program, draft_head_count
 from lmforge.compiler.recipe import CodegenConfig
-from lmforge.compiler.speculation_rules import PER_TOKEN_REASONS, per_token_decisions
+from lmforge.compiler.speculation_rules import per_token_decisions
 from lmforge.errors import LmforgeError
 from lmforge.passes import Pass, PassResult
 from lmforge.passes.base import ProgressFn
@@ -284,7 +284,7 @@ class LoweredCheck:
             "expected_tokens": "reference model" if self.lossless else f"program after {self.snapshot.history[-1]['pass']}",
             "cache_consistency": "implied: cached decoding gives the reference model's tokens" if self.lossless
                                  else "checked" if not self.per_token
-                                 else f"not applicable: {PER_TOKEN_REASONS[self.per_token[0]]}",
+                                 else f"not applicable: the program decides per decoded token ({', '.join(self.per_token)})",
             "speculation": {"sources": sorted(self.engine.speculation), **self.speculation} if self.drafts
                            else "not applicable: the recipe does not draft",
         }

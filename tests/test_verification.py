@@ -151,7 +151,8 @@ def test_per_token_program_checks_codegen_and_its_own_tokens_and_says_cache_cons
     entry = _verify_entry(lmforge.optimize(model, _lossy(tmp_path, dynamic), tokenizer=_CharTokenizer()))
     measurements = entry["measurements"]
     assert measurements["status"] == "passed"
-    assert measurements["lowered"]["cache_consistency"].startswith("not applicable: dynamic ffn_skip")
+    assert measurements["lowered"]["cache_consistency"] == ("not applicable: the program decides per decoded token "
+                                                            "(ffn_skip dynamic)")
     assert _stages(entry) == {"codegen aten, packed weights", "codegen aten, packed weights + runtime"}
     assert len(measurements["checks"]) == 4  # logits vs graph and tokens vs the ffn_skip program, at both batches
     assert "in the same batch" in measurements["checks"][-1]["check"]
