@@ -65,7 +65,8 @@ def pass_stage(history: list[dict]) -> str:
 
 @register_pass("verify")
 class Verify(Pass):
-    description = "compare logits and greedy tokens with the original model (changes nothing)"
+    description = ("compare logits and greedy tokens with the original model, then (after codegen) the Engine's; "
+                   "changes nothing")
     Config = VerifyConfig
 
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
@@ -80,11 +81,11 @@ class Verify(Pass):
             if ctx.calibration is not None:
                 quality = ctx.calibration.program_quality(program)
                 measurements["heldout_quality"] = quality.as_dict()
-                what = f"the pipeline after {', '.join(lossy)}"
-                missed = enforce_budget(f"{self.name} ({stage})", quality, ctx.quality_budget, what)
+                what, lossy_stage = f"the pipeline after {', '.join(lossy)}", f"pass {', '.join(lossy)}"
+                missed = enforce_budget(f"{self.name} ({lossy_stage})", quality, ctx.quality_budget, what)
                 notes += missed
                 if ctx.quality_budget is not None:
-                    checks.append(check_record("held-out quality within the recipe's quality_budget", stage,
+                    checks.append(check_record("held-out quality within the recipe's quality_budget", lossy_stage,
                                                not missed, quality.describe()))
                 else:
                     notes.append("no quality_budget in the recipe: held-out quality measured, not checked")

@@ -31,7 +31,7 @@ def test_unknown_option_lists_valid_options(tmp_path):
     message = _error("passes:\n  - name: verify\n    max_error: 1\n", tmp_path)
     assert ":3: passes[0].max_error: unknown option 'max_error' for pass 'verify'" in message
     assert "did you mean 'max_logit_error'?" in message
-    assert "Valid options: fail, greedy_tokens, max_logit_error" in message
+    assert "Valid options: fail, greedy_tokens, lowered, max_logit_error, padded_rows" in message
 
 
 def test_missing_name_field(tmp_path):
