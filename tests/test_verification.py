@@ -27,7 +27,9 @@ def _stages(entry: dict) -> set[str]:
 
 
 def test_default_recipe_checks_the_lowered_program_at_batch_1_and_left_padded():
-    entry = _verify_entry(lmforge.optimize(tiny_model("llama"), DEFAULT))
+    compiled = lmforge.optimize(tiny_model("llama"), DEFAULT)
+    assert compiled.engine.cache is None  # the check's KV cache is not left allocated for the user
+    entry = _verify_entry(compiled)
     measurements = entry["measurements"]
     assert measurements["status"] == "passed"
     lowered = measurements["lowered"]
@@ -163,4 +165,3 @@ def test_reference_checkpoint_default_compile_verifies_the_lowered_program(ref_c
     assert measurements["status"] == "passed"
     assert {"codegen aten, packed weights", "codegen aten, packed weights + runtime"} <= {
         check["stage"] for check in measurements["checks"]}
-    assert ref_compiled.engine.cache is None  # the check's cache is not left allocated for the user
