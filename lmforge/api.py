@@ -14,9 +14,11 @@ from lmforge.codegen import lower
 from lmforge.compiler.artifact import load_artifact, load_artifact_tokenizer, save_artifact
 from lmforge.compiler.capture import capture, load_reference
 from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline
+from lmforge.compiler.placement import graph_device, place_model, resolve_device, resolve_dtype, with_runtime
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import Recipe, load_recipe, parse_recipe
 from lmforge.draft_heads import HydraHeads
+from lmforge.errors import LmforgeError
 from lmforge.passes import PassContext
 from lmforge.passes.base import ProgressFn
 from lmforge.passes.calibrate import CalibrationData
@@ -57,17 +59,19 @@ class CompiledModel:
         self.program, self.recipe, self.generation, self.tokenizer = program, recipe, generation, tokenizer
         self.rewrite_log: list[dict] = []
         context = getattr(program.config, "max_position_embeddings", None) or DEFAULT_CONTEXT_CAP
+        device, dtype = graph_device(program.graph_module), getattr(torch, program.meta["dtype"])
         self.engine = Engine(
             lower(program, recipe.codegen),
             program.meta["kv_cache"],
             max_seq_len=recipe.runtime.max_seq_len or min(context, DEFAULT_CONTEXT_CAP),
-            dtype=getattr(torch, program.meta["dtype"]),
+            dtype=dtype,
             eos_token_ids=generation["eos_token_ids"],
             pad_token_id=generation["pad_token_id"],
             tokenizer=tokenizer,
             speculation=program.meta.get("speculation"),
-            drafter=HydraHeads(**program.drafter).for_runtime() if program.drafter else None,
+            drafter=HydraHeads(**program.drafter).for_runtime(device, dtype) if program.drafter else None,
             vocab_size=getattr(program.config, "vocab_size", None),
+            device=device,
         )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
@@ -118,8 +122,10 @@ def optimize(
     progress: ProgressFn | None = None,
     instruments: Sequence[Instrument] = (),
     rewrite_limit: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> CompiledModel:
-    """Capture a Hugging Face causal LM, run the recipe's passes, and lower it for the CPU.
+    """Capture a Hugging Face causal LM, run the recipe's passes, and lower it.
 
     `recipe` is a Recipe, a path to a YAML file, YAML text, or None for the default recipe.
     `tokenizer` defaults to the checkpoint's own; lossy passes need it to read the
@@ -128,10 +134,13 @@ def optimize(
     and `rewrite_limit` applies only the first N rewrites (both for `lmforge.debug`); the
     rewrites the passes asked for are logged in `compiled.rewrite_log`. When the recipe runs
     `verify`, the returned model's Engine is checked too, after codegen (`lmforge.verification`).
+    `device` ("cpu", "cuda") and `dtype` ("float32", "bfloat16", "float16") override the
+    recipe's `runtime`; the model is moved and cast to them before capture (a module in
+    place), so passes, their checks and the runtime all work there.
     """
-    recipe = load_recipe(recipe)
+    recipe = with_runtime(load_recipe(recipe), device, dtype)
     passes = recipe.instantiate()
-    reference = load_reference(model_or_path)
+    reference = place_model(load_reference(model_or_path), recipe.runtime.device, recipe.runtime.dtype)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_or_path)
     program = capture(reference)
     if isinstance(model_or_path, (str, Path)):
@@ -141,7 +150,7 @@ def optimize(
     )
     ctx = PassContext(
         reference=reference,
-        sample_ids=sample_ids(reference.config.vocab_size),
+        sample_ids=sample_ids(reference.config.vocab_size).to(graph_device(program.graph_module)),
         calibration=calibration,
         quality_budget=recipe.quality_budget,
         progress=progress,
@@ -155,8 +164,18 @@ def optimize(
     verify_lowered(compiled.engine, program, reference, recipe.codegen, snapshot, progress)
     return compiled
 
-def load(path: str | Path) -> CompiledModel:
-    """Load an artifact written by `CompiledModel.save` or `lmforge compile`, checking hashes."""
-    program, manifest = load_artifact(path)
+def load(path: str | Path, *, device: str | None = None, dtype: str | None = None) -> CompiledModel:
+    """Load an artifact written by `CompiledModel.save` or `lmforge compile`, checking hashes.
+
+    It runs on `device` (default: its recipe's `runtime.device`, else cpu): artifacts are
+    device-independent. `dtype` may only confirm the dtype it was compiled in, which its
+    graph's casts record (`compiler.placement`); another dtype needs a recompile."""
     recipe = parse_recipe((Path(path) / "recipe.yaml").read_text(), str(Path(path) / "recipe.yaml"))
+    recipe = with_runtime(recipe, device, dtype)
+    target = resolve_device(recipe.runtime.device or "cpu")
+    program, manifest = load_artifact(path, target)
+    compiled = program.meta["dtype"]
+    if dtype is not None and str(resolve_dtype(dtype)).removeprefix("torch.") != compiled:
+        raise LmforgeError(f"{path}: compiled in {compiled}, not {str(resolve_dtype(dtype)).removeprefix('torch.')}; "
+                           f"the dtype is fixed at compile time: recompile with runtime.dtype")
     return CompiledModel(program, recipe, manifest["generation"], load_artifact_tokenizer(path, manifest))

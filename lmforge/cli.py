@@ -109,16 +109,17 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
     seed: Optional[int] = typer.Option(None, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON record instead of streaming text"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the artifact's runtime.device, else cpu)"),
 ) -> None:
     """Generate a continuation of PROMPT with a compiled artifact."""
     import lmforge
 
-    model = lmforge.load(artifact)
+    model = lmforge.load(artifact, device=device)
     if model.tokenizer is None:
         raise typer.BadParameter("the artifact has no tokenizer files")
     if model.recipe.codegen.backend == "inductor":
         errors.print("[dim]backend inductor: the first call compiles the graph (about 40 s on 2 cores)…[/dim]")
-    ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    ids = model.tokenizer(prompt, return_tensors="pt").input_ids.to(model.engine.device)
     streamer = None if as_json else _TextStream(model.tokenizer)
     start = time.perf_counter()
     out = model.generate(
@@ -171,6 +172,7 @@ def bench(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", min=1),
     repeats: int = typer.Option(3, "--repeats", min=1),
     as_json: bool = typer.Option(False, "--json"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the artifact's runtime.device, else cpu)"),
 ) -> None:
     """Time greedy generation: Hugging Face generate vs the artifact, same prompts (from the second
     half of the checkpoint's heldout.txt), one process, the two timed alternately run by run."""
@@ -180,15 +182,16 @@ def bench(
     import lmforge
     from lmforge.benchmarking import heldout_prompts, prompt_text_for, time_alternating
 
-    model = lmforge.load(artifact)
+    model = lmforge.load(artifact, device=device)
     checkpoint = checkpoint or model.program.meta.get("source")
     if checkpoint is None or not Path(checkpoint).is_dir():
         raise typer.BadParameter("no checkpoint to compare with; pass --checkpoint")
     # the path may come from the artifact's meta, so never with the checkpoint's own code
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=False).eval()
+    hf.to(device=model.engine.device, dtype=getattr(torch, model.program.meta["dtype"]))  # compared like for like
     prompts = heldout_prompts(prompt_text_for(checkpoint), model.tokenizer, batch, prompt_len)
     shortest = min(len(p) for p in prompts)
-    ids = torch.tensor([p[:shortest] for p in prompts])
+    ids = torch.tensor([p[:shortest] for p in prompts], device=model.engine.device)
     mask = torch.ones_like(ids)
     hf_gen = lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, do_sample=False)

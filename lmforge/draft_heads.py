@@ -92,13 +92,16 @@ class HydraHeads:
     def count(self) -> int:
         return self.output.shape[0]
 
-    def for_runtime(self) -> HydraHeads:
-        """These heads with each head's two products on packed weights (`cpu_kernels`): the
+    def for_runtime(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> HydraHeads:
+        """These heads on the program's device and in its dtype (they read its hidden states),
+        each head's two products on packed weights (`cpu_kernels`, fp32 on the CPU only): the
         runtime drafts a chain after every verify forward has just streamed the model's
         weights through the cache, so the heads' 4 MB output projections come from DRAM."""
-        packed = [(packed_linear(self.block_weight[i], self.block_bias[i]), packed_linear(self.output[i]))
-                  for i in range(self.count)]
-        return HydraHeads(self.block_weight, self.block_bias, self.output, self.embedding, packed)
+        placed = [t.to(device=device, dtype=dtype) for t in (self.block_weight, self.block_bias, self.output,
+                                                             self.embedding)]
+        block_weight, block_bias, output, _ = placed
+        packed = [(packed_linear(block_weight[i], block_bias[i]), packed_linear(output[i])) for i in range(self.count)]
+        return HydraHeads(*placed, packed)
 
     @classmethod
     def initial(cls, lm_head: torch.Tensor, embedding: torch.Tensor, count: int) -> HydraHeads:

@@ -66,6 +66,11 @@ def require_triton_device(program: Program) -> None:
             "codegen backend 'triton' on a CPU needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
             "environment before importing lmforge (slow; for tests), or run on a CUDA device"
         )
+    if on_cpu and program.meta.get("dtype") == "bfloat16":
+        raise LmforgeError(
+            "codegen backend 'triton' cannot run bfloat16 on a CPU: Triton's interpreter computes bf16 wrongly "
+            "(triton-lang/triton#11584); use runtime.dtype float16 or float32 here, the aten backend, or a CUDA device"
+        )
 
 
 def lower_triton(program: Program, config: CodegenConfig) -> fx.GraphModule:

@@ -39,6 +39,7 @@ from lmforge.compiler.atomic_dir import replace_with, staged_directory
 from lmforge.compiler.attention_patterns import FILENAME as PATTERNS_FILE
 from lmforge.compiler.attention_patterns import load_patterns, patterns_document
 from lmforge.compiler.layermap import build_layer_map
+from lmforge.compiler.placement import graph_on
 from lmforge.compiler.program import Program, plain_graph_module
 from lmforge.compiler.program_file import parse_json, program_bytes, read_program
 from lmforge.errors import LmforgeError
@@ -154,12 +155,13 @@ def save_artifact(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise LmforgeError(f"{out_dir} already exists")
+    graph_module = graph_on(program.graph_module, torch.device("cpu"))  # artifacts name no device
     with staged_directory(out_dir) as staging:
-        weights = {name: tensor.contiguous().clone() for name, tensor in program.state_dict().items()}
+        weights = {name: tensor.contiguous().clone() for name, tensor in graph_module.state_dict().items()}
         safetensors.torch.save_file(weights, staging / WEIGHTS)
         if program.drafter:
-            safetensors.torch.save_file({k: v.contiguous() for k, v in program.drafter.items()}, staging / DRAFTER)
-        (staging / PROGRAM).write_bytes(program_bytes(_export_graph(program.graph_module)))
+            safetensors.torch.save_file({k: v.cpu().contiguous() for k, v in program.drafter.items()}, staging / DRAFTER)
+        (staging / PROGRAM).write_bytes(program_bytes(_export_graph(graph_module)))
         (staging / CONFIG).write_text(program.config.to_json_string())
         (staging / RECIPE).write_text(recipe_yaml)
         patterns = patterns_document(program.meta, program.config)
@@ -284,8 +286,9 @@ def _hugging_face_view(artifact: Path, manifest: dict) -> Iterator[Path]:
         yield Path(view)
 
 
-def load_artifact(artifact: str | Path) -> tuple[Program, dict]:
-    """The Program stored in an artifact, and its manifest."""
+def load_artifact(artifact: str | Path, device: torch.device | None = None) -> tuple[Program, dict]:
+    """The Program stored in an artifact, and its manifest; on `device` when given (weights
+    are read on the CPU, then the graph is moved: `compiler.placement.graph_on`)."""
     from transformers import AutoConfig
 
     artifact = Path(artifact)
@@ -299,6 +302,8 @@ def load_artifact(artifact: str | Path) -> tuple[Program, dict]:
                                f"({str(exc).splitlines()[0][:200]})") from None
     weights = _read_safetensors(artifact / WEIGHTS)
     graph_module = _attach_weights(read_program(artifact / PROGRAM), weights)
+    if device is not None and device.type != "cpu":
+        graph_module = graph_on(graph_module, device)
     meta = manifest["meta"]
     if PATTERNS_FILE in files:
         load_patterns(artifact, meta, config)

@@ -127,8 +127,9 @@ def capture(model: nn.Module) -> Program:
     max_len = getattr(model.config, "max_position_embeddings", None) or 4096
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=max(max_len, 16))
-    example_ids = torch.zeros(2, 8, dtype=torch.long)
-    example_positions = torch.arange(8).repeat(2, 1)
+    device = next(model.parameters()).device  # export traces on the model's device
+    example_ids = torch.zeros(2, 8, dtype=torch.long, device=device)
+    example_positions = torch.arange(8, device=device).repeat(2, 1)
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: seq})
     with _routed_through_lmforge(model), torch.no_grad():
         exported = torch.export.export(

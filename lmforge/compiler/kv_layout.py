@@ -101,7 +101,7 @@ class RingSlot:
                 f"streaming heads: a forward of {length} tokens after a cached prefix needs a ring slack of at least "
                 f"{length - 1}, this cache has {ring - self.window}; raise `slack` in streaming_heads"
             )
-        positions = torch.arange(start, end)
+        positions = torch.arange(start, end, device=keys.device)
         relative = positions - (pad[:, None] if pad is not None else 0)
         relative = relative.expand(keys.shape[0], -1)
         entry = torch.where(relative < self.sink, relative, self.sink + positions % ring)
@@ -190,9 +190,14 @@ def cache_slots(layout: list[dict]) -> dict[int, dict]:
     return slots
 
 
-def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: torch.dtype) -> list:
+def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: torch.dtype,
+                        device: torch.device | None = None) -> list:
     """Zeroed buffers for `AttentionContext.kv`, one per cache slot (None at indices no
-    layer uses): a `(key, value)` pair, or a `MergedSlot` for merged layers."""
+    layer uses): a `(key, value)` pair, or a `MergedSlot` for merged layers. On `device`
+    (default: torch's current default device), positions and counters included."""
+    if device is not None:
+        with torch.device(device):
+            return allocate_kv_buffers(layout, batch, max_len, dtype)
     slots = cache_slots(layout)
     buffers: list = [None] * (max(slots) + 1)
     for index, slot in slots.items():

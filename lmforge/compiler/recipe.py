@@ -41,6 +41,16 @@ class RuntimeConfig(BaseModel):
     max_seq_len: int | None = Field(
         None, ge=1, description="KV cache length per sequence; default: the model's context, at most 4096"
     )
+    device: Literal["cpu", "cuda"] | None = Field(
+        None,
+        description="where weights, KV cache, masks, sampling and draft sources live; default: where the model "
+        "is (cpu for a checkpoint path). cuda without a CUDA device is an error",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="dtype the model is captured, compiled and run in (weights and KV cache); default: the "
+        "model's own. Fixed at compile time: the graph records Hugging Face's casts in it",
+    )
 
 
 class Recipe(BaseModel):

@@ -155,8 +155,9 @@ def decoded_logits(
     (dynamic skipping) only happen on this path, so they must be measured on it; they are
     counted into `skip_counts` when it is given."""
     batch, length = input_ids.shape
-    buffers = allocate_kv_buffers(program.meta["kv_cache"], batch, length, getattr(torch, program.meta["dtype"]))
-    positions = torch.arange(length).expand_as(input_ids)
+    buffers = allocate_kv_buffers(program.meta["kv_cache"], batch, length, getattr(torch, program.meta["dtype"]),
+                                  input_ids.device)
+    positions = torch.arange(length, device=input_ids.device).expand_as(input_ids)
     outputs = []
     with attention_context(AttentionContext(kv=buffers, start=0, q_len=prompt_len)):
         outputs.append(program(input_ids[:, :prompt_len], positions[:, :prompt_len]))
@@ -183,7 +184,7 @@ def node_values(program: Program, input_ids: torch.Tensor, nodes: list[torch.fx.
     """The tensors `nodes` compute in a cache-free forward of `input_ids`, by node name:
     how passes look at hidden states and keys without changing the graph."""
     recorder = _Recorder(program.graph_module, {node.name for node in nodes})
-    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     with torch.no_grad(), attention_context(AttentionContext(kv=None, start=0, q_len=input_ids.shape[1])):
         recorder.run(input_ids, positions)
     return recorder.values
@@ -201,7 +202,8 @@ class CalibrationData:
     @classmethod
     def from_config(cls, config: CalibrationConfig, tokenizer: Any, reference: Any) -> CalibrationData:
         calibration, heldout = tokenize_windows(config, tokenizer)
-        return cls(calibration, heldout, reference, source=(config, tokenizer))
+        device = next(reference.parameters()).device  # the windows feed the reference and the program there
+        return cls(calibration.to(device), heldout.to(device), reference, source=(config, tokenizer))
 
     def at_length(self, seq_len: int, samples: int, eval_samples: int) -> CalibrationData:
         """The same text cut into windows of another length (long-context passes judge

@@ -33,6 +33,7 @@ from lmforge.compiler.ops import (
     sparse_attention,
     tree_attention,
 )
+from lmforge.compiler.placement import graph_device
 from lmforge.compiler.program import Program
 from lmforge.compiler.speculation_rules import check_draft_source
 from lmforge.draft_heads import HydraHeads, MedusaHeads, load_heads
@@ -164,9 +165,10 @@ def expected_accepted(widths: list[int], hits: list[list[float]]) -> float:
 def verify_seconds(program: Program, nodes: int, prefix: int = 64, repeats: int = 5) -> float:
     """Median time of one forward verifying `nodes` tokens after a cached prefix."""
     layout = program.meta["kv_cache"]
-    buffers = allocate_kv_buffers(layout, 1, prefix + nodes, getattr(torch, program.meta["dtype"]))
-    ids = torch.zeros(1, prefix + nodes, dtype=torch.long)
-    positions = torch.arange(prefix + nodes)[None]
+    device = graph_device(program.graph_module)
+    buffers = allocate_kv_buffers(layout, 1, prefix + nodes, getattr(torch, program.meta["dtype"]), device)
+    ids = torch.zeros(1, prefix + nodes, dtype=torch.long, device=device)
+    positions = torch.arange(prefix + nodes, device=device)[None]
     with torch.no_grad(), attention_context(AttentionContext(kv=buffers, start=0, q_len=prefix)):
         program(ids[:, :prefix], positions[:, :prefix])
     times = []

@@ -149,7 +149,7 @@ class Engine:
         if self.cache is None or not self.cache.fits(batch, length):
             self.cache = None  # release the old buffers before allocating the new ones
             with torch.device(self.device):
-                self.cache = StaticKVCache(self.kv_layout, batch, self.max_seq_len, self.dtype)
+                self.cache = StaticKVCache(self.kv_layout, batch, self.max_seq_len, self.dtype, self.device)
         return self.cache
 
     def step(

@@ -17,9 +17,10 @@ __all__ = ["StaticKVCache", "kv_cache_bytes"]
 class StaticKVCache:
     """The buffers of every cache slot (see `compiler.kv_layout`), written by index."""
 
-    def __init__(self, layout: list[dict], batch: int, max_len: int, dtype: torch.dtype) -> None:
+    def __init__(self, layout: list[dict], batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | None = None) -> None:
         self.batch, self.max_len, self.dtype = batch, max_len, dtype
-        self.buffers = allocate_kv_buffers(layout, batch, max_len, dtype)
+        self.buffers = allocate_kv_buffers(layout, batch, max_len, dtype, device)
 
     def nbytes(self) -> int:
         return sum(buffer_bytes(buffer) for buffer in self.buffers)

@@ -124,12 +124,12 @@ def accept(
         threshold = torch.minimum(torch.full_like(entropy, typical.epsilon), typical.delta * torch.exp(-entropy))
         accepted = int((draft_probs > threshold).long().cumprod(-1).sum(-1).min())
         return accepted, torch.multinomial(probs[:, accepted], 1, generator=generator).squeeze(-1)
-    uniform = torch.rand(batch, k, generator=generator)
+    uniform = torch.rand(batch, k, generator=generator, device=logits.device)
     row_accepts = (uniform < draft_probs).long().cumprod(-1).sum(-1)
     accepted = int(row_accepts.min())
-    tokens = torch.empty(batch, dtype=torch.long)
-    for row in range(batch):
-        if row_accepts[row] > accepted:  # this row accepted the draft here too: it is a valid sample
+    tokens = torch.empty(batch, dtype=torch.long, device=logits.device)
+    for row, row_accepted in enumerate(row_accepts.tolist()):
+        if row_accepted > accepted:  # this row accepted the draft here too: it is a valid sample
             tokens[row] = drafts[row, accepted]
             continue
         distribution = probs[row, accepted].clone()
@@ -159,12 +159,13 @@ class TokenTree:
         return path[::-1]
 
     def mask(self) -> torch.Tensor:
-        """(n, n): node i may see node j when j is i or an ancestor of i."""
+        """(n, n), on the tokens' device: node i may see node j when j is i or an ancestor of i.
+        Built on the host from `parents` (a few rows) and copied over once."""
         size = len(self.parents)
         allowed = torch.eye(size, dtype=torch.bool)
         for node in range(1, size):
             allowed[node] |= allowed[self.parents[node]]
-        return allowed
+        return allowed.to(self.tokens.device)
 
 
 Children = Callable[[int, torch.Tensor, int], torch.Tensor]
@@ -188,7 +189,7 @@ def build_tree(roots: torch.Tensor, widths: list[int], children: Children) -> To
                 columns.append(candidates[:, index, rank])
                 next_level.append(len(columns) - 1)
         level = next_level
-    return TokenTree(parents, torch.stack(columns, dim=1), torch.tensor(depths))
+    return TokenTree(parents, torch.stack(columns, dim=1), torch.tensor(depths, device=roots.device))
 
 
 def medusa_children(guesses: torch.Tensor) -> Children:
@@ -204,31 +205,32 @@ def accept_tree(logits: torch.Tensor, tree: TokenTree) -> tuple[list[list[int]],
     shortest row's depth so the rows stay aligned. Returns the paths (root first, equal
     length) and each row's next token: the model's own choice after its cut path."""
     predicted = logits.argmax(-1)
+    depths = tree.depths.tolist()  # the walk is a host decision: copy what it reads once, not per node
     paths = []
-    for row, choices in enumerate(predicted.tolist()):
+    for choices, tokens in zip(predicted.tolist(), tree.tokens.tolist()):
         accepted = [True] + [False] * (len(tree.parents) - 1)
         best = 0
         for node in range(1, len(tree.parents)):
             parent = tree.parents[node]
-            accepted[node] = accepted[parent] and int(tree.tokens[row, node]) == choices[parent]
-            if accepted[node] and tree.depths[node] > tree.depths[best]:
+            accepted[node] = accepted[parent] and tokens[node] == choices[parent]
+            if accepted[node] and depths[node] > depths[best]:
                 best = node
         paths.append(tree.path_to(best))
     depth = min(len(path) for path in paths)
     paths = [path[:depth] for path in paths]
-    last = torch.tensor([path[-1] for path in paths])
-    return paths, predicted[torch.arange(len(paths)), last]
+    last = torch.tensor([path[-1] for path in paths], device=predicted.device)
+    return paths, predicted[torch.arange(len(paths), device=predicted.device), last]
 
 
 def compact_cache(buffers: list, start: int, paths: list[list[int]]) -> None:
     """Move each row's accepted path's keys and values (written at slots `start + node`) to
     consecutive slots `start + depth`, as if only the path had been fed."""
-    nodes = torch.tensor(paths)
-    if bool((nodes == torch.arange(nodes.shape[1])).all()):
+    if all(path == list(range(len(path))) for path in paths):
         return
     for buffer in buffers:
         if buffer is None:
             continue
+        nodes = torch.tensor(paths, device=buffer[0].device)
         for tensor in buffer:
             index = (start + nodes)[:, None, :, None].expand(-1, tensor.shape[1], -1, tensor.shape[3])
             tensor[:, :, start : start + nodes.shape[1]] = tensor.gather(2, index)
