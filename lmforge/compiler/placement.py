@@ -29,9 +29,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """The torch device for `runtime.device`, or one line saying why it cannot be used."""
+    if str(name).split(":")[0] not in DEVICES:
+        raise LmforgeError(f"runtime.device must be one of {', '.join(DEVICES)} (got {str(name)!r})")
     device = torch.device(name)
-    if device.type not in DEVICES:
-        raise LmforgeError(f"runtime.device must be one of {', '.join(DEVICES)} (got {str(device)!r})")
     if device.type == "cuda" and not torch.cuda.is_available():
         where = "this torch build has no CUDA device" if torch.version.cuda is None else "no CUDA device is visible"
         raise LmforgeError(f"runtime.device is 'cuda' but {where} (torch {torch.__version__})")
@@ -102,12 +102,15 @@ def place_model(model: torch.nn.Module, device: str | None, dtype: str | None) -
 
 def with_runtime(recipe: Recipe, device: str | None = None, dtype: str | None = None) -> Recipe:
     """`recipe` with `runtime.device` / `runtime.dtype` replaced where given (the `device=` and
-    `dtype=` arguments of `optimize` and `load`, `lmforge run --device`), checked the same way."""
+    `dtype=` arguments of `optimize` and `load`, `lmforge run --device`), checked the same way.
+    The resulting device is checked here, before any model is loaded."""
     update = {}
     if device is not None:
         update["device"] = resolve_device(device).type
     if dtype is not None:
         update["dtype"] = str(resolve_dtype(dtype)).removeprefix("torch.")
-    if not update:
-        return recipe
-    return recipe.model_copy(update={"runtime": recipe.runtime.model_copy(update=update)})
+    if update:
+        recipe = recipe.model_copy(update={"runtime": recipe.runtime.model_copy(update=update)})
+    if recipe.runtime.device is not None:
+        resolve_device(recipe.runtime.device)
+    return recipe
