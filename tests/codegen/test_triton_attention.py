@@ -154,23 +154,69 @@ def _run_both(op, ctx_args, caches, inputs, extra):
 
 
 def _assert_same_caches(triton_cache, python_cache):
+    """Bit for bit, NaN in the slots neither has written yet included."""
     for ours, theirs in zip(triton_cache[0], python_cache[0]):
-        torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+        torch.testing.assert_close(ours, theirs, atol=0, rtol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("window", [0, 6])
-def test_attention_op_prefill_verify_decode(window):
-    """Prefill 9 padded tokens, verify 4, decode 1: outputs and cache equal the Python op's."""
-    batch, heads, kv_heads, head_dim, pad = 2, 4, 1, 64, torch.tensor([3, 0])
-    shape = (batch, kv_heads, 32, head_dim)
-    caches = [[(torch.zeros(shape), torch.zeros(shape))] for _ in range(2)]
+def _unwritten_caches(shape, dtype, written=0, seed=5):
+    """Two equal (key, value) caches: random entries in slots ..written, NaN after, so a
+    kernel that read a slot of this forward before writing it would return NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    cache = torch.full(shape, float("nan"), dtype=dtype)
+    cache[:, :, :written] = torch.randn(*shape[:2], written, shape[3], generator=generator).to(dtype)
+    return [[(cache.clone(), cache.clone() + 1)] for _ in range(2)]
+
+
+@pytest.mark.parametrize("window, kv_heads, dtype", [
+    (0, 1, torch.float32), (6, 1, torch.float32), (0, 2, torch.float32), (0, 2, torch.float16)])
+def test_attention_op_prefill_verify_decode(window, kv_heads, dtype):
+    """Prefill 9 padded tokens, verify 4, decode 1, with the kernels writing the cache: the
+    outputs equal the Python op's and the caches are bit for bit the same."""
+    batch, heads, head_dim, pad = 2, 4, 64, torch.tensor([3, 0])
+    caches = _unwritten_caches((batch, kv_heads, 32, head_dim), dtype)
     for step, (start, q_len) in enumerate([(0, 9), (9, 4), (13, 1)]):
-        q, k, v = _tensors(batch, heads, kv_heads, q_len, q_len, head_dim, torch.float32, seed=step)
+        q, k, v = _tensors(batch, heads, kv_heads, q_len, q_len, head_dim, dtype, seed=step)
         ours, theirs = _run_both(attention, dict(start=start, q_len=q_len, pad=pad), caches, (q, k, v),
                                  (head_dim**-0.5, window, 0.0))
         assert ours.shape == theirs.shape == (batch, q_len, heads, head_dim) and ours.is_contiguous()
-        _close(ours, theirs, torch.float32)
+        _close(ours, theirs, dtype)
         _assert_same_caches(*caches)
+
+
+def test_attention_op_decode_over_several_splits():
+    """A decode step at position 700 split three ways per row and KV head: the split that
+    holds slot 700 writes the step's key and value (into a transposed view, as the graph
+    hands them), the others read only older slots; output and cache equal the Python op's."""
+    batch, heads, kv_heads, head_dim, start, pad = 2, 4, 2, 64, 700, torch.tensor([0, 37])
+    assert decode_module._split_count(batch * kv_heads, start + 1 - 37) == 3
+    caches = _unwritten_caches((batch, kv_heads, start + 4, head_dim), torch.float32, written=start)
+    q, k, v = _tensors(batch, heads, kv_heads, 1, 1, head_dim, torch.float32, seed=6)
+    k, v = (tensor.transpose(1, 2).contiguous().transpose(1, 2) for tensor in (k, v))
+    ours, theirs = _run_both(attention, dict(start=start, q_len=1, pad=pad), caches, (q, k, v),
+                             (head_dim**-0.5, 0, 0.0))
+    _close(ours, theirs, torch.float32)
+    _assert_same_caches(*caches)
+
+
+def test_a_forward_past_the_cache_is_refused():
+    caches = _unwritten_caches((1, 1, 8, 64), torch.float32)
+    for start, q_len in ((8, 1), (6, 3)):
+        q, k, v = _tensors(1, 2, 1, q_len, q_len, 64, torch.float32)
+        with attention_context(AttentionContext(kv=caches[0], start=start, q_len=q_len)), \
+                pytest.raises(LmforgeError, match="this cache has 8 slots"):
+            TRITON_KERNELS[attention](q, k, v, 0, 0.125, 0, 0.0)
+
+
+def test_kernels_write_only_a_dense_cache_without_sinks():
+    """A ring (keys read by position) or a streaming rule is written by `RingSlot.write`."""
+    q, k, v = _tensors(1, 2, 1, 3, 8, 64, torch.float32)
+    new = dict(new_keys=k[:, :, :3], new_values=v[:, :, :3])
+    with pytest.raises(LmforgeError, match="without attention sinks"):
+        prefill_attention(q, k, v, 0, 0.125, 4, sink=2, **new)
+    with pytest.raises(LmforgeError, match="dense cache"):
+        decode_attention(q[:, :, :1], k, v, 3, 0.125, key_positions=torch.arange(8, dtype=torch.int32)[None],
+                         new_keys=k[:, :, :1], new_values=v[:, :, :1])
 
 
 def test_tree_attention_op():

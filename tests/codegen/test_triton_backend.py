@@ -105,12 +105,12 @@ def test_partition_covers_every_pointwise_node_once_without_cycles(arch):
 def test_decode_step_launches_are_counted_per_layer_by_kind():
     launches = decode_step_launches(program_of("llama"))
     # before attention: RMSNorm (+ the previous layer's residual), RoPE of q and k; attention:
-    # two cache writes (torch copies) and the split-K kernel, whose single split at this
-    # context writes the output itself; after it: RMSNorm + residual, SiLU·mul; the last
-    # layer also adds its residual and runs the final norm
-    layer = {"generated": 4, "matmul": 4, "copy": 2, "attention": 1}
+    # the split-K kernel, which writes the new key and value into the cache and, with a single
+    # split at this context, the output itself; after it: RMSNorm + residual, SiLU·mul; the
+    # last layer also adds its residual and runs the final norm
+    layer = {"generated": 4, "matmul": 4, "attention": 1}
     assert launches.by_layer() == {0: layer, 1: {**layer, "generated": 5}, None: {"other": 1, "matmul": 1}}
-    assert launches.besides_matmuls() == {0: 7, 1: 8, None: 1}  # outside the layers: the embedding lookup
+    assert launches.besides_matmuls() == {0: 5, 1: 6, None: 1}  # outside the layers: the embedding lookup
     # the LM head reads the last position in place: no copy for `last_position`
     assert [launch.kernel for launch in launches.launches if launch.layer is None] == ["aten.embedding", "aten.mm"]
     assert [launch.kernel for launch in launches.launches if launch.kind == "attention"] == [

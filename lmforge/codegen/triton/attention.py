@@ -2,11 +2,14 @@
 writes as the Python kernels of `compiler/ops.py`, with the attention itself computed by the
 split-K decode kernel (one query per row) or the flash prefill kernel (anything longer).
 
-The new keys and values go into the cache first (torch indexing, as the Python kernels do)
-and the kernels then read the cache in place, so a forward never copies the context. A
-streaming ring is read the same way, its slots' positions handed to the kernels
-(`RingSlot.slots`): written first, it still holds every key this forward's queries see,
-because the ring keeps `window` plus one forward's worth of slack.
+The kernels read the cache in place, so a forward never copies the context, and they write
+the forward's new keys and values into it themselves (the cache then holds exactly what the
+Python kernels' torch indexing writes), so a decode step launches no copies of its own. A
+streaming ring is written first by `RingSlot.write` (torch indexing: which entry a token
+takes depends on the row's padding, and the ring's positions change with it) and then read
+the same way, its slots' positions handed to the kernels (`RingSlot.slots`): written first,
+it still holds every key this forward's queries see, because the ring keeps `window` plus
+one forward's worth of slack.
 
 `TRITON_KERNELS` mirrors `ops.PYTHON_KERNELS`; the ops in `PYTHON_FALLBACKS` run their
 Python kernel on this backend, for the reason given there.
@@ -50,28 +53,30 @@ def _pad(ctx: AttentionContext) -> torch.Tensor | None:
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float, window: int,
             softcap: float, pad: torch.Tensor | None, sink: int = 0, tree: torch.Tensor | None = None,
-            key_positions: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, Hq, D) attention of q (B, Hq, T, D) at positions start.. over keys already in place."""
+            key_positions: torch.Tensor | None = None,
+            new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, T, Hq, D) attention of q (B, Hq, T, D) at positions start.. over keys in place;
+    `new`: this forward's (keys, values), which the kernel writes at slots start.. first."""
+    new_keys, new_values = new if new is not None else (None, None)
     if q.shape[2] == 1 and tree is None:
-        out = decode_attention(q, keys, values, start, scale, window, softcap, sink, pad, key_positions)
+        out = decode_attention(q, keys, values, start, scale, window, softcap, sink, pad, key_positions,
+                               new_keys, new_values)
     else:
-        out = prefill_attention(q, keys, values, start, scale, window, softcap, sink, pad, tree, key_positions)
+        out = prefill_attention(q, keys, values, start, scale, window, softcap, sink, pad, tree, key_positions,
+                                new_keys=new_keys, new_values=new_values)
     return out.transpose(1, 2).contiguous()
 
 
-def _written_cache(ctx: AttentionContext, cache_index: int, k: torch.Tensor,
-                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cache of `cache_index` with this forward's keys and values written at slots
-    start..; without a cache, the keys and values themselves (a forward from slot 0)."""
+def _cache_and_new(ctx: AttentionContext, cache_index: int, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """(keys, values, new) for `_attend`: the cache of `cache_index` and this forward's keys
+    and values for the kernel to write into it; without a cache, the keys and values
+    themselves (a forward from slot 0) and nothing to write."""
     if ctx.kv is None:
         if ctx.start != 0:
             raise LmforgeError(f"a cache-free forward starts at position 0, this one starts at {ctx.start}")
-        return k, v
+        return k, v, None
     key_cache, value_cache = ctx.kv[cache_index]
-    end = ctx.start + k.shape[2]
-    key_cache[:, :, ctx.start : end] = k
-    value_cache[:, :, ctx.start : end] = v
-    return key_cache, value_cache
+    return key_cache, value_cache, (k, v)
 
 
 def triton_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_index: int, scale: float,
@@ -80,8 +85,8 @@ def triton_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cac
     ctx = current_context()
     if ctx.tree is not None and 0 < window < ctx.start + q.shape[2]:
         raise LmforgeError("tree verification with sliding-window attention is not supported; draft a chain instead")
-    keys, values = _written_cache(ctx, cache_index, k, v)
-    return _attend(q, keys, values, ctx.start, scale, window, softcap, _pad(ctx), tree=ctx.tree)
+    keys, values, new = _cache_and_new(ctx, cache_index, k, v)
+    return _attend(q, keys, values, ctx.start, scale, window, softcap, _pad(ctx), tree=ctx.tree, new=new)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_index: int, scale: float,
@@ -134,11 +139,13 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     ctx = current_context()
     if ctx.start != 0 or q.shape[2] < min_length or ctx.tree is not None:
         return triton_tree_attention(q, k, v, cache_index, scale, window, softcap)
-    keys, values = _written_cache(ctx, cache_index, k, v)
+    keys, values, new = _cache_and_new(ctx, cache_index, k, v)
     groups = q.shape[1] // k.shape[1]
     expanded = k.repeat_interleave(groups, dim=1) if groups > 1 else k
     blocks = _block_lists(pattern_blocks(patterns, q, expanded, block, budget, scale))
-    out = prefill_attention(q, keys, values, 0, scale, 0, softcap, 0, _pad(ctx), blocks=blocks, block=block)
+    new_keys, new_values = new if new is not None else (None, None)
+    out = prefill_attention(q, keys, values, 0, scale, 0, softcap, 0, _pad(ctx), blocks=blocks, block=block,
+                            new_keys=new_keys, new_values=new_values)
     return out.transpose(1, 2).contiguous()
 
 

@@ -14,13 +14,28 @@ heads' queries are the rows of one tile, so each key and value block is loaded o
 the whole group instead of once per query head. Decode attention is bound by memory
 traffic, so reading K/V once per group is the saving that matters; the rows also give
 `tl.dot` the 16 rows tensor cores need.
+
+Given the step's new key and value, stage 1 also writes them into the cache at slot
+`query_pos`: the one program whose split holds that slot stores them (once per row and KV
+head) and reads them from the new tensors, not back from the cache, so a decode step has no
+separate cache-copy launches. Every other program reads only older slots, which nobody
+writes during the launch.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from lmforge.codegen.triton.attention_core import EMPTY_TOP, NO_WINDOW, attend_range, position_arguments
+from lmforge.codegen.triton.attention_core import (
+    EMPTY_TOP,
+    NEW_UNIT_STRIDES,
+    NO_WINDOW,
+    attend_range,
+    new_arguments,
+    position_arguments,
+    write_new,
+)
+from lmforge.errors import LmforgeError
 
 TARGET_PROGRAMS = 128
 """Stage-1 programs to aim for: about one per streaming multiprocessor of a current GPU."""
@@ -31,21 +46,26 @@ MAX_SPLITS = 16
 
 @triton.jit
 def decode_attention_partial(
-    q_ptr, k_ptr, v_ptr, pad_ptr, positions_ptr, partial_out_ptr, partial_lse_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, pad_ptr, positions_ptr, partial_out_ptr, partial_lse_ptr, out_ptr,
     stride_qb, stride_qh, stride_qd, stride_ob, stride_oh, stride_od,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_nkb, stride_nkh, stride_nks, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvs, stride_nvd,
     stride_pb, stride_ph, stride_ps,
     length, query_pos, scan_begin, window, sink, group, head_dim, splits,
     scale, softcap,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    HAS_NEW: tl.constexpr,
 ):
     """Stage 1, one program per (row, KV head, split): attention of the group's query heads
     over the split's share of slots scan_begin..length, as an fp32 output normalised within
     the split and its log-sum-exp (-inf for a split with no visible key). With a single
     split that output is already the answer: it goes straight to `out_ptr`, and stage 2
-    is not launched."""
+    is not launched. With `HAS_NEW` (slots are positions), the program whose split holds
+    slot `query_pos` writes the step's key and value there and attends to them from the
+    new tensors."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -69,13 +89,24 @@ def decode_attention_partial(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     top = tl.full([BLOCK_H], EMPTY_TOP, dtype=tl.float32)
+    k_base = k_ptr + row * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + row * stride_vb + kv_head * stride_vh
+    new_k_base = new_k_ptr + row * stride_nkb + kv_head * stride_nkh
+    new_v_base = new_v_ptr + row * stride_nvb + kv_head * stride_nvh
+    if HAS_NEW:
+        if (lo <= query_pos) & (query_pos < hi):
+            token = tl.arange(0, 1)
+            write_new(k_base, stride_ks, stride_kd, new_k_base, stride_nks, stride_nkd, query_pos, token, token < 1,
+                      dims, dim_ok)
+            write_new(v_base, stride_vs, stride_vd, new_v_base, stride_nvs, stride_nvd, query_pos, token, token < 1,
+                      dims, dim_ok)
     acc, denom, top = attend_range(
         acc, denom, top, q, query_pos, 0, lo, hi,
-        k_ptr + row * stride_kb + kv_head * stride_kh, v_ptr + row * stride_vb + kv_head * stride_vh,
-        stride_ks, stride_kd, stride_vs, stride_vd,
+        k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+        new_k_base, new_v_base, stride_nks, stride_nkd, stride_nvs, stride_nvd, query_pos,
         positions_ptr + row * stride_pb + kv_head * stride_ph, stride_ps, q_ptr, 1, query_pos,
         first_real, window, sink, scale, softcap, dims, dim_ok,
-        BLOCK_N, HAS_POSITIONS, False, HAS_SOFTCAP,
+        BLOCK_N, HAS_POSITIONS, False, HAS_SOFTCAP, HAS_NEW,
     )
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     if SINGLE_SPLIT:
@@ -139,12 +170,16 @@ def decode_attention(
     sink: int = 0,
     pad: torch.Tensor | None = None,
     key_positions: torch.Tensor | None = None,
+    new_keys: torch.Tensor | None = None,
+    new_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per row at position `query_pos` over a cache.
 
     q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
-    `key_positions`, slot i holds position i and slots 0..query_pos are read (the query's
-    own key must already be written). With `key_positions` (B, S) or (B, Hkv, S) int32
+    `key_positions`, slot i holds position i and slots 0..query_pos are read: the query's
+    own key must already be written, or be given as `new_keys` and `new_values`
+    ((B, Hkv, 1, D), any strides), which the kernel writes into the cache at slot
+    `query_pos` (S must exceed it). With `key_positions` (B, S) or (B, Hkv, S) int32
     (-1: empty slot), all S slots are read and the rule is applied to their positions.
     `window` <= 0 means no window; `sink` keeps each row's first real tokens visible;
     `pad` (B,) gives each row's first real position. Returns (B, Hq, 1, D), a view of a
@@ -154,6 +189,14 @@ def decode_attention(
     group = heads // kv_heads
     block_h, block_n, block_d = _block_sizes(group, head_dim, q.element_size())
     positions, position_strides = position_arguments(key_positions, q)
+    new_k, new_v, new_k_strides, new_v_strides = new_arguments(new_keys, new_values, q)
+    has_new = new_keys is not None
+    if has_new and key_positions is not None:
+        raise LmforgeError("decode attention writes new keys only into a dense cache (slot = position); a "
+                           "streaming head's ring is written by RingSlot.write")
+    if has_new and query_pos >= k_cache.shape[2]:
+        raise LmforgeError(f"decode attention writes the new key and value at slot {query_pos} of a dense cache; "
+                           f"this cache has {k_cache.shape[2]} slots")
     if key_positions is not None:
         length, scan_begin = k_cache.shape[2], 0
     else:
@@ -164,14 +207,14 @@ def decode_attention(
     partial_out = torch.empty(batch, heads, splits if splits > 1 else 0, head_dim, dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(batch, heads, splits if splits > 1 else 0, dtype=torch.float32, device=q.device)
     decode_attention_partial[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, pad if pad is not None else q, positions, partial_out, partial_lse, out,
+        q, k_cache, v_cache, new_k, new_v, pad if pad is not None else q, positions, partial_out, partial_lse, out,
         q.stride(0), q.stride(1), q.stride(3), out.stride(0), out.stride(2), out.stride(3),
-        *k_cache.stride(), *v_cache.stride(), *position_strides,
+        *k_cache.stride(), *v_cache.stride(), *new_k_strides, *new_v_strides, *position_strides,
         length, query_pos, scan_begin, window if window > 0 else NO_WINDOW, sink, group, head_dim, splits,
         scale, softcap,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_SOFTCAP=softcap > 0.0,
-        SINGLE_SPLIT=splits == 1,
+        SINGLE_SPLIT=splits == 1, HAS_NEW=has_new,
     )
     if splits == 1:
         return out.transpose(1, 2)
@@ -184,21 +227,24 @@ def decode_attention(
 
 def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[object, dict, dict, int]]:
     """Example (kernel, signature, constexprs, num_warps) sets for ahead-of-time compiles of
-    a plain decode step (no padding, positions or soft-cap) at these shapes: what the
+    a plain decode step (no padding, positions or soft-cap; the step's key and value
+    written by the kernel) at these shapes: what the
     launcher would pick for `head_dim`, `group` query heads per KV head and `dtype`."""
     element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     block_h, block_n, block_d = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
     partial_signature = {
-        "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}", "pad_ptr": "*i32",
+        "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}",
+        "new_k_ptr": f"*{element}", "new_v_ptr": f"*{element}", "pad_ptr": "*i32",
         "positions_ptr": "*i32", "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{element}",
-        **{name: "i32" for name in (
-            "stride_qb", "stride_qh", "stride_qd", "stride_ob", "stride_oh", "stride_od", "stride_kb", "stride_kh", "stride_ks", "stride_kd",
-            "stride_vb", "stride_vh", "stride_vs", "stride_vd", "stride_pb", "stride_ph", "stride_ps",
-            "length", "query_pos", "scan_begin", "window", "sink", "group", "head_dim", "splits")},
+        **{f"stride_{tensor}{axis}": "i32" for tensor, axes in
+           (("q", "bhd"), ("o", "bhd"), ("k", "bhsd"), ("v", "bhsd"), ("nk", "bhsd"), ("nv", "bhsd"), ("p", "bhs"))
+           for axis in axes},
+        **dict.fromkeys(("length", "query_pos", "scan_begin", "window", "sink", "group", "head_dim", "splits"), "i32"),
         "scale": "fp32", "softcap": "fp32",
     }
     partial_constexprs = {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                          "HAS_PAD": False, "HAS_POSITIONS": False, "HAS_SOFTCAP": False, "SINGLE_SPLIT": False}
+                          "HAS_PAD": False, "HAS_POSITIONS": False, "HAS_SOFTCAP": False, "SINGLE_SPLIT": False,
+                          "HAS_NEW": True, **NEW_UNIT_STRIDES}
     combine_signature = {
         "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{element}",
         **{name: "i32" for name in ("stride_ob", "stride_oh", "stride_od", "heads", "head_dim", "splits")},

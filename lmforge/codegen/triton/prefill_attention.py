@@ -13,21 +13,37 @@ With `blocks` (per row, query head and query block, the indices of the key block
 compute, ascending, -1 after the last), the program walks only those key blocks (the
 MInference patterns of `compiler/sparse_attention.py`); the token rule still applies inside
 each block, so a pattern that keeps the diagonal block never leaves a query without a key.
+
+Given the forward's own keys and values, the kernel also writes them into the cache (slots
+start..start+q_len): the programs of each KV head's first query head store the tokens of
+their query block, so each token is written once per row and KV head, and every program
+reads those slots from the new tensors, never from the cache being written.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from lmforge.codegen.triton.attention_core import EMPTY_TOP, NO_WINDOW, attend_range, position_arguments
+from lmforge.codegen.triton.attention_core import (
+    EMPTY_TOP,
+    NEW_UNIT_STRIDES,
+    NO_WINDOW,
+    attend_range,
+    new_arguments,
+    position_arguments,
+    write_new,
+)
+from lmforge.errors import LmforgeError
 
 
 @triton.jit
 def prefill_attention_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, pad_ptr, positions_ptr, tree_ptr, blocks_ptr,
+    q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, out_ptr, pad_ptr, positions_ptr, tree_ptr, blocks_ptr,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_nkb, stride_nkh, stride_nks, stride_nkd,
+    stride_nvb, stride_nvh, stride_nvs, stride_nvd,
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_pb, stride_ph, stride_ps,
     stride_bb, stride_bh, stride_bq,
@@ -35,11 +51,14 @@ def prefill_attention_kernel(
     scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_TREE: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_SPARSE: tl.constexpr, HAS_NEW: tl.constexpr,
 ):
     """One program per (query block of `query_rows` tokens, row x query head). In block-sparse
     mode a query block and a key block both span `query_rows` tokens (the pattern's block,
-    any size: the key tiles walk it in BLOCK_N steps)."""
+    any size: the key tiles walk it in BLOCK_N steps). With `HAS_NEW` (slots are positions,
+    no sinks), the program of a KV head's first query head writes its block's keys and
+    values, and the keys are walked in two parts, the cache's and the forward's own; the
+    sink walk is compiled out, which keeps the kernel within sm_80's registers."""
     query_block = tl.program_id(0)
     row = tl.program_id(1) // heads
     head = tl.program_id(1) % heads
@@ -57,6 +76,14 @@ def prefill_attention_kernel(
     k_base = k_ptr + row * stride_kb + kv_head * stride_kh
     v_base = v_ptr + row * stride_vb + kv_head * stride_vh
     positions_base = positions_ptr + row * stride_pb + kv_head * stride_ph
+    new_k_base = new_k_ptr + row * stride_nkb + kv_head * stride_nkh
+    new_v_base = new_v_ptr + row * stride_nvb + kv_head * stride_nvh
+    if HAS_NEW:
+        if head % group == 0:
+            write_new(k_base, stride_ks, stride_kd, new_k_base, stride_nks, stride_nkd, start, tokens, token_ok,
+                      dims, dim_ok)
+            write_new(v_base, stride_vs, stride_vd, new_v_base, stride_nvs, stride_nvd, start, tokens, token_ok,
+                      dims, dim_ok)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     top = tl.full([BLOCK_M], EMPTY_TOP, dtype=tl.float32)
@@ -68,9 +95,11 @@ def prefill_attention_kernel(
                 acc, denom, top = attend_range(
                     acc, denom, top, q, query_pos, tokens[:, None], key_block * query_rows,
                     tl.minimum(key_block * query_rows + query_rows, kv_len),
-                    k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, positions_base, stride_ps,
+                    k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                    new_k_base, new_v_base, stride_nks, stride_nkd, stride_nvs, stride_nvd, start,
+                    positions_base, stride_ps,
                     tree_ptr, q_len, start, first_real, window, sink, scale, softcap, dims, dim_ok,
-                    BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP,
+                    BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP, HAS_NEW,
                 )
     else:
         if HAS_POSITIONS or HAS_TREE:
@@ -86,17 +115,22 @@ def prefill_attention_kernel(
             # past the block's first query itself (a padding query sees its own key)
             lo = tl.minimum(tl.maximum(block_first - window + 1, first_real), block_first)
             lo = tl.maximum(lo, sink_end)
-        acc, denom, top = attend_range(
-            acc, denom, top, q, query_pos, tokens[:, None], 0, sink_end,
-            k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, positions_base, stride_ps,
-            tree_ptr, q_len, start, first_real, window, sink, scale, softcap, dims, dim_ok,
-            BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP,
-        )
+        if not HAS_NEW:  # a forward that writes its keys has no sinks (the launcher refuses them)
+            acc, denom, top = attend_range(
+                acc, denom, top, q, query_pos, tokens[:, None], 0, sink_end,
+                k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+                new_k_base, new_v_base, stride_nks, stride_nkd, stride_nvs, stride_nvd, start,
+                positions_base, stride_ps,
+                tree_ptr, q_len, start, first_real, window, sink, scale, softcap, dims, dim_ok,
+                BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP, False,
+            )
         acc, denom, top = attend_range(
             acc, denom, top, q, query_pos, tokens[:, None], lo, hi,
-            k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, positions_base, stride_ps,
+            k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd,
+            new_k_base, new_v_base, stride_nks, stride_nkd, stride_nvs, stride_nvd, start,
+            positions_base, stride_ps,
             tree_ptr, q_len, start, first_real, window, sink, scale, softcap, dims, dim_ok,
-            BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP,
+            BLOCK_N, HAS_POSITIONS, HAS_TREE, HAS_SOFTCAP, HAS_NEW,
         )
     out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
     tl.store(out_ptr + row * stride_ob + head * stride_oh + tokens[:, None] * stride_ot + dims[None, :] * stride_od,
@@ -130,12 +164,16 @@ def prefill_attention(
     key_positions: torch.Tensor | None = None,
     blocks: torch.Tensor | None = None,
     block: int = 64,
+    new_keys: torch.Tensor | None = None,
+    new_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the q_len queries at positions start.. over a cache.
 
     q: (B, Hq, T, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
-    `key_positions`, slot i holds position i and slots 0..start+T are read (this forward's
-    keys must already be written); with it ((B, S) or (B, Hkv, S) int32, -1: empty) all S
+    `key_positions`, slot i holds position i and slots 0..start+T are read: this forward's
+    keys must already be written, or be given as `new_keys` and `new_values` ((B, Hkv, T, D),
+    any strides), which the kernel writes into the cache at slots start..start+T (S must
+    hold them); with it ((B, S) or (B, Hkv, S) int32, -1: empty) all S
     slots are read. `window` <= 0: no window. `pad` (B,): each row's first real position.
     `tree` (T, T) bool: which of this forward's tokens each one sees. `blocks` (B or 1,
     Hq or 1, ceil(T / block), K) int32: key blocks per query block (block-sparse, start 0).
@@ -150,6 +188,14 @@ def prefill_attention(
     kv_len = k_cache.shape[2] if key_positions is not None else start + q_len
     out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     positions, position_strides = position_arguments(key_positions, q)
+    new_k, new_v, new_k_strides, new_v_strides = new_arguments(new_keys, new_values, q)
+    has_new = new_keys is not None
+    if has_new and (key_positions is not None or sink > 0):
+        raise LmforgeError("prefill attention writes new keys only into a dense cache without attention sinks (a "
+                           "streaming head's ring is written by RingSlot.write)")
+    if has_new and start + q_len > k_cache.shape[2]:
+        raise LmforgeError(f"prefill attention writes the new keys and values at slots {start}..{start + q_len - 1} "
+                           f"of a dense cache; this cache has {k_cache.shape[2]} slots")
     if blocks is not None:
         blocks = blocks.to(torch.int32).contiguous()
         block_strides = tuple(blocks.stride(i) if blocks.shape[i] > 1 else 0 for i in range(3))
@@ -157,35 +203,41 @@ def prefill_attention(
     else:
         blocks, block_strides, max_blocks = q, (0, 0, 0), 0
     prefill_attention_kernel[(triton.cdiv(q_len, query_rows), batch * heads)](
-        q, k_cache, v_cache, out, pad if pad is not None else q, positions,
+        q, k_cache, v_cache, new_k, new_v, out, pad if pad is not None else q, positions,
         tree.to(torch.int8).contiguous() if tree is not None else q, blocks,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *position_strides, *block_strides,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *new_k_strides, *new_v_strides, *out.stride(),
+        *position_strides, *block_strides,
         q_len, kv_len, start, window if window > 0 else NO_WINDOW, sink, heads, group, head_dim, query_rows,
         max_blocks,
         scale, softcap,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_TREE=tree is not None,
-        HAS_SOFTCAP=softcap > 0.0, BLOCK_SPARSE=max_blocks > 0,
+        HAS_SOFTCAP=softcap > 0.0, BLOCK_SPARSE=max_blocks > 0, HAS_NEW=has_new,
     )
     return out
 
 
 def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[object, dict, dict, int]]:
     """Example (kernel, signature, constexprs, num_warps) sets for ahead-of-time compiles of
-    a padded causal prefill at these shapes (`group` does not change the kernel: a program
-    serves one query head): what the launcher picks for a long prompt."""
+    a padded causal prefill at these shapes that writes its keys and values into the cache
+    (`group` does not change the kernel: a program serves one query head): what the
+    launcher picks for a long prompt."""
     element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     block_m, block_n, block_d = _block_sizes(1 << 16, head_dim, torch.empty((), dtype=dtype).element_size())
     signature = {
-        "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}", "out_ptr": f"*{element}",
+        "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}",
+        "new_k_ptr": f"*{element}", "new_v_ptr": f"*{element}", "out_ptr": f"*{element}",
         "pad_ptr": "*i32", "positions_ptr": "*i32", "tree_ptr": "*i8", "blocks_ptr": "*i32",
         **{f"stride_{tensor}{axis}": "i32" for tensor, axes in
-           (("q", "bhtd"), ("k", "bhsd"), ("v", "bhsd"), ("o", "bhtd"), ("p", "bhs"), ("b", "bhq")) for axis in axes},
+           (("q", "bhtd"), ("k", "bhsd"), ("v", "bhsd"), ("nk", "bhsd"), ("nv", "bhsd"), ("o", "bhtd"), ("p", "bhs"),
+            ("b", "bhq"))
+           for axis in axes},
         **{name: "i32" for name in ("q_len", "kv_len", "start", "window", "sink", "heads", "group", "head_dim",
                                     "query_rows", "max_blocks")},
         "scale": "fp32", "softcap": "fp32",
     }
     constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "HAS_PAD": True,
-                  "HAS_POSITIONS": False, "HAS_TREE": False, "HAS_SOFTCAP": False, "BLOCK_SPARSE": False}
+                  "HAS_POSITIONS": False, "HAS_TREE": False, "HAS_SOFTCAP": False, "BLOCK_SPARSE": False,
+                  "HAS_NEW": True, **NEW_UNIT_STRIDES}
     return [(prefill_attention_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
              8 if block_m * block_d >= 64 * 128 else 4)]
