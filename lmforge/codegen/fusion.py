@@ -416,6 +416,14 @@ def kernel_kind(group: FusionGroup) -> str:
     return "_".join(parts) or "pointwise"
 
 
+def computes_final_norm(group: FusionGroup) -> bool:
+    """Whether the group's row reduction is the model's final norm, the one after the last
+    layer: captured inside a module (the graph still says where it came from) that is none
+    of the decoder layers."""
+    reduction = next((node for node in group.nodes if node.target in ROW_REDUCTIONS), None)
+    return reduction is not None and bool(reduction.meta.get("nn_module_stack")) and role_of(reduction)[0] is None
+
+
 def _norm_label(group: FusionGroup) -> list[str]:
     """Which norm a group's reduction belongs to, from its module name in the captured model:
     `input` (input_layernorm), `post_attention`, `pre_feedforward`, ...; `final` for the
@@ -424,7 +432,7 @@ def _norm_label(group: FusionGroup) -> list[str]:
     stack = reduction.meta.get("nn_module_stack")
     if not stack:
         return []
-    if role_of(reduction)[0] is None:
+    if computes_final_norm(group):
         return ["final"]
     leaf = list(stack.values())[-1][0].rsplit(".", 1)[-1]
     label = leaf.replace("layernorm", "").replace("layer_norm", "").replace("norm", "").strip("_")

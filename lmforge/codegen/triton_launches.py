@@ -2,12 +2,21 @@
 
 A decode step at small batch costs launches more than arithmetic, so the backend is held to
 a budget of launches per layer besides the matrix products. Counting fusion groups is not
-enough for that: attention runs two Triton kernels (split-K partials, then their
-combination), the new keys and values are copied into the cache by torch indexing, and
-any op left to torch between kernels launches one of its own on a GPU. So the step is run
-once, through the lowered graph, and every launch is recorded with the graph node and the
-layer it belongs to: each Triton launch, and each PyTorch op that launches a kernel on a
-GPU (views and allocations do not; a copy, a concatenation or a `.item()` does).
+enough for that: attention runs one or two Triton kernels (split-K partials, then their
+combination once the context needs several splits), a cache the attention kernel does not
+write itself (a streaming ring) is written by torch indexing, and any op left to torch
+between kernels launches one of its own on a GPU. So the step is run once, through the
+lowered graph, and every launch is recorded with the graph node and the layer it belongs
+to: each Triton launch, and each PyTorch op that launches a kernel on a GPU (views and
+allocations do not; a copy, a concatenation or a `.item()` does).
+
+A generated kernel counts in the layer of its graph nodes, the highest when they span two
+(a layer's input norm also adds the previous layer's residual: it counts in the layer whose
+norm it computes). The kernel that computes the model's final norm counts outside the
+layers, like the embedding and the LM head, even though it also adds the last layer's
+residual: without the final norm that add would have no kernel of its own (as every other
+layer's closing residual add rides on the next layer's norm), so the launch is the model's,
+not the layer's.
 
 On a CPU this needs Triton's interpreter (`TRITON_INTERPRET=1`), like every run of the
 backend; the counts do not depend on the device.
@@ -25,8 +34,9 @@ from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.jit import KernelInterface
 
+from lmforge.codegen.fusion import computes_final_norm
 from lmforge.codegen.triton.attention import TRITON_KERNELS
-from lmforge.codegen.triton_backend import lower_triton
+from lmforge.codegen.triton_backend import emit_kernels, lower_triton
 from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.layermap import role_of
 from lmforge.compiler.ops import AttentionContext, attention_context
@@ -89,17 +99,20 @@ class StepLaunches:
 
 class _Recorder(TorchDispatchMode):
     """Records the kernels PyTorch would launch, and, through `triton_launch`, Triton's;
-    ops a Triton launch makes itself (the interpreter moving arguments) are not kernels."""
+    ops a Triton launch makes itself (the interpreter moving arguments) are not kernels.
+    Nodes named in `outside_layers` count outside the layers whatever their layer tag."""
 
-    def __init__(self) -> None:
+    def __init__(self, outside_layers: frozenset[str] = frozenset()) -> None:
         super().__init__()
         self.launches: list[Launch] = []
         self.node: fx.Node | None = None
         self.inside_triton = False
+        self.outside_layers = outside_layers
 
     def record(self, kind: str, kernel: str) -> None:
         node = self.node
-        self.launches.append(Launch(node.name if node else "-", role_of(node)[0] if node else None, kind, kernel))
+        layer = None if node is None or node.name in self.outside_layers else role_of(node)[0]
+        self.launches.append(Launch(node.name if node else "-", layer, kind, kernel))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.inside_triton and func not in NO_KERNEL and not func.is_view:
@@ -156,6 +169,7 @@ def decode_step_launches(program: Program, context: int = 16, batch: int = 1) ->
     """The launches of one decode step of `program` on the `triton` backend, after a prefill
     of `context` tokens in each of `batch` rows (plain decoding: one new token per row)."""
     runner = lower_triton(program, CodegenConfig(backend="triton"))
+    final_norm = frozenset(kernel.name for kernel in emit_kernels(program) if computes_final_norm(kernel.group))
     dtype = getattr(torch, program.meta["dtype"])
     buffers = allocate_kv_buffers(program.meta["kv_cache"], batch, context + 1, dtype)
     ids = (torch.arange(batch * (context + 1)).view(batch, context + 1) * 7919 + 3) % program.config.vocab_size
@@ -163,7 +177,7 @@ def decode_step_launches(program: Program, context: int = 16, batch: int = 1) ->
     with torch.no_grad():
         with attention_context(AttentionContext(kv=buffers, start=0, q_len=context, last_only=True)):
             runner(ids[:, :context], positions[:, :context])
-        recorder = _Recorder()
+        recorder = _Recorder(final_norm)
         step = AttentionContext(kv=buffers, start=context, q_len=1, last_only=False)
         with attention_context(step), recorder.triton_launches(_kind_of), recorder:
             _NodeTracker(runner, recorder).run(ids[:, context:], positions[:, context:])

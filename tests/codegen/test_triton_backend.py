@@ -102,19 +102,28 @@ def test_partition_covers_every_pointwise_node_once_without_cycles(arch):
     assert nx.is_directed_acyclic_graph(kernels_graph)
 
 
-def test_decode_step_launches_are_counted_per_layer_by_kind():
-    launches = decode_step_launches(program_of("llama"))
+LAUNCH_BUDGET = 6
+"""Launches a decode step may make per layer besides its matrix products."""
+
+
+@pytest.mark.parametrize(("context", "attention_kernels"), [
+    (16, ["decode_attention_partial"]),  # one split: stage 1 writes the output itself
+    (257, ["decode_attention_partial", "decode_attention_combine"]),  # 258 keys: two splits
+])
+def test_decode_step_launches_are_counted_per_layer_by_kind(context, attention_kernels):
+    launches = decode_step_launches(program_of("llama"), context=context)
     # before attention: RMSNorm (+ the previous layer's residual), RoPE of q and k; attention:
-    # the split-K kernel, which writes the new key and value into the cache and, with a single
-    # split at this context, the output itself; after it: RMSNorm + residual, SiLU·mul; the
-    # last layer also adds its residual and runs the final norm
-    layer = {"generated": 4, "matmul": 4, "attention": 1}
-    assert launches.by_layer() == {0: layer, 1: {**layer, "generated": 5}, None: {"other": 1, "matmul": 1}}
-    assert launches.besides_matmuls() == {0: 5, 1: 6, None: 1}  # outside the layers: the embedding lookup
+    # split-K, whose stage 1 also writes the new key and value into the cache (no copies);
+    # after it: RMSNorm + residual, SiLU·mul. Outside the layers: the embedding lookup, the
+    # last layer's residual add with the final norm (the model's norm), the LM head
+    layer = {"generated": 4, "matmul": 4, "attention": len(attention_kernels)}
+    assert launches.by_layer() == {0: layer, 1: layer, None: {"other": 1, "generated": 1, "matmul": 1}}
+    assert launches.besides_matmuls() == {0: 4 + len(attention_kernels), 1: 4 + len(attention_kernels), None: 2}
+    assert max(launches.besides_matmuls()[layer] for layer in (0, 1)) <= LAUNCH_BUDGET
     # the LM head reads the last position in place: no copy for `last_position`
-    assert [launch.kernel for launch in launches.launches if launch.layer is None] == ["aten.embedding", "aten.mm"]
-    assert [launch.kernel for launch in launches.launches if launch.kind == "attention"] == [
-        "decode_attention_partial"] * 2
+    assert [launch.kernel for launch in launches.launches if launch.layer is None] == [
+        "aten.embedding", "rmsnorm_residual_final_l1_kernel", "aten.mm"]
+    assert [launch.kernel for launch in launches.launches if launch.kind == "attention"] == attention_kernels * 2
 
 
 def test_whole_model_matches_hugging_face():
