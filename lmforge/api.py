@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.codegen import lower
+from lmforge.codegen import lower_for_engine
 from lmforge.compiler.artifact import load_artifact, load_artifact_tokenizer, save_artifact
 from lmforge.compiler.capture import capture, load_reference
 from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline
@@ -61,7 +61,7 @@ class CompiledModel:
         context = getattr(program.config, "max_position_embeddings", None) or DEFAULT_CONTEXT_CAP
         device, dtype = graph_device(program.graph_module), getattr(torch, program.meta["dtype"])
         self.engine = Engine(
-            lower(program, recipe.codegen),
+            lower_for_engine(program, recipe.codegen),
             program.meta["kv_cache"],
             max_seq_len=recipe.runtime.max_seq_len or min(context, DEFAULT_CONTEXT_CAP),
             dtype=dtype,
@@ -108,9 +108,12 @@ class CompiledModel:
             streamer=streamer,
         )
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, progress: ProgressFn | None = None) -> Path:
+        """Write the artifact; with the `triton` backend this compiles its kernels for the
+        recipe's `codegen.targets` (`progress(description, done, total)` hears about it)."""
         return save_artifact(
-            path, self.program, recipe_yaml=self.recipe.to_yaml(), generation=self.generation, tokenizer=self.tokenizer
+            path, self.program, recipe_yaml=self.recipe.to_yaml(), generation=self.generation, tokenizer=self.tokenizer,
+            progress=progress,
         )
 
 def optimize(

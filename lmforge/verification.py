@@ -16,6 +16,10 @@ on the very Engine the user gets, with sample prompts at batch 1 and in a left-p
   by design; after lossless passes the reference's tokens imply it), and, when the recipe
   drafts, speculative decoding vs plain decoding of the same Engine.
 
+A program that cannot run in this process (the `triton` backend on a CPU without Triton's
+interpreter) is not run: its record says so (`not_run`) and the checks run the same program
+lowered by the `aten` backend instead, after the graph-level checks of the pass.
+
 A failure is one LmforgeError naming the stage it blames; when greedy tokens differ the
 program graph is decoded too, to tell a pass from codegen. The checks, batch shapes and
 backend go into the `verify` history entry, which `lmforge info` and the debug report show.
@@ -27,6 +31,7 @@ debug tools only observe): it is the one place where graph, codegen and runtime 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from typing import Any
 
 import torch
 
+from lmforge.codegen import NotRunnableHere, lower
 from lmforge.codegen.cpu_kernels import can_pack_weights
 from lmforge.compiler.pipeline import Instrument
 from lmforge.compiler.program import Program, draft_head_count
@@ -305,6 +311,12 @@ def verify_lowered(engine: Engine, program: Program, reference: Any, codegen: Co
         measurements["status"] = verification_status(checks, "the graph-level checks do not apply and lowered: false")
         return
     start = time.perf_counter()
+    not_run = engine.runner.reason if isinstance(engine.runner, NotRunnableHere) else None
+    backend = codegen.backend
+    if not_run is not None:  # e.g. triton on a CPU without the interpreter: check the aten lowering instead
+        codegen = CodegenConfig(backend="aten")
+        engine = copy.copy(engine)  # the user's Engine keeps its runner, which says why it cannot run
+        engine.runner = lower(program, codegen)
     lowered = LoweredCheck(engine, program, reference, codegen, config, snapshot.program if snapshot else None)
     length = min(PROMPT_LENGTH, engine.max_seq_len - lowered.decode_steps)
     if length < 3:
@@ -322,6 +334,10 @@ def verify_lowered(engine: Engine, program: Program, reference: Any, codegen: Co
         checks.extend(lowered.checks)
         engine.cache, engine.draft_inputs, engine.speculation_stats = None, None, {}
     measurements["lowered"] = {**lowered.record(list(batches)), "seconds": round(time.perf_counter() - start, 4)}
+    if not_run is not None:
+        measurements["lowered"]["not_run"] = (f"the {backend} program was not run on this machine ({not_run}); "
+                                              f"the lowered checks ran the same program through {lowered.codegen}")
+        entry["notes"].append(measurements["lowered"]["not_run"])
     measurements["status"] = verification_status(checks, "nothing applies")
     passed = sum(check["ok"] for check in lowered.checks)
     entry["notes"].append(f"lowered program ({lowered.codegen}): {passed}/{len(lowered.checks)} checks passed at "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import operator
 import os
-from pathlib import Path
 
 import networkx as nx
 from torch import fx
@@ -36,16 +35,6 @@ def emit_kernels(program: Program) -> list[EmittedKernel]:
     return _emit(partition(program.graph_module))
 
 
-def write_kernel_sources(program: Program, directory: Path) -> list[dict]:
-    """Write each kernel's source to `directory/<name>.py` (for reading: the runtime
-    regenerates kernels from the program) and return the manifest entries."""
-    entries = []
-    for kernel in emit_kernels(program):
-        (directory / f"{kernel.name}.py").write_text(kernel.source)
-        entries.append({"name": kernel.name, "ops": kernel.ops, "file": f"{directory.name}/{kernel.name}.py"})
-    return entries
-
-
 def _emit(parts: Partition) -> list[EmittedKernel]:
     kernels, taken = [], set()
     for group in parts.groups:
@@ -57,20 +46,27 @@ def _emit(parts: Partition) -> list[EmittedKernel]:
     return kernels
 
 
-def require_triton_device(program: Program) -> None:
-    """Fail early, with what to do, when the kernels could not run."""
+def triton_unavailable_reason(program: Program) -> str | None:
+    """Why the program's kernels cannot run in this process (None: they can): on a CPU they
+    run only through Triton's interpreter, and not in bfloat16. Compiling and saving do not
+    need to run them."""
     weight = next(iter(program.graph_module.buffers()), None)
     on_cpu = weight is None or weight.device.type == "cpu"
     if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-        raise LmforgeError(
-            "codegen backend 'triton' on a CPU needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
-            "environment before importing lmforge (slow; for tests), or run on a CUDA device"
-        )
+        return ("codegen backend 'triton' on a CPU needs Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before importing lmforge (slow; for tests), or run on a CUDA device")
     if on_cpu and program.meta.get("dtype") == "bfloat16":
-        raise LmforgeError(
-            "codegen backend 'triton' cannot run bfloat16 on a CPU: Triton's interpreter computes bf16 wrongly "
-            "(triton-lang/triton#11584); use runtime.dtype float16 or float32 here, the aten backend, or a CUDA device"
-        )
+        return ("codegen backend 'triton' cannot run bfloat16 on a CPU: Triton's interpreter computes bf16 wrongly "
+                "(triton-lang/triton#11584); use runtime.dtype float16 or float32 here, the aten backend, or a CUDA "
+                "device")
+    return None
+
+
+def require_triton_device(program: Program) -> None:
+    """Fail early, with what to do, when the kernels could not run."""
+    reason = triton_unavailable_reason(program)
+    if reason is not None:
+        raise LmforgeError(reason)
 
 
 def lower_triton(program: Program, config: CodegenConfig) -> fx.GraphModule:

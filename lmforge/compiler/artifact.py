@@ -3,8 +3,10 @@
 Layout: `manifest.json` (versions, architecture, recipe, pass history, sha256 of every
 file), `weights.safetensors`, `program.json` (the graph in torch.export's JSON schema, exported
 with the weights lifted to inputs so they are stored once, in safetensors), `config.json`,
-tokenizer files, `recipe.yaml`, `kernels/` for generated kernel sources (for reading: nothing
-runs them), `attention_patterns.json` when sparse-attention passes made per-head decisions
+tokenizer files, `recipe.yaml`, `kernels/` (with the `triton` backend: each generated kernel's
+source and, per `codegen.targets` entry, every kernel's PTX and cubin, whose resource report the
+manifest's `kernels`, `library_kernels` and `kernel_report` hold: `codegen/triton_artifact.py`),
+`attention_patterns.json` when sparse-attention passes made per-head decisions
 (checked against the model on load), and `drafter.safetensors` for Hydra draft heads, which the
 runtime runs beside the program. The directory is built in a locked staging directory and
 swapped into place (atomic_dir), so a killed compile leaves the old artifact or none.
@@ -14,6 +16,11 @@ for: they catch corruption, not malice. So loading checks the manifest's shape a
 file's hash before reading anything else, reads only listed files (by plain relative paths, no
 symbolic links), and takes nothing executable from the artifact: safetensors for tensors, JSON
 checked by program_file for the graph, Hugging Face config and tokenizer without remote code.
+Kernel sources are code, and their hashes prove nothing against a crafted artifact: loading a
+`triton` artifact re-emits the kernels from the program (codegen is deterministic) and refuses
+it if a stored source differs; the runtime launches only kernels it generated itself. The PTX
+and cubin are for reading (`cuobjdump`, `nvdisasm`, diffs between versions): lmforge never loads
+them; on a GPU Triton compiles the regenerated source itself.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from lmforge.compiler.placement import graph_on
 from lmforge.compiler.program import Program, plain_graph_module
 from lmforge.compiler.program_file import parse_json, program_bytes, read_program
 from lmforge.errors import LmforgeError
+from lmforge.passes.base import ProgressFn
 
 FORMAT_VERSION = 2  # 2: program.json replaced torch.export's pickle-bearing program.pt2
 MANIFEST = "manifest.json"
@@ -133,13 +141,20 @@ def _versions() -> dict[str, str]:
     return {"lmforge": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _kernel_sources(program: Program, recipe_yaml: str, directory: Path) -> list[dict]:
-    """The generated Triton kernels' sources, written when the recipe runs them."""
-    if (yaml.safe_load(recipe_yaml) or {}).get("codegen", {}).get("backend") != "triton":
-        return []
-    from lmforge.codegen.triton_backend import write_kernel_sources  # a later stage, loaded only when used
+def _codegen_backend(recipe_yaml: str) -> Any:
+    recipe = yaml.safe_load(recipe_yaml) or {}
+    codegen = recipe.get("codegen") if isinstance(recipe, dict) else None
+    return codegen.get("backend") if isinstance(codegen, dict) else None
 
-    return write_kernel_sources(program, directory)
+
+def _as_loaded(staging: Path, program: Program, weights: dict[str, torch.Tensor]) -> Program:
+    """The program as `load_artifact` will rebuild it from the staged graph and weights. The
+    round trip through program.json renames nodes and weights, which generated kernels name,
+    so the kernels stored (and compiled) are those a load of this artifact generates."""
+    graph_module = _attach_weights(read_program(staging / PROGRAM), dict(weights))
+    return Program(graph_module=graph_module,
+                   layers=build_layer_map(graph_module, spec_for(program.config), program.meta["num_layers"]),
+                   config=program.config, meta=program.meta, history=program.history)
 
 
 def save_artifact(
@@ -150,8 +165,11 @@ def save_artifact(
     generation: dict,
     tokenizer: Any = None,
     overwrite: bool = True,
+    progress: ProgressFn | None = None,
 ) -> Path:
-    """Write the artifact atomically: build it under a temporary name, then rename."""
+    """Write the artifact atomically: build it under a temporary name, then rename. With the
+    `triton` backend this compiles every kernel for the recipe's `codegen.targets`, which takes
+    a few seconds a kernel; `progress(description, done, total)` hears about it."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise LmforgeError(f"{out_dir} already exists")
@@ -168,7 +186,15 @@ def save_artifact(
         if patterns is not None:
             _write_json(staging / PATTERNS_FILE, patterns)
         (staging / KERNELS).mkdir()
-        kernels = _kernel_sources(program, recipe_yaml, staging / KERNELS)
+        codegen = None
+        kernels, library_kernels = [], []
+        if _codegen_backend(recipe_yaml) == "triton":
+            from lmforge.codegen.triton_artifact import write_kernels  # a later stage, loaded only when used
+            from lmforge.compiler.recipe import parse_recipe
+
+            codegen = parse_recipe(recipe_yaml).codegen
+            saved = _as_loaded(staging, program, weights)
+            kernels, library_kernels = write_kernels(saved, codegen, staging, progress)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -180,10 +206,16 @@ def save_artifact(
             "history": program.history,
             "generation": generation,
             "kernels": kernels,
+            "library_kernels": library_kernels,
             "weight_bytes": sum(t.nbytes for t in weights.values()),
             "files": {str(p.relative_to(staging)): sha256(p) for p in files},
         }
         _write_json(staging / MANIFEST, manifest)
+        if codegen is not None:  # counting launches may load the staged artifact: after its manifest
+            from lmforge.codegen.triton_artifact import kernel_report
+
+            manifest["kernel_report"] = kernel_report(saved, codegen, staging)
+            _write_json(staging / MANIFEST, manifest)
         replace_with(staging, out_dir)
     return out_dir
 
@@ -315,7 +347,26 @@ def load_artifact(artifact: str | Path, device: torch.device | None = None) -> t
         history=manifest["history"],
         drafter=_read_safetensors(artifact / DRAFTER) if DRAFTER in files else {},
     )
+    _check_kernels(artifact, program, manifest)
     return program, manifest
+
+
+def _check_kernels(artifact: Path, program: Program, manifest: dict) -> None:
+    """A `triton` artifact's stored kernel sources must be what lmforge generates from its
+    program (`triton_artifact.check_stored_sources`); any other artifact lists none."""
+    kernels = manifest.get("kernels", [])
+    if _codegen_backend((artifact / RECIPE).read_text()) != "triton":
+        if kernels:
+            raise LmforgeError(f"{artifact}: the manifest lists kernels, but the recipe's backend does not run them")
+        return
+    from lmforge.codegen.triton_artifact import check_stored_sources
+
+    def read_text(name: str) -> str:
+        if name not in manifest["files"]:
+            raise LmforgeError(f"{artifact}: artifact is incomplete: the manifest does not list {name}")
+        return _listed_file(artifact, name).read_text()
+
+    check_stored_sources(program, kernels, read_text, artifact)
 
 
 def load_artifact_tokenizer(artifact: str | Path, manifest: dict) -> Any:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lmforge.codegen.gpu_targets import TARGETS
 from lmforge.errors import LmforgeError
 from lmforge.passes import PASSES, Pass
 from lmforge.passes.calibrate import CalibrationConfig, QualityBudget
@@ -34,6 +35,20 @@ class CodegenConfig(BaseModel):
         description="aten backend: multiply linear layers with oneDNN-packed fp32 weights (multi-threaded, "
         "no per-call repacking; ~2x faster matrix products at batch 1 here); false: plain aten.linear",
     )
+    targets: list[str] = Field(
+        default_factory=lambda: list(TARGETS),
+        description="triton backend: NVIDIA targets every kernel is compiled for ahead of time when an artifact "
+        "is written (PTX, cubin and a registers/spills/shared-memory report in kernels/; no GPU needed); "
+        "[] writes the kernel sources only",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        unknown = [target for target in targets if target not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown target {unknown[0]!r}; valid targets: {', '.join(TARGETS)}")
+        return list(dict.fromkeys(targets))
 
 
 class RuntimeConfig(BaseModel):
