@@ -81,7 +81,7 @@ def compile_(
     with progress:
         compiled = lmforge.optimize(checkpoint, parsed, on_pass=on_pass, progress=within_pass, rewrite_limit=bisect_limit)
         task = progress.add_task("save", total=1)
-        compiled.save(output)
+        compiled.save(output, progress=within_pass)  # the triton backend compiles its kernels here
         progress.advance(task)
     history = compiled.program.history
     if as_json:
@@ -273,6 +273,7 @@ def info(
             {k: h[k] for k in ("pass", "seconds", "ops_before", "ops_after", "rewrites", "measurements")}
             for h in manifest["history"]
         ],
+        **_kernel_record(manifest),
     }
     if as_json:
         _print_json(record)
@@ -292,6 +293,53 @@ def info(
             stages = sorted({check["stage"] for check in entry["measurements"]["checks"]})
             console.print(f"verify: {entry['measurements']['status']}, {len(entry['measurements']['checks'])} checks "
                           f"({'; '.join(stages)})", highlight=False)
+            lowered = entry["measurements"].get("lowered")
+            if isinstance(lowered, dict) and "not_run" in lowered:
+                console.print(f"verify: {lowered['not_run']}", highlight=False)
+    if "kernels" in record:
+        _print_kernels(record)
+
+
+def _kernel_record(manifest: dict) -> dict:
+    """The triton backend's kernels (generated, then attention) with their per-target
+    report, a decode step's launches and the roofline estimate; nothing for other backends."""
+    report = manifest.get("kernel_report")
+    if report is None:
+        return {}
+    kernels = [{**entry, "source": entry["file"]} for entry in manifest["kernels"]]
+    kernels += [{**entry, "source": entry["module"]} for entry in manifest.get("library_kernels", [])]
+    return {"kernels": [{key: entry[key] for key in ("name", "ops", "source", "config", "targets") if key in entry}
+                        for entry in kernels],
+            "targets": report["targets"], "decode_launches": report["decode_launches"],
+            "decode_attention_roofline": report["decode_attention_roofline"]}
+
+
+def _print_kernels(record: dict) -> None:
+    targets = record["targets"]
+    table = Table(title=f"triton kernels ({len(record['kernels'])}), compiled ahead of time for "
+                        f"{', '.join(targets) or 'no target (codegen.targets is empty)'}")
+    table.caption = "per target: registers / spilled bytes / shared memory / occupancy"
+    table.add_column("kernel", no_wrap=True)
+    table.add_column("ops", justify="right")
+    for target in targets:
+        table.add_column(target, no_wrap=True)
+    for kernel in record["kernels"]:
+        cells = [f"{t['registers']}/{t['spills'] + t['spill_loads']}/"
+                 f"{(t['shared_bytes'] + t['static_shared_bytes']) / 1024:.1f}K/{t['occupancy_fraction']:.0%}"
+                 for t in (kernel["targets"][target] for target in targets)]
+        table.add_row(kernel["name"], str(len(kernel["ops"])), *cells)
+    console.print(table)
+    launches = record["decode_launches"]
+    besides = ", ".join(f"{'outside layers' if layer == 'None' else 'layer ' + layer}: {count}"
+                        for layer, count in launches["besides_matmuls"].items())
+    console.print(f"decode step launches besides matmuls (batch {launches['batch']}, {launches['context']} tokens of "
+                  f"context): at most {launches['most_in_a_layer_besides_matmuls']} per layer ({besides})",
+                  highlight=False)
+    roofline = record["decode_attention_roofline"]
+    times = ", ".join(f"{gpu} {us:g} us" for gpu, us in roofline["microseconds_at_peak"].items())
+    console.print(f"decode attention roofline at {roofline['context']} tokens ({roofline['dtype']}, "
+                  f"{roofline['splits']} splits): {roofline['useful_fraction']:.1%} of the bytes moved are keys and "
+                  f"values; {roofline['total_bytes']:,} bytes a token, at peak bandwidth {times}", highlight=False)
 
 
 def _compile_progress(total_passes: int, as_json: bool):
