@@ -208,6 +208,22 @@ def _most_changed_layer(history: list[dict], num_layers: int) -> int:
     return max(changes, key=lambda layer: (changes[layer], -layer))
 
 
+def _kernel_section(run: DebugRun) -> str:
+    """With the triton backend, the kernels codegen generates from the final program (the
+    ahead-of-time report per target needs `lmforge compile`: minutes, so not here)."""
+    if run.compiled.recipe.codegen.backend != "triton":
+        return ""
+    from lmforge.codegen.triton_backend import emit_kernels  # imports triton only for triton recipes
+
+    rows = "".join(
+        f"<tr><td>{html.escape(kernel.name)}</td><td>{len(kernel.ops)}</td>"
+        f"<td>{html.escape(', '.join(kernel.ops[:6]) + (', …' if len(kernel.ops) > 6 else ''))}</td></tr>"
+        for kernel in emit_kernels(run.compiled.program))
+    return ("<h2>Generated Triton kernels</h2><table><tr><th>kernel</th><th>graph ops</th><th>replaces</th></tr>"
+            f"{rows}</table><p>Registers, spills, shared memory and occupancy per GPU target: <code>lmforge compile"
+            "</code> with this recipe, then <code>lmforge info</code> on the artifact.</p>")
+
+
 def render_report(run: DebugRun) -> str:
     program, history = run.compiled.program, run.compiled.program.history
     layer = _most_changed_layer(history, program.meta["num_layers"])
@@ -237,6 +253,7 @@ def render_report(run: DebugRun) -> str:
         + "</div><p>Colours: " + ", ".join(
             f"<span style='color:{colour}'>■</span> {role}" for role, colour in ROLE_COLOURS.items()) + "</p>"
     )
+    sections.append(_kernel_section(run))
     sections.append("<h2>Recipe</h2><pre>" + html.escape(run.compiled.recipe.to_yaml()) + "</pre>")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lmforge debug report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
