@@ -164,6 +164,32 @@ class _TextStream:
 
 @app.command()
 @_one_line_errors
+def serve(
+    artifact: Path = typer.Argument(..., help="artifact directory"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="requests batched together at most"),
+    max_tokens_per_step: int = typer.Option(4096, "--max-tokens-per-step", min=1,
+                                            help="prompt tokens one prefill may process (rows x longest prompt)"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the artifact's runtime.device, else cpu)"),
+) -> None:
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    import uvicorn
+
+    import lmforge
+    from lmforge.serve.app import create_app
+
+    model = lmforge.load(artifact, device=device)
+    if model.tokenizer is None:
+        raise typer.BadParameter("the artifact has no tokenizer files")
+    name = artifact.resolve().name
+    server = create_app(model, name, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step)
+    errors.print(f"serving '{name}' on http://{host}:{port}/v1", highlight=False)
+    uvicorn.run(server, host=host, port=port, log_level="warning")
+
+
+@app.command()
+@_one_line_errors
 def bench(
     artifact: Path = typer.Argument(..., help="artifact directory"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="HF checkpoint to compare with (default: the one compiled)"),
