@@ -40,7 +40,7 @@ from lmforge.codegen.triton_backend import emit_kernels, lower_triton
 from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.layermap import role_of
 from lmforge.compiler.ops import AttentionContext, attention_context
-from lmforge.compiler.program import Program
+from lmforge.compiler.program import RUNTIME_CHECKS, Program
 from lmforge.compiler.recipe import CodegenConfig
 
 aten = torch.ops.aten
@@ -53,8 +53,11 @@ COPIES = frozenset({
 NO_KERNEL = frozenset({
     aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default, aten.new_empty_strided.default,
     aten.empty_like.default, aten._unsafe_view.default, aten.detach.default, aten.lift_fresh.default,
-    aten.set_.source_Storage_storage_offset,
+    aten.set_.source_Storage_storage_offset, *RUNTIME_CHECKS,
 })
+"""Ops that launch no kernel: allocations, views, and export's runtime checks (metadata and size
+assertions run on the host; a loaded artifact's graph has one before each `aten.to`, which
+torch.export adds again when the artifact is saved)."""
 KINDS = ("matmul", "generated", "attention", "copy", "other")
 
 

@@ -153,6 +153,16 @@ def test_artifact_keeps_each_kernel_source_with_its_hash(tmp_path):
         assert entry["file"] in manifest["files"] and entry["ops"]
 
 
+def test_a_loaded_artifact_counts_the_launches_of_the_program_it_was_saved_from(tmp_path):
+    compiled = lmforge.optimize(tiny_model("llama"), PASSES + "codegen: {backend: triton, targets: []}\n")
+    loaded = load_artifact(compiled.save(tmp_path / "artifact"))[0]
+    # the save's export puts a metadata check before each `aten.to`: a host-side assert, no kernel
+    assert torch.ops.aten._assert_tensor_metadata.default in {node.target for node in loaded.graph_module.graph.nodes}
+    in_memory, from_disk = decode_step_launches(compiled.program), decode_step_launches(loaded)
+    assert from_disk.by_layer() == in_memory.by_layer()
+    assert [launch.kernel for launch in from_disk.launches] == [launch.kernel for launch in in_memory.launches]
+
+
 def test_cpu_without_the_interpreter_is_refused_with_a_way_out(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(LmforgeError, match="TRITON_INTERPRET=1"):
