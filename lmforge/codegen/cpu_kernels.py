@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from lmforge.codegen.cpu_quantized import select_quantized_kernels
+
 aten = torch.ops.aten
 
 
@@ -49,10 +51,12 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Cal
 
 
 def select_cpu_kernels(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """A copy of `graph_module` with packed linear weights (the same graph where this
-    torch build has no oneDNN)."""
+    """A copy of `graph_module` with packed linear weights and kernels for weights stored in
+    a low precision (`cpu_quantized.py`); the same graph where this torch build has no oneDNN."""
     graph = copy.deepcopy(graph_module.graph)
     selected = fx.GraphModule(graph_module, graph)
+    if can_pack_weights():
+        select_quantized_kernels(selected)
     pack_linear_weights(selected)
     graph.eliminate_dead_code()
     selected.recompile()

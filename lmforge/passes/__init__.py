@@ -8,6 +8,7 @@ from lmforge.passes import (  # noqa: F401  (registration side effect)
     kv_evict,
     kv_share,
     prompt_lookup,
+    quantize,
     sparse_prefill,
     streaming_heads,
     verify,
