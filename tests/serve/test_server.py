@@ -1,0 +1,208 @@
+"""`lmforge serve` end to end: the real `openai` client against a server in a subprocess.
+
+One artifact of the reference checkpoint (cleanup only, a 256-token cache) is compiled per
+module, the server started on a free port, and its answers compared with
+`lmforge.load(...).generate` on the same artifact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+import lmforge
+
+RECIPE = "passes:\n  - name: cleanup\nruntime:\n  max_seq_len: 256\n"
+MODEL = "ref-art"
+PROMPTS = ["Once upon a time", "The history of the city", "In mathematics, a group is", "She opened the door and"]
+STARTUP_SECONDS = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def artifact(ref_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / MODEL
+    lmforge.optimize(ref_path, RECIPE).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(artifact, tmp_path_factory):
+    """The base URL of a running `lmforge serve`; the server is stopped after the module."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("serve-log") / "server.log").open("w+")
+    process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(artifact), "--port", str(port),
+                                "--max-batch", "4"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"lmforge serve exited with {process.returncode}:\n{log.read()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "lmforge serve did not answer /health"
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def local(artifact):
+    return lmforge.load(artifact)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def _generated_text(model, prompt: str, max_new_tokens: int, **sampling) -> tuple[str, int]:
+    ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    new = model.generate(ids, max_new_tokens=max_new_tokens, **sampling)[0, ids.shape[1]:].tolist()
+    eos = set(model.engine.eos_token_ids)
+    cut = next((i for i, token in enumerate(new) if token in eos), None)
+    counted = len(new) if cut is None else cut + 1
+    return model.tokenizer.decode(new[:cut], skip_special_tokens=True), counted
+
+
+def _metrics(server: str) -> dict[str, float]:
+    """Every sample of /metrics by its name and labels, checking each line's syntax."""
+    samples = {}
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith("#"):
+            assert re.fullmatch(r"# (HELP \w+ .+|TYPE \w+ (counter|gauge|histogram))", line), line
+            continue
+        match = re.fullmatch(r'(\w+(?:\{\w+="[^"]*"\})?) (\S+)', line)
+        assert match, line
+        samples[match[1]] = float(match[2])
+    return samples
+
+
+def test_greedy_completion_equals_generate(client, local):
+    reply = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    text, counted = _generated_text(local, PROMPTS[0], 24)
+    assert reply.choices[0].text == text
+    assert reply.usage.prompt_tokens == len(local.tokenizer(PROMPTS[0]).input_ids)
+    assert reply.usage.completion_tokens == counted
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + counted
+
+
+def test_seeded_sampling_equals_generate(client, local):
+    settings = dict(temperature=0.8, top_k=20, seed=7)
+    reply = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=16, extra_body={"top_k": 20},
+                                      temperature=0.8, seed=7)
+    text, _ = _generated_text(local, PROMPTS[1], 16, do_sample=True, **settings)
+    assert reply.choices[0].text == text
+
+
+def test_streamed_text_equals_non_streamed(client):
+    options = dict(model=MODEL, prompt=PROMPTS[2], max_tokens=32, temperature=0, stop=["\n\n"], logprobs=3)
+    whole = client.completions.create(**options)
+    chunks = list(client.completions.create(stream=True, **options))
+    text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+    assert text == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    streamed_logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed_logprobs == pytest.approx(whole.choices[0].logprobs.token_logprobs)
+    assert all(len(top) == 3 for top in whole.choices[0].logprobs.top_logprobs)
+
+
+def test_chat_without_template_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="chat template"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        (b'{"model": "ref-art", "prompt": "x",', 400, "not valid JSON"),
+        ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": "word " * 300}, 400, "exceeds the model's context"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 256}, 400, "exceeds the model's context"),
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "temperature": 2.5}, 400, "temperature"),
+        ({"model": MODEL, "prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"model": MODEL, "prompt": "x", "top_k": -2}, 400, "top_k"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 21}, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n=2 is not supported"),
+        ({"model": MODEL, "prompt": [999999]}, 400, "token ids"),
+        ({"model": MODEL}, 400, "prompt"),
+    ],
+)
+def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server, client, body, status, says):
+    sent = {"content": body} if isinstance(body, bytes) else {"json": body}
+    reply = httpx.post(f"{server}/v1/completions", headers={"content-type": "application/json"}, **sent)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert says in error["message"] and error["type"] == "invalid_request_error"
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0).usage.completion_tokens == 1
+
+
+def test_concurrent_requests_batch_and_equal_each_alone_while_a_cancelled_stream_frees_its_slot(server, client):
+    """A long stream holds the worker; four requests queue behind it; closing the stream
+    cancels it, and the four then run as one batch, each answered as it is alone."""
+    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
+             for p in PROMPTS]
+    before = _metrics(server)
+    async_client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+    async def scenario() -> list[str]:
+        blocker = await async_client.completions.create(model=MODEL, prompt="A long story:", max_tokens=200,
+                                                        temperature=0, stream=True)
+        await anext(aiter(blocker))
+        replies = [asyncio.ensure_future(async_client.completions.create(model=MODEL, prompt=p, max_tokens=16,
+                                                                         temperature=0)) for p in PROMPTS]
+        for _ in range(200):
+            if _metrics(server)["lmforge_queue_length"] == len(PROMPTS):
+                break
+            await asyncio.sleep(0.05)
+        assert _metrics(server)["lmforge_queue_length"] == len(PROMPTS)
+        await blocker.response.aclose()
+        return [reply.choices[0].text for reply in await asyncio.gather(*replies)]
+
+    assert asyncio.run(scenario()) == alone
+    after = _metrics(server)
+    assert after['lmforge_requests_total{outcome="cancelled"}'] - before.get('lmforge_requests_total{outcome="cancelled"}', 0) == 1
+    four = 'lmforge_batch_size_started_bucket{le="4"}', 'lmforge_batch_size_started_bucket{le="2"}'
+    assert (after[four[0]] - after[four[1]]) - (before[four[0]] - before[four[1]]) == 1  # one batch of 3-4 rows
+    assert after["lmforge_queue_length"] == 0
+
+
+def test_metrics_report_requests_tokens_and_latencies(server, client):
+    client.completions.create(model=MODEL, prompt=PROMPTS[3], max_tokens=4, temperature=0)
+    samples = _metrics(server)
+    assert sum(v for k, v in samples.items() if k.startswith("lmforge_requests_total")) >= 1
+    assert samples["lmforge_generation_tokens_total"] >= 4
+    assert samples["lmforge_time_to_first_token_seconds_count"] >= 1
+    assert samples["lmforge_inter_token_latency_seconds_count"] >= 3
+    buckets = [v for k, v in samples.items() if k.startswith("lmforge_inter_token_latency_seconds_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == samples["lmforge_inter_token_latency_seconds_count"]
+
+
+def test_models_lists_the_artifact(client):
+    assert [model.id for model in client.models.list()] == [MODEL]
+
