@@ -15,6 +15,7 @@ overhead and weight bandwidth are what matter, not arithmetic. Backends:
 - `fx`: run the FX GraphModule as it is.
 - `inductor`: `torch.compile` of the graph (fused elementwise kernels), after a ~40 s
   first-call compile; compare with `aten` in benchmarks/decode.py --inductor.
+- `cpp`: the whole step compiled to C++ by Inductor per shape bucket (`cpp_backend.py`).
 """
 
 from __future__ import annotations
@@ -100,4 +101,8 @@ def lower(program: Program, config: CodegenConfig) -> Runner:
         return torch.compile(_every_position(program.graph_module), dynamic=True)
     if config.backend == "fx":
         return program.graph_module
+    if config.backend == "cpp":
+        from lmforge.codegen.cpp_backend import CppRunner  # imports Inductor only when asked for
+
+        return CppRunner(program)
     return compile_aten(program.graph_module, config.pack_weights)

@@ -23,11 +23,13 @@ DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml
 
 class CodegenConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["aten", "fx", "inductor", "triton"] = Field(
+    backend: Literal["aten", "fx", "inductor", "cpp", "triton"] = Field(
         "aten",
         description="aten: generated Python calling ATen directly (no compile wait); fx: the FX "
         "graph as is; inductor: torch.compile (fused elementwise kernels, ~40 s first call; slower than aten "
-        "with packed weights here, benchmarks/decode.py); triton: Triton kernels from the fusion partitioner; "
+        "with packed weights here, benchmarks/decode.py); cpp: the whole step (attention and cache writes "
+        "included) compiled by Inductor to C++ per shape bucket on first use, frozen oneDNN-packed weights "
+        "(dense attention only); triton: Triton kernels from the fusion partitioner; "
         "on CPU only through TRITON_INTERPRET=1 (tests), on CUDA for speed",
     )
     pack_weights: bool = Field(
