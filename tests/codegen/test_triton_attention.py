@@ -231,36 +231,37 @@ def test_tree_attention_op():
         TRITON_KERNELS[attention](q, k, v, 0, 0.125, 0, 0.0)
 
 
-def test_streaming_op_over_a_ring():
-    """Prefill, verify 3 tokens, decode 1 through a RingSlot (sink 2, window 4, slack 3):
-    outputs, ring entries and their positions equal the Python op's."""
-    batch, heads, head_dim, sink, window = 2, 2, 64, 2, 4
-    pad = torch.tensor([0, 2])
-    rings = [[RingSlot.allocate(batch, 1, head_dim, sink, window, sink + window + 3, torch.float32)] for _ in range(2)]
+RING_SINK, RING_WINDOW, RING_HEAD_DIM = 2, 4, 64
+
+
+@pytest.fixture
+def rings():
+    """Two equal one-layer caches of a streaming head for a batch of 2: RingSlots with sink 2,
+    window 4 and a slack of 3 tokens, for `_run_both`."""
+    return [[RingSlot.allocate(2, 1, RING_HEAD_DIM, RING_SINK, RING_WINDOW, RING_SINK + RING_WINDOW + 3,
+                               torch.float32)] for _ in range(2)]
+
+
+def _streaming_both(rings, start, q_len, pad, seed):
+    q, k, v = _tensors(2, 2, 1, q_len, q_len, RING_HEAD_DIM, torch.float32, seed=seed)
+    return _run_both(streaming_attention, dict(start=start, q_len=q_len, pad=pad), rings, (q, k, v),
+                     (RING_SINK, RING_WINDOW, 0.125, 0.0))
+
+
+def test_streaming_op_over_a_ring(rings):
+    """Prefill, verify 3 tokens, decode 1 through a ring: outputs, ring entries and their
+    positions equal the Python op's."""
     for step, (start, q_len) in enumerate([(0, 12), (12, 3), (15, 1)]):
-        q, k, v = _tensors(batch, heads, 1, q_len, q_len, head_dim, torch.float32, seed=step)
-        outputs = []
-        for kernels, ring in zip((TRITON_KERNELS, PYTHON_KERNELS), rings):
-            with attention_context(AttentionContext(kv=ring, start=start, q_len=q_len, pad=pad)):
-                outputs.append(kernels[streaming_attention](q, k, v, 0, sink, window, 0.125, 0.0))
-        _close(*outputs, torch.float32)
+        _close(*_streaming_both(rings, start, q_len, torch.tensor([0, 2]), seed=step), torch.float32)
         for field in ("keys", "values", "slots"):
             assert torch.equal(getattr(rings[0][0], field), getattr(rings[1][0], field))
 
 
-def test_streaming_op_chunked_padded_prompt():
+def test_streaming_op_chunked_padded_prompt(rings):
     """A second chunk whose first tokens are still left padding (row 0 pads 6 slots): the
     ring never stores padding, yet those queries must see their own keys."""
-    batch, heads, head_dim, sink, window = 2, 2, 64, 2, 4
-    pad = torch.tensor([6, 0])
-    rings = [[RingSlot.allocate(batch, 1, head_dim, sink, window, sink + window + 3, torch.float32)] for _ in range(2)]
     for step, (start, q_len) in enumerate([(0, 4), (4, 4)]):
-        q, k, v = _tensors(batch, heads, 1, q_len, q_len, head_dim, torch.float32, seed=step)
-        outputs = []
-        for kernels, ring in zip((TRITON_KERNELS, PYTHON_KERNELS), rings):
-            with attention_context(AttentionContext(kv=ring, start=start, q_len=q_len, pad=pad)):
-                outputs.append(kernels[streaming_attention](q, k, v, 0, sink, window, 0.125, 0.0))
-        _close(*outputs, torch.float32)
+        _close(*_streaming_both(rings, start, q_len, torch.tensor([6, 0]), seed=step), torch.float32)
 
 
 def test_sparse_op_prefill():
