@@ -7,6 +7,7 @@ hand-written and the user should never have to read a pydantic traceback to fix 
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,12 +96,62 @@ class Recipe(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _bounded_repr() -> reprlib.Repr:
+    shown = reprlib.Repr()  # keyword arguments need Python 3.12
+    shown.maxlevel, shown.maxstring, shown.maxother, shown.maxlong = 3, 60, 60, 60
+    shown.maxlist = shown.maxtuple = shown.maxdict = shown.maxset = 6
+    return shown
+
+
+_SHOWN = _bounded_repr()
+
+
+def _shown(value: Any) -> str:
+    """A bounded one-line repr: an error quotes what it refuses, never a whole (or aliased,
+    exponentially large) document."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _path_text(path: tuple) -> str:
+    """`passes[2].tokens`; keys that are not plain words are quoted, so a key holding a
+    newline cannot break the one-line error."""
+    parts = [f"[{p}]" if isinstance(p, int) and not isinstance(p, bool)
+             else str(p) if isinstance(p, str) and p.isprintable() and p.strip() == p and p else _shown(p)
+             for p in path]
+    return ".".join(parts).replace(".[", "[")
+
+
 class _Located:
     """Maps a field path like ("passes", 2, "tokens") to a line of the YAML source."""
 
     def __init__(self, source: str, name: str) -> None:
         self.name = name
         self.root = yaml.compose(source)
+        self._refuse_duplicate_keys()
+
+    def _refuse_duplicate_keys(self) -> None:
+        """PyYAML keeps the last of two equal keys silently, so a recipe could say one thing
+        on the line the user reads and another on the line that counts. Walks each node once
+        (aliases share nodes), without recursion (nesting depth is the document's)."""
+        seen, stack = set(), [(self.root, ())]
+        while stack:
+            node, path = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                stack.extend((child, (*path, index)) for index, child in enumerate(node.value))
+            elif isinstance(node, yaml.MappingNode):
+                first: dict[tuple, int] = {}
+                for key, child in node.value:
+                    if isinstance(key, yaml.ScalarNode):
+                        line = key.start_mark.line + 1
+                        if (key.tag, key.value) in first:
+                            raise LmforgeError(f"{self.name}:{line}: {_path_text((*path, key.value))}: duplicate key "
+                                               f"{_shown(key.value)} (first at line {first[key.tag, key.value]})")
+                        first[key.tag, key.value] = line
+                        stack.append((child, (*path, key.value)))
 
     def line(self, path: tuple) -> int:
         node, line = self.root, 1
@@ -121,7 +172,7 @@ class _Located:
         return line
 
     def error(self, path: tuple, message: str) -> LmforgeError:
-        where = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in path).replace(".[", "[")
+        where = _path_text(path)
         return LmforgeError(f"{self.name}:{self.line(path)}: {where or 'recipe'}: {message}")
 
 
@@ -137,31 +188,35 @@ def _hint(word: str, valid) -> str:
 def _check_pass_entry(entry: Any, index: int, located: _Located) -> None:
     path = ("passes", index)
     if not isinstance(entry, dict):
-        raise located.error(path, f"each pass must be a mapping with a 'name', got {entry!r}")
+        raise located.error(path, f"each pass must be a mapping with a 'name', got {_shown(entry)}")
     if "name" not in entry:
         raise located.error(path, f"missing field 'name'; registered passes: {_choices(PASSES)}")
     name = entry["name"]
-    if name not in PASSES:
+    if not isinstance(name, str) or name not in PASSES:
         raise located.error(
             (*path, "name"),
-            f"unknown pass {name!r}{_hint(name, PASSES)} Registered passes: {_choices(PASSES)}",
+            f"unknown pass {_shown(name)}{_hint(name, PASSES)} Registered passes: {_choices(PASSES)}",
         )
     config_cls = PASSES[name].Config
     options = {key: value for key, value in entry.items() if key != "name"}
+    valid = config_cls.model_fields
+    for key in options:
+        if not isinstance(key, str):
+            raise located.error((*path, key), f"unknown option {_shown(key)} for pass {name!r} (option names are "
+                                f"words) Valid options: {_choices(valid) or '(none)'}")
     try:
         config_cls(**options)
     except ValidationError as exc:
         error = exc.errors()[0]
         field_path = (*path, *error["loc"])
-        valid = config_cls.model_fields
         if error["type"] == "extra_forbidden":
             bad = error["loc"][0]
             raise located.error(
                 field_path,
-                f"unknown option {bad!r} for pass {name!r}{_hint(bad, valid)} "
+                f"unknown option {_shown(bad)} for pass {name!r}{_hint(bad, valid)} "
                 f"Valid options: {_choices(valid) or '(none)'}",
             ) from None
-        raise located.error(field_path, f"{error['msg']} (got {error.get('input')!r})") from None
+        raise located.error(field_path, f"{_one_line(error['msg'])} (got {_shown(error.get('input'))})") from None
 
 
 _SECTIONS = {
@@ -172,6 +227,17 @@ _SECTIONS = {
 }
 
 
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML objects to, in one line (a ReaderError's own text spans two)."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"unacceptable character #x{ord(exc.character) if isinstance(exc.character, str) else exc.character:04x}"
+    return _one_line(getattr(exc, "problem", None) or str(exc).splitlines()[0])
+
+
 def parse_recipe(source: str, name: str = "<recipe>") -> Recipe:
     """Validate YAML text into a Recipe, or raise an LmforgeError pointing at the line."""
     try:
@@ -180,7 +246,9 @@ def parse_recipe(source: str, name: str = "<recipe>") -> Recipe:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        raise LmforgeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise LmforgeError(f"{where}: invalid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise LmforgeError(f"{name}: invalid YAML: nested too deeply for a recipe") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -188,7 +256,7 @@ def parse_recipe(source: str, name: str = "<recipe>") -> Recipe:
     for key in data:
         if key not in Recipe.model_fields:
             raise located.error(
-                (key,), f"unknown section{_hint(key, Recipe.model_fields)} Valid sections: "
+                (key,), f"unknown section{_hint(str(key), Recipe.model_fields)} Valid sections: "
                 f"{_choices(Recipe.model_fields)}"
             )
     passes = data.get("passes") or []
@@ -204,7 +272,7 @@ def parse_recipe(source: str, name: str = "<recipe>") -> Recipe:
             valid = _SECTIONS[error["loc"][0]].model_fields
             message = f"unknown option{_hint(error['loc'][-1], valid)} Valid options: {_choices(valid)}"
         else:
-            message = f"{error['msg']} (got {error.get('input')!r})"
+            message = f"{_one_line(error['msg'])} (got {_shown(error.get('input'))})"
         raise located.error(tuple(error["loc"]), message) from None
 
 
@@ -218,5 +286,9 @@ def load_recipe(recipe: Recipe | str | Path | None) -> Recipe:
         path = Path(recipe)
         if not path.is_file():
             raise LmforgeError(f"recipe file not found: {path}")
-        return parse_recipe(path.read_text(), str(path))
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LmforgeError(f"{path}: a recipe is UTF-8 text; byte {exc.start} is 0x{exc.object[exc.start]:02x}") from None
+        return parse_recipe(text, str(path))
     return parse_recipe(recipe)
