@@ -14,17 +14,23 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
 
 import lmforge
+from lmforge.serve.app import create_app
 
 RECIPE = "passes:\n  - name: cleanup\nruntime:\n  max_seq_len: 256\n"
 MODEL = "ref-art"
 PROMPTS = ["Once upon a time", "The history of the city", "In mathematics, a group is", "She opened the door and"]
 STARTUP_SECONDS = 300
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def _free_port() -> int:
@@ -41,14 +47,16 @@ def artifact(ref_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(artifact, tmp_path_factory):
-    """The base URL of a running `lmforge serve`; the server is stopped after the module."""
+def server(artifact, tmp_path_factory, request):
+    """The base URL of a running `lmforge serve`; the server is stopped after the module.
+    The test process loads its own copy of the artifact while the server starts."""
     port = _free_port()
     log = (tmp_path_factory.mktemp("serve-log") / "server.log").open("w+")
     process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(artifact), "--port", str(port),
                                 "--max-batch", "4"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
     try:
+        request.getfixturevalue("local")
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
             if process.poll() is not None:
@@ -128,6 +136,29 @@ def test_streamed_text_equals_non_streamed(client):
     streamed_logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
     assert streamed_logprobs == pytest.approx(whole.choices[0].logprobs.token_logprobs)
     assert all(len(top) == 3 for top in whole.choices[0].logprobs.top_logprobs)
+
+
+def test_chat_with_a_template_equals_generate(local, ref_path):
+    """The same engine behind an in-process app whose tokenizer has a chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(ref_path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False, return_tensors="pt").input_ids
+    new = local.generate(ids, max_new_tokens=12)[0, ids.shape[1]:].tolist()
+    eos = set(local.engine.eos_token_ids)
+    new = new[: next((i for i, token in enumerate(new) if token in eos), len(new))]
+    app = create_app(SimpleNamespace(engine=local.engine, tokenizer=tokenizer), MODEL)
+    with TestClient(app) as http:
+        chat = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http).chat.completions
+        options = dict(model=MODEL, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=2)
+        reply = chat.create(**options)
+        chunks = list(chat.create(stream=True, **options))
+    assert reply.choices[0].message.content == tokenizer.decode(new, skip_special_tokens=True)
+    assert reply.usage.prompt_tokens == ids.shape[1]
+    assert [len(entry.top_logprobs) for entry in reply.choices[0].logprobs.content] == [2] * reply.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
 
 def test_chat_without_template_is_400(client):
