@@ -22,6 +22,7 @@ from lmforge.errors import LmforgeError
 from lmforge.passes import PassContext
 from lmforge.passes.base import ProgressFn
 from lmforge.passes.calibrate import CalibrationData
+from lmforge.runtime.cuda_graphs import graphs_for
 from lmforge.runtime.engine import Engine
 from lmforge.runtime.sampling import SamplingParams
 from lmforge.verification import LossySnapshot, verify_lowered
@@ -60,8 +61,9 @@ class CompiledModel:
         self.rewrite_log: list[dict] = []
         context = getattr(program.config, "max_position_embeddings", None) or DEFAULT_CONTEXT_CAP
         device, dtype = graph_device(program.graph_module), getattr(torch, program.meta["dtype"])
+        runner = lower_for_engine(program, recipe.codegen)
         self.engine = Engine(
-            lower_for_engine(program, recipe.codegen),
+            runner,
             program.meta["kv_cache"],
             max_seq_len=recipe.runtime.max_seq_len or min(context, DEFAULT_CONTEXT_CAP),
             dtype=dtype,
@@ -72,6 +74,7 @@ class CompiledModel:
             drafter=HydraHeads(**program.drafter).for_runtime(device, dtype) if program.drafter else None,
             vocab_size=getattr(program.config, "vocab_size", None),
             device=device,
+            graphs=graphs_for(program, runner, recipe.codegen.backend, recipe.runtime.cuda_graphs, device),
         )
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:

@@ -55,6 +55,11 @@ class AttentionContext:
     `last_only` asks for the logits of the last position only (a prefill that verifies
     nothing), so the LM head is not applied to every prompt token. `device` is where the
     masks are built: the program's device (the engine's), else the cache's or the padding's.
+    `slots` (q_len,), when set, holds the cache slots this forward writes as a tensor: a step
+    captured in a CUDA graph (`runtime.cuda_graphs`) cannot take `start` as a Python int,
+    which capture would freeze, so `attention` and `tree_attention` then write with
+    `index_copy_` and attend over the whole cache under a mask computed from `slots`, `pad`
+    and `tree` (static buffers the runtime refills before each replay).
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -66,12 +71,35 @@ class AttentionContext:
     tree: torch.Tensor | None = None
     last_only: bool = False
     device: torch.device | None = None
+    slots: torch.Tensor | None = None
     _masks: dict[Hashable, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int) -> torch.Tensor | None:
         """Boolean mask `(batch, 1, q_len, start + q_len)`, or None where plain causal
-        attention (or no mask at all, for one query) is exact."""
+        attention (or no mask at all, for one query) is exact; with `slots`, the mask over
+        the whole cache `(batch, 1, q_len, max_len)`."""
+        if self.slots is not None:
+            return self.cached(("slots", window), lambda: self._build_slot_mask(window))
         return self.cached(window, lambda: self._build_mask(window))
+
+    def _build_slot_mask(self, window: int) -> torch.Tensor:
+        """`_build_mask` from tensors only (no Python int that a CUDA graph would freeze):
+        causal by slot, the window, the draft tree among the new slots, and padding (`pad`
+        is then a tensor, zeros for unpadded rows)."""
+        if self.tree is not None and window > 0:
+            raise LmforgeError("tree verification with sliding-window attention is not supported; draft a chain instead")
+        max_len = self.kv[next(i for i, slot in enumerate(self.kv) if slot is not None)][0].shape[2]
+        query_slots = self.slots[:, None]
+        key_slots = torch.arange(max_len, device=self.slots.device)[None, :]
+        allowed = key_slots <= query_slots
+        if window > 0:
+            allowed = allowed & (key_slots > query_slots - window)
+        if self.tree is not None:
+            relative = key_slots - self.slots[0]
+            among_new = (relative >= 0) & (relative < self.q_len)
+            allowed = torch.where(among_new, self.tree[:, relative.clamp(0, self.q_len - 1)[0]], allowed)
+        allowed = allowed[None, None] & (key_slots[None, None] >= self.pad[:, None, None, None])
+        return allowed | (key_slots == query_slots)[None, None]
 
     def cached(self, key: Hashable, build: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """A mask built once per forward under `key`, shared by every layer that asks."""
@@ -177,6 +205,12 @@ def _dense_attention(
     softcap: float,
 ) -> torch.Tensor:
     ctx = current_context()
+    if ctx.slots is not None:
+        key_cache, value_cache = ctx.kv[cache_index]
+        key_cache.index_copy_(2, ctx.slots, k)
+        value_cache.index_copy_(2, ctx.slots, v)
+        out = attention_reference(q, key_cache, value_cache, ctx.mask(window), scale, softcap)
+        return out.transpose(1, 2).contiguous()
     if ctx.kv is not None:
         key_cache, value_cache = ctx.kv[cache_index]
         end = ctx.start + q.shape[2]

@@ -69,6 +69,12 @@ class RuntimeConfig(BaseModel):
         description="dtype the model is captured, compiled and run in (weights and KV cache); default: the "
         "model's own. Fixed at compile time: the graph records Hugging Face's casts in it",
     )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: on CUDA, decode and verify steps replay CUDA graphs captured per batch bucket "
+        "(1, 2, 4, 8, 16, 32) and verify width, where the program allows it (the engine's graph_report and "
+        "lmforge info say where it does not and why); off: every step launches eagerly. No effect on a CPU",
+    )
 
 
 class Recipe(BaseModel):

@@ -22,6 +22,7 @@ from lmforge.compiler.ops import AttentionContext, attention_context
 from lmforge.compiler.program import draft_head_count, split_output
 from lmforge.errors import LmforgeError
 from lmforge.runtime.buckets import pad_to_bucket
+from lmforge.runtime.cuda_graphs import GraphedStep
 from lmforge.runtime.inputs import (
     check_attention_mask,
     check_eos_token_ids,
@@ -91,7 +92,9 @@ class Engine:
     `vocab_size`, when known, lets bad token ids fail with a clear error. The engine runs on
     `device` (default: torch's default device at construction), the program's: its cache,
     masks, token buffers, sampling generator and drafts are created there, and only host
-    decisions (stop, accepted length, prompt lookup) read values back."""
+    decisions (stop, accepted length, prompt lookup) read values back. `graphs` replays
+    decode and verify steps from CUDA graphs (`runtime.cuda_graphs`); it says when and why
+    steps run eagerly (`graph_report`), and without it every step runs eagerly."""
 
     def __init__(
         self,
@@ -107,6 +110,7 @@ class Engine:
         drafter: Any = None,
         vocab_size: int | None = None,
         device: torch.device | str | None = None,
+        graphs: GraphedStep | None = None,
     ) -> None:
         self.speculation = speculation or {}
         self.draft_heads = draft_head_count(self.speculation)
@@ -124,6 +128,7 @@ class Engine:
         self.lock = threading.Lock()
         self._generating_in: int | None = None  # the thread inside `generate`, to refuse re-entry
         self.prompt_padding = 0  # cache slots the last `generate` padded before its prompt (length bucket)
+        self.graphs = graphs
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for every position, computed without a cache (for evaluation). The input
@@ -145,12 +150,25 @@ class Engine:
             )
 
     def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
+        """The cache for `batch` rows; with CUDA graphs on, it has the rows of the batch's
+        bucket, so every batch of one bucket replays the graphs recorded on it."""
         self._check_length(length)
-        if self.cache is None or not self.cache.fits(batch, length):
+        rows = self.graphs.cache_rows(batch) if self.graphs is not None else batch
+        if self.cache is None or not self.cache.fits(rows, length):
             self.cache = None  # release the old buffers before allocating the new ones
             with torch.device(self.device):
-                self.cache = StaticKVCache(self.kv_layout, batch, self.max_seq_len, self.dtype, self.device)
+                self.cache = StaticKVCache(self.kv_layout, rows, self.max_seq_len, self.dtype, self.device)
         return self.cache
+
+    def _cache_rows(self, batch: int) -> list:
+        """The cache buffers of the first `batch` rows (views: a bucket-sized cache holds more)."""
+        if self.cache.batch == batch:
+            return self.cache.buffers
+        return [None if slot is None else (slot[0][:batch], slot[1][:batch]) for slot in self.cache.buffers]
+
+    def graph_report(self) -> str:
+        """One line: whether decode steps replay CUDA graphs, and why not or which ran eagerly."""
+        return self.graphs.report() if self.graphs is not None else "cuda graphs: off (no graph runner configured)"
 
     def step(
         self,
@@ -165,13 +183,19 @@ class Engine:
         """Run `input_ids` (written to cache slots `start..`) and return the last position's
         logits, or every position's with `every_position` (to verify drafts); `generated` is
         how many decode steps came before (0 for the prefill); `tree` is the ancestor mask
-        of a tree of drafts fed at once."""
-        context = AttentionContext(
-            kv=self.cache.buffers, start=start, q_len=input_ids.shape[1], pad=pad, generated=generated,
-            skip_counts=self.skip_counts, tree=tree, last_only=not every_position, device=self.device,
-        )
-        with attention_context(context):
-            output = self.runner(input_ids, positions)
+        of a tree of drafts fed at once. Decode and verify steps replay a CUDA graph when
+        `graphs` can (`GraphedStep.eager_reason`)."""
+        batch, width = input_ids.shape
+        kv = self._cache_rows(batch)
+        if start > 0 and self.graphs is not None and self.graphs.eager_reason(batch, width, kv) is None:
+            output = self.graphs.run(self.cache.buffers, input_ids, positions, start, pad, tree)
+        else:
+            context = AttentionContext(
+                kv=kv, start=start, q_len=width, pad=pad, generated=generated, skip_counts=self.skip_counts,
+                tree=tree, last_only=not every_position, device=self.device,
+            )
+            with attention_context(context):
+                output = self.runner(input_ids, positions)
         logits, self.draft_inputs = split_output(output, self.speculation)
         return logits if every_position else logits[:, -1]
 
@@ -257,7 +281,7 @@ class Engine:
             else:
                 if isinstance(drafts, TokenTree):
                     paths, own = accept_tree(logits, drafts)
-                    compact_cache(self.cache.buffers, length - 1, paths)
+                    compact_cache(self._cache_rows(batch), length - 1, paths)
                     nodes = torch.tensor(paths, device=self.device)
                     head_index, accepted, drafted = nodes[:, -1], nodes.shape[1] - 1, len(drafts.parents) - 1
                     new_tokens = torch.cat([drafts.tokens.gather(1, nodes[:, 1:]), own[:, None]], dim=1)
