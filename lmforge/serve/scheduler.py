@@ -179,7 +179,8 @@ class Scheduler:
         with self.wakeup:
             self.stopping = True
             self.wakeup.notify()
-        self.worker.join(timeout=30)
+        if self.worker.is_alive():
+            self.worker.join(timeout=30)
 
     def submit(self, request: Request) -> None:
         self.check(len(request.prompt_ids), request.params.max_tokens)
