@@ -66,7 +66,8 @@ class _Served:
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_len: int) -> GenerationParams:
+    def params(self, body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+               prompt_len: int) -> GenerationParams:
         """The request's settings; without `max_tokens` it may fill the rest of the cache."""
         limit = max_tokens if max_tokens is not None else max(1, self.scheduler.max_seq_len - prompt_len)
         greedy = body.temperature == 0
@@ -116,8 +117,8 @@ def create_app(model: Any, name: str, *, max_batch: int = 8, max_tokens_per_step
                                            "invalid_request_error", None, 400), status_code=400)
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
-        return JSONResponse(error_body(f"{param}: {message}" if param else message, "invalid_request_error", param, 400),
-                            status_code=400)
+        text = f"{param}: {message}" if param else message
+        return JSONResponse(error_body(text, "invalid_request_error", param, 400), status_code=400)
 
     @app.get("/health")
     async def health() -> dict:
@@ -183,7 +184,8 @@ async def _respond(served: _Served, prompt_ids: list[int], params: GenerationPar
             served.scheduler.cancel(request)
 
 
-async def _stream(served: _Served, request: Request, events: _Events, shape: Any, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(served: _Served, request: Request, events: _Events, shape: Any,
+                  include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: chunks, a final chunk with the finish reason,
     a usage chunk (empty `choices`), then `[DONE]`. Closing the stream cancels the request."""
     try:

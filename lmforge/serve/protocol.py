@@ -20,7 +20,8 @@ MAX_LOGPROBS = 20
 class ApiError(Exception):
     """An OpenAI-style error: HTTP status, message, type and the offending parameter."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
 

@@ -152,7 +152,8 @@ class Scheduler:
     def __init__(self, engine: Engine, tokenizer: Any, *, max_batch: int = 8, max_tokens_per_step: int = 4096,
                  metrics: ServeMetrics | None = None) -> None:
         if max_batch < 1 or max_tokens_per_step < 1:
-            raise LmforgeError(f"max_batch and max_tokens_per_step must be >= 1 (got {max_batch}, {max_tokens_per_step})")
+            raise LmforgeError(f"max_batch and max_tokens_per_step must be >= 1 "
+                               f"(got {max_batch}, {max_tokens_per_step})")
         self.engine, self.detokenizer = engine, Detokenizer(tokenizer)
         self.max_batch, self.max_tokens_per_step = max_batch, max_tokens_per_step
         self.metrics = metrics or ServeMetrics()
@@ -232,7 +233,8 @@ class Scheduler:
         tokens the next step feeds (finished rows feed the pad token)."""
         now = time.monotonic()
         chosen = torch.full((len(batch.requests),), self.engine.pad_token_id, dtype=torch.long, device=logits.device)
-        logprobs = logits.float().log_softmax(-1) if any(r.params.logprobs is not None for r in batch.requests) else None
+        wanted = any(r.params.logprobs is not None for r in batch.requests)
+        logprobs = logits.float().log_softmax(-1) if wanted else None
         for row, request in enumerate(batch.requests):
             if request.finished:
                 continue
@@ -262,7 +264,8 @@ class Scheduler:
         if logprobs is not None and request.params.logprobs:
             values, ids = logprobs.topk(request.params.logprobs)
             top = tuple(zip(ids.tolist(), values.tolist()))
-        chosen_logprob = float(logprobs[token]) if logprobs is not None and request.params.logprobs is not None else None
+        wanted = logprobs is not None and request.params.logprobs is not None
+        chosen_logprob = float(logprobs[token]) if wanted else None
         request.on_event(TokenEvent(text, token, chosen_logprob, top))
         if finish is not None:
             self._finish(request, finish)

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from lmforge.errors import LmforgeError
 from lmforge.runtime.engine import Engine
 from lmforge.runtime.sampling import SamplingParams
-from lmforge.serve.scheduler import Detokenizer, GenerationParams, Request, Scheduler
+from lmforge.serve.scheduler import GenerationParams, Request, Scheduler
 
 VOCAB = 4096
 EOS = 4000

@@ -133,7 +133,8 @@ def test_streamed_text_equals_non_streamed(client):
     assert text == whole.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    streamed_logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    streamed_logprobs = [lp for c in chunks if c.choices and c.choices[0].logprobs
+                         for lp in c.choices[0].logprobs.token_logprobs]
     assert streamed_logprobs == pytest.approx(whole.choices[0].logprobs.token_logprobs)
     assert all(len(top) == 3 for top in whole.choices[0].logprobs.top_logprobs)
 
@@ -156,7 +157,8 @@ def test_chat_with_a_template_equals_generate(local, ref_path):
         chunks = list(chat.create(stream=True, **options))
     assert reply.choices[0].message.content == tokenizer.decode(new, skip_special_tokens=True)
     assert reply.usage.prompt_tokens == ids.shape[1]
-    assert [len(entry.top_logprobs) for entry in reply.choices[0].logprobs.content] == [2] * reply.usage.completion_tokens
+    top = [len(entry.top_logprobs) for entry in reply.choices[0].logprobs.content]
+    assert top == [2] * reply.usage.completion_tokens
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.total_tokens == reply.usage.total_tokens
 
@@ -217,7 +219,8 @@ def test_concurrent_requests_batch_and_equal_each_alone_while_a_cancelled_stream
 
     assert asyncio.run(scenario()) == alone
     after = _metrics(server)
-    assert after['lmforge_requests_total{outcome="cancelled"}'] - before.get('lmforge_requests_total{outcome="cancelled"}', 0) == 1
+    cancelled = 'lmforge_requests_total{outcome="cancelled"}'
+    assert after[cancelled] - before.get(cancelled, 0) == 1
     four = 'lmforge_batch_size_started_bucket{le="4"}', 'lmforge_batch_size_started_bucket{le="2"}'
     assert (after[four[0]] - after[four[1]]) - (before[four[0]] - before[four[1]]) == 1  # one batch of 3-4 rows
     assert after["lmforge_queue_length"] == 0
