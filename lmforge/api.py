@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lmforge.codegen import lower_for_engine
-from lmforge.compiler.artifact import load_artifact, load_artifact_tokenizer, save_artifact
+from lmforge.compiler.artifact import load_artifact, load_artifact_tokenizer, read_recipe_text, save_artifact
 from lmforge.compiler.capture import capture, load_reference
 from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline
 from lmforge.compiler.placement import graph_device, place_model, resolve_device, resolve_dtype, with_runtime
@@ -176,7 +176,7 @@ def load(path: str | Path, *, device: str | None = None, dtype: str | None = Non
     It runs on `device` (default: its recipe's `runtime.device`, else cpu): artifacts are
     device-independent. `dtype` may only confirm the dtype it was compiled in, which its
     graph's casts record (`compiler.placement`); another dtype needs a recompile."""
-    recipe = parse_recipe((Path(path) / "recipe.yaml").read_text(), str(Path(path) / "recipe.yaml"))
+    recipe = parse_recipe(read_recipe_text(path), str(Path(path) / "recipe.yaml"))
     recipe = with_runtime(recipe, device, dtype)
     target = resolve_device(recipe.runtime.device or "cpu")
     program, manifest = load_artifact(path, target)

@@ -41,7 +41,8 @@ def _one_line_errors(command):
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             from lmforge.errors import LmforgeError
 
-            prefix = "error" if isinstance(exc, LmforgeError) else f"error ({type(exc).__name__})"
+            user_error = isinstance(exc, (LmforgeError, typer.BadParameter))
+            prefix = "error" if user_error else f"error ({type(exc).__name__})"
             errors.print(f"[red]{prefix}:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

@@ -297,6 +297,19 @@ def read_manifest(artifact: str | Path) -> dict:
     return manifest
 
 
+def read_recipe_text(artifact: str | Path) -> str:
+    """The artifact's recipe.yaml, which `lmforge.load` parses before the rest (it picks the
+    device): a directory without a manifest is not an artifact, and the recipe must be a plain
+    UTF-8 file inside it, like every file the manifest lists."""
+    artifact = Path(artifact)
+    if not (artifact / MANIFEST).is_file():
+        raise LmforgeError(f"{artifact}: not an lmforge artifact (no {MANIFEST})")
+    try:
+        return _listed_file(artifact, RECIPE).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise LmforgeError(f"{artifact / RECIPE}: not UTF-8 text; recompile or restore the artifact") from None
+
+
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return safetensors.torch.load_file(path)

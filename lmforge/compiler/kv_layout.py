@@ -224,9 +224,14 @@ def buffer_bytes(buffer) -> int:
 
 def kv_cache_bytes(layout: list[dict], max_len: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
     """Bytes the cache of `layout` takes for `max_len` tokens at `batch` (allocated on the
-    meta device, so nothing is really allocated)."""
-    with torch.device("meta"):
-        return sum(buffer_bytes(buffer) for buffer in allocate_kv_buffers(layout, batch, max_len, dtype))
+    meta device, so nothing is really allocated). Sizes past what a tensor can hold (a length
+    from a stranger's artifact or a command line) are an LmforgeError, not torch's TypeError."""
+    try:
+        with torch.device("meta"):
+            return sum(buffer_bytes(buffer) for buffer in allocate_kv_buffers(layout, batch, max_len, dtype))
+    except (RuntimeError, TypeError, OverflowError):
+        raise LmforgeError(f"a KV cache of {max_len:,} tokens at batch {batch:,} is larger than a tensor can "
+                           "hold") from None
 
 
 def _slerp_directions(first: torch.Tensor, second: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ from lmforge.runtime.inputs import (
     check_stop_strings,
     check_token_ids,
 )
-from lmforge.runtime.kv_cache import StaticKVCache
+from lmforge.runtime.kv_cache import StaticKVCache, check_cache_fits
 from lmforge.runtime.sampling import SamplingParams, select_next
 from lmforge.runtime.speculative import (
     ProfitabilityGate,
@@ -125,6 +125,7 @@ class Engine:
         self.skip_counts: dict[int, int] | None = None
         self.vocab_size = vocab_size
         self.device = torch.device(device) if device is not None else torch.get_default_device()
+        check_cache_fits(kv_layout, 1, max_seq_len, dtype, self.device)  # refuse an impossible cache up front
         self.lock = threading.Lock()
         self._generating_in: int | None = None  # the thread inside `generate`, to refuse re-entry
         self.prompt_padding = 0  # cache slots the last `generate` padded before its prompt (length bucket)
