@@ -188,10 +188,12 @@ class LoweredCheck:
         self._references: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _engine(self, runner: Any, program: Program) -> Engine:
-        """A draft-free Engine like the user's (cache length, dtype, layout) over `runner`."""
+        """A draft-free Engine like the user's (cache length, dtype, layout, vocabulary: a bad
+        token id is one LmforgeError here too, not an IndexError inside the graph) over `runner`."""
         return Engine(runner, program.meta["kv_cache"], max_seq_len=self.engine.max_seq_len,
                       dtype=getattr(torch, program.meta["dtype"]), pad_token_id=self.engine.pad_token_id,
-                      speculation=without_drafts(program.meta.get("speculation")))
+                      speculation=without_drafts(program.meta.get("speculation")),
+                      vocab_size=getattr(program.config, "vocab_size", None))
 
     def check(self, stage: str, what: str, prompts: Prompts, ok: bool, detail: str) -> None:
         self.checks.append(check_record(what, stage, ok, detail, batch=prompts.describe()))

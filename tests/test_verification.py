@@ -165,3 +165,20 @@ def test_reference_checkpoint_default_compile_verifies_the_lowered_program(ref_c
     assert measurements["status"] == "passed"
     assert {"codegen aten, packed weights", "codegen aten, packed weights + runtime"} <= {
         check["stage"] for check in measurements["checks"]}
+
+
+def test_the_checks_engines_refuse_token_ids_outside_the_vocabulary():
+    """Each Engine the check builds knows the vocabulary, so a bad id is one LmforgeError there
+    too, not an IndexError from inside the graph's embedding."""
+    from lmforge.passes.verify import VerifyConfig
+    from lmforge.verification import LoweredCheck
+
+    compiled = lmforge.optimize(tiny_model("llama"), "passes: []\nruntime: {max_seq_len: 64}")
+    check = LoweredCheck(compiled.engine, compiled.program, None, compiled.recipe.codegen, VerifyConfig(), None)
+    vocab = compiled.program.config.vocab_size
+    for engine in (check.plain, check.graph):
+        assert engine.vocab_size == vocab
+        with pytest.raises(LmforgeError, match="vocab"):
+            engine.forward(torch.tensor([[1, vocab]]))
+        with pytest.raises(LmforgeError, match="vocab"):
+            engine.generate(torch.tensor([[1, -1]]), max_new_tokens=2)
