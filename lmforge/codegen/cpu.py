@@ -27,8 +27,9 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
+from lmforge.codegen.aten import PYTHON_KERNELS
 from lmforge.codegen.cpu_kernels import select_cpu_kernels
-from lmforge.compiler.ops import PYTHON_KERNELS, last_position
+from lmforge.compiler.ops import last_position
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
 

@@ -14,11 +14,11 @@ import os
 import networkx as nx
 from torch import fx
 
+from lmforge.codegen.aten import PYTHON_KERNELS
 from lmforge.codegen.fusion import Partition, partition
 from lmforge.codegen.triton.attention import TRITON_KERNELS
 from lmforge.codegen.triton_emit import EmittedKernel, emit_group, kernel_name
 from lmforge.compiler.layermap import set_role
-from lmforge.compiler.ops import PYTHON_KERNELS
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
 from lmforge.errors import LmforgeError

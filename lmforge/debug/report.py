@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from lmforge.compiler.layermap import role_of  # noqa: E402
 from lmforge.compiler.program import Program  # noqa: E402
-from lmforge.compiler.sparse_attention import PATTERNS  # noqa: E402
+from lmforge.compiler.sparse_patterns import PATTERNS  # noqa: E402
 
 if TYPE_CHECKING:
     from lmforge.debug.session import DebugRun

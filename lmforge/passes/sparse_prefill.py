@@ -1,6 +1,6 @@
 """`sparse_prefill` (MInference): long prefills compute only the attention blocks that matter.
 
-Each query head gets one of three patterns (`compiler/sparse_attention.py`): A-shape,
+Each query head gets one of three patterns (`compiler/sparse_patterns.py`): A-shape,
 vertical-slash or block-sparse, all at the same cost — `budget` key blocks of `block` tokens
 per query block. The pattern is chosen offline per head, on calibration text cut into
 `seq_len`-token windows, as the one that keeps the largest share of that head's dense
@@ -25,7 +25,7 @@ from lmforge.compiler.attention_patterns import load_patterns
 from lmforge.compiler.layermap import plain_attention_layers
 from lmforge.compiler.ops import sparse_attention
 from lmforge.compiler.program import Program
-from lmforge.compiler.sparse_attention import PATTERNS, pattern_blocks
+from lmforge.compiler.sparse_patterns import PATTERNS, pattern_blocks
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import LossyPass, Quality, QualityBudget, enforce_budget, full_logits, node_values

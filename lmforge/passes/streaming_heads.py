@@ -40,7 +40,7 @@ from lmforge.compiler.attention_patterns import load_patterns
 from lmforge.compiler.layermap import plain_attention_layers, set_role
 from lmforge.compiler.ops import AttentionContext, attention, attention_context, streaming_attention
 from lmforge.compiler.program import Program, final_hidden_state
-from lmforge.compiler.sparse_attention import streaming_allowed
+from lmforge.compiler.sparse_patterns import streaming_allowed
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import (

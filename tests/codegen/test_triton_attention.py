@@ -15,6 +15,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from lmforge.codegen.aten import PYTHON_KERNELS  # noqa: E402
+from lmforge.codegen.aten.attention import attention_reference  # noqa: E402
+from lmforge.codegen.aten.sparse import block_sparse_attention  # noqa: E402
 from lmforge.codegen.triton import decode_attention as decode_module  # noqa: E402
 from lmforge.codegen.triton import prefill_attention as prefill_module  # noqa: E402
 from lmforge.codegen.triton.attention import PYTHON_FALLBACKS, TRITON_KERNELS  # noqa: E402
@@ -22,16 +25,14 @@ from lmforge.codegen.triton.decode_attention import decode_attention  # noqa: E4
 from lmforge.codegen.triton.prefill_attention import prefill_attention  # noqa: E402
 from lmforge.compiler.kv_layout import RingSlot  # noqa: E402
 from lmforge.compiler.ops import (  # noqa: E402
-    PYTHON_KERNELS,
     AttentionContext,
     attention,
     attention_context,
-    attention_reference,
     sparse_attention,
     streaming_attention,
     tree_attention,
 )
-from lmforge.compiler.sparse_attention import a_shape_blocks, block_sparse_attention, streaming_allowed  # noqa: E402
+from lmforge.compiler.sparse_patterns import a_shape_blocks, streaming_allowed  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3}

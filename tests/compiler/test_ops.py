@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lmforge.compiler.ops import AttentionContext, attention, attention_context, attention_reference
+from lmforge.codegen.aten.attention import attention_reference
+from lmforge.compiler.ops import AttentionContext, attention, attention_context
 from lmforge.errors import LmforgeError
 
 

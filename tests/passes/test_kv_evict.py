@@ -6,10 +6,11 @@ import torch
 from lossy_helpers import context, text_calibration
 from tiny_models import tiny_model
 
+from lmforge.codegen.aten.attention import attention_reference
 from lmforge.codegen.cpu import lower
 from lmforge.compiler.capture import capture
 from lmforge.compiler.kv_layout import EvictingSlot, kv_cache_bytes
-from lmforge.compiler.ops import AttentionContext, attention_context, attention_reference, evicting_attention
+from lmforge.compiler.ops import AttentionContext, attention_context, evicting_attention
 from lmforge.compiler.recipe import CodegenConfig
 from lmforge.errors import LmforgeError
 from lmforge.passes.kv_evict import KVEvict, make_evicting

@@ -9,7 +9,7 @@ from lmforge.codegen.cpu import lower
 from lmforge.compiler.capture import capture
 from lmforge.compiler.ops import sparse_attention
 from lmforge.compiler.recipe import CodegenConfig
-from lmforge.compiler.sparse_attention import PATTERNS
+from lmforge.compiler.sparse_patterns import PATTERNS
 from lmforge.errors import LmforgeError
 from lmforge.passes.calibrate import full_logits
 from lmforge.passes.sparse_prefill import SparsePrefill, make_sparse

@@ -1,5 +1,5 @@
 """The attention ops on the `triton` backend: the same signatures, forward context and cache
-writes as the Python kernels of `compiler/ops.py`, with the attention itself computed by the
+writes as the `aten` backend's kernels (`codegen/aten/`), with the attention itself computed by the
 split-K decode kernel (one query per row) or the flash prefill kernel (anything longer).
 
 The kernels read the cache in place, so a forward never copies the context, and they write
@@ -11,16 +11,16 @@ the same way, its slots' positions handed to the kernels (`RingSlot.slots`): wri
 it still holds every key this forward's queries see, because the ring keeps `window` plus
 one forward's worth of slack.
 
-`TRITON_KERNELS` mirrors `ops.PYTHON_KERNELS`; the ops in `PYTHON_FALLBACKS` run their
+`TRITON_KERNELS` mirrors `aten.PYTHON_KERNELS`; the ops in `PYTHON_FALLBACKS` run their
 Python kernel on this backend, for the reason given there.
 """
 
 import torch
 
+from lmforge.codegen.aten import PYTHON_KERNELS
 from lmforge.codegen.triton.decode_attention import decode_attention
 from lmforge.codegen.triton.prefill_attention import prefill_attention
 from lmforge.compiler.ops import (
-    PYTHON_KERNELS,
     AttentionContext,
     attention,
     current_context,
@@ -32,7 +32,7 @@ from lmforge.compiler.ops import (
     streaming_attention,
     tree_attention,
 )
-from lmforge.compiler.sparse_attention import pattern_blocks
+from lmforge.compiler.sparse_patterns import pattern_blocks
 from lmforge.errors import LmforgeError
 
 PYTHON_FALLBACKS = {
@@ -164,4 +164,4 @@ TRITON_KERNELS = {
     sparse_attention: triton_sparse_attention,
     **{op: PYTHON_KERNELS[op] for op in PYTHON_FALLBACKS},
 }
-"""Each op's implementation on the `triton` backend, keyed like `ops.PYTHON_KERNELS`."""
+"""Each op's implementation on the `triton` backend, keyed like `aten.PYTHON_KERNELS`."""

@@ -11,7 +11,7 @@ or streaming prefill costs in proportion to the window, not to the square of the
 
 With `blocks` (per row, query head and query block, the indices of the key blocks to
 compute, ascending, -1 after the last), the program walks only those key blocks (the
-MInference patterns of `compiler/sparse_attention.py`); the token rule still applies inside
+MInference patterns of `compiler/sparse_patterns.py`); the token rule still applies inside
 each block, so a pattern that keeps the diagonal block never leaves a query without a key.
 
 Given the forward's own keys and values, the kernel also writes them into the cache (slots

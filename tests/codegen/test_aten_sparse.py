@@ -1,13 +1,15 @@
-"""Sparse attention kernels against dense references under the same masks."""
+"""The `aten` backend's sparse attention kernels (block-sparse prefill, streaming heads over
+a ring cache) against dense references under the same masks."""
 
 import pytest
 import torch
 
+from lmforge.codegen.aten.attention import attention_reference
+from lmforge.codegen.aten.sparse import block_sparse_attention
 from lmforge.compiler.kv_layout import RingSlot
-from lmforge.compiler.ops import AttentionContext, attention_context, attention_reference, streaming_attention
-from lmforge.compiler.sparse_attention import (
+from lmforge.compiler.ops import AttentionContext, attention_context, streaming_attention
+from lmforge.compiler.sparse_patterns import (
     PATTERNS,
-    block_sparse_attention,
     causal_blocks,
     first_real_slot,
     pattern_blocks,
