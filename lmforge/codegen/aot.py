@@ -299,7 +299,11 @@ def attention_kernel_specs(head_dim: int, group: int, dtype: torch.dtype) -> lis
     launchers specialise them for a contiguous cache at these shapes: the modules'
     `aot_specs`, plus what Triton's JIT would add on its own — innermost strides of 1 become
     constants, and every pointer and every stride that is a multiple of `head_dim` (with
-    `head_dim` itself, when divisible by 16) gets the divisibility hint.
+    `head_dim` itself, when divisible by 16) gets the divisibility hint. That includes the
+    strides of the forward's new keys and values (`stride_nk*`, `stride_nv*`): the attention
+    ops hand the kernels their `k` and `v` inputs, a RoPE kernel's fresh (B, Hkv, T, D) output
+    or a head-major view of a projection's (B, T, width) output whose width is a whole number
+    of heads, so every stride but the innermost is a multiple of `head_dim`.
 
     The kernel modules are imported here, not at the top of this module: importing them
     defines their `@triton.jit` functions, which must happen after a test has had the
@@ -307,7 +311,8 @@ def attention_kernel_specs(head_dim: int, group: int, dtype: torch.dtype) -> lis
     from lmforge.codegen.triton import decode_attention, prefill_attention
 
     unit_strides = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
-    multiples = {"head_dim", *(f"stride_{tensor}{axis}" for tensor in "qkvo" for axis in "bhst")} - unit_strides
+    tensors = ("q", "k", "v", "o", "nk", "nv")
+    multiples = {"head_dim", *(f"stride_{tensor}{axis}" for tensor in tensors for axis in "bhst")} - unit_strides
     if head_dim % 16:
         multiples = set()
     entries = [*decode_attention.aot_specs(head_dim, group, dtype),

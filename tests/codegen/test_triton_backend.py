@@ -17,8 +17,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from torch import fx  # noqa: E402
+from triton.runtime.jit import KernelInterface  # noqa: E402
 
 import lmforge  # noqa: E402
+from lmforge.codegen.aot import attention_kernel_specs  # noqa: E402
 from lmforge.codegen.fusion import POINTWISE, ROW_REDUCTIONS, partition  # noqa: E402
 from lmforge.codegen.triton.attention import TRITON_KERNELS  # noqa: E402
 from lmforge.codegen.triton_backend import emit_kernels, lower_triton  # noqa: E402
@@ -138,6 +140,40 @@ def test_whole_model_matches_hugging_face():
     torch.testing.assert_close(compiled(ids).logits, expected, atol=1e-4, rtol=0)
     greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(compiled.generate(ids, max_new_tokens=8), greedy)
+
+
+def test_every_argument_the_attention_aot_specs_hint_is_divisible_by_16_at_every_launch(monkeypatch):
+    """`aot.attention_kernel_specs` compiles the attention kernels with the 16-divisibility
+    hints Triton's JIT would add at run time; a hint the launches do not honour would report
+    on a kernel that never runs (and be wrong code if it ever did)."""
+    model = tiny_model("llama")
+    compiled = lmforge.optimize(model, PASSES + "codegen: {backend: triton}\n")
+    launches = []
+    original = KernelInterface.__getitem__
+
+    def recording(kernel, grid):
+        run = original(kernel, grid)
+
+        def launch(*args, **kwargs):
+            launches.append((kernel.__name__, dict(zip(kernel.arg_names, args))))
+            return run(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(KernelInterface, "__getitem__", recording)
+    compiled.generate(torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(5)), max_new_tokens=3)
+    config = model.config
+    specs = attention_kernel_specs(config.head_dim, config.num_attention_heads // config.num_key_value_heads,
+                                   torch.float32)
+    for spec in specs:
+        calls = [arguments for name, arguments in launches if name == spec.name]
+        assert calls or spec.name == "decode_attention_combine", spec.name  # one split at this context
+        assert ("stride_nkb" in spec.aligned) == ("stride_nkb" in spec.signature)  # the new keys' strides too
+        for arguments in calls:
+            for arg in spec.aligned:
+                value = arguments[arg]
+                value = value.data_ptr() if isinstance(value, torch.Tensor) else value
+                assert value % 16 == 0, (spec.name, arg, value)
 
 
 def test_artifact_keeps_each_kernel_source_with_its_hash(tmp_path):
