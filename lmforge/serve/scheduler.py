@@ -193,8 +193,8 @@ class Scheduler:
             self.wakeup.notify()
 
     def cancel(self, request: Request) -> None:
-        """Stop `request` (its client went away): it leaves the queue, or its row stops at the
-        next step; a finished request is left alone."""
+        """Stop `request` (its client went away): a queued one is dropped when the next batch
+        is formed, a running row stops at the next step; a finished request is left alone."""
         request.cancelled.set()
         with self.wakeup:
             self.wakeup.notify()
