@@ -17,7 +17,7 @@ from lmforge.compiler.pipeline import Instrument, PassCallback, run_pipeline
 from lmforge.compiler.placement import graph_device, place_model, resolve_device, resolve_dtype, with_runtime
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import Recipe, load_recipe, parse_recipe
-from lmforge.draft_heads import HydraHeads
+from lmforge.draft_heads import runtime_drafter
 from lmforge.errors import LmforgeError
 from lmforge.passes import PassContext
 from lmforge.passes.base import ProgressFn
@@ -71,7 +71,7 @@ class CompiledModel:
             pad_token_id=generation["pad_token_id"],
             tokenizer=tokenizer,
             speculation=program.meta.get("speculation"),
-            drafter=HydraHeads(**program.drafter).for_runtime(device, dtype) if program.drafter else None,
+            drafter=runtime_drafter(program.drafter, program.meta.get("speculation"), device, dtype),
             vocab_size=getattr(program.config, "vocab_size", None),
             device=device,
             graphs=graphs_for(program, runner, recipe.codegen.backend, recipe.runtime.cuda_graphs, device),

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.codegen.cpu_kernels import packed_linear
+from lmforge.eagle import EagleDrafter, load_eagle
 from lmforge.errors import LmforgeError
 from lmforge.training import ProgressFn, train
 
@@ -151,6 +152,18 @@ class HydraHeads:
         return torch.stack(tokens, dim=1)
 
 
+def runtime_drafter(tensors: dict[str, torch.Tensor], speculation: dict | None, device: torch.device | str,
+                    dtype: torch.dtype) -> HydraHeads | EagleDrafter | None:
+    """The drafter a program's runtime runs — Hydra heads or the EAGLE drafter, as its
+    `meta["speculation"]["draft_heads"]` says — from the weights the program carries."""
+    if not tensors:
+        return None
+    heads = (speculation or {}).get("draft_heads") or {}
+    if heads.get("kind") == "eagle":
+        return load_eagle(tensors, heads.get("eagle"), heads["count"]).for_runtime(device, dtype)
+    return HydraHeads(**tensors).for_runtime(device, dtype)
+
+
 def lm_head_fingerprint(lm_head: torch.Tensor) -> str:
     return hashlib.sha256(lm_head.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -184,7 +197,11 @@ def agreement(heads: MedusaHeads, model: Any, ids: torch.Tensor, batch: int = 4)
     return [head[0] for head in rank_hits(heads, model, ids, ranks=1, batch=batch)]
 
 
-Heads = MedusaHeads | HydraHeads
+Heads = MedusaHeads | HydraHeads | EagleDrafter
+
+
+def _kind(heads: Heads) -> str:
+    return {HydraHeads: "hydra", MedusaHeads: "medusa", EagleDrafter: "eagle"}[type(heads)]
 
 
 def initial_heads(model: Any, count: int, kind: str = "hydra") -> Heads:
@@ -239,9 +256,11 @@ def save_heads(directory: str | Path, heads: Heads, model: Any, measurements: di
     directory.mkdir(parents=True, exist_ok=True)
     lm_head = model.get_output_embeddings().weight
     config = {
-        "kind": "hydra" if isinstance(heads, HydraHeads) else "medusa", "heads": heads.count, "hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0],
+        "kind": _kind(heads), "heads": heads.count, "hidden_size": lm_head.shape[1], "vocab_size": lm_head.shape[0],
         "architecture": model.config.model_type, "lm_head_fingerprint": lm_head_fingerprint(lm_head), **measurements,
     }
+    if isinstance(heads, EagleDrafter):
+        config["eagle"] = heads.shape.as_dict()
     temporary = directory / (WEIGHTS + ".tmp")
     safetensors.torch.save_file({k: v.contiguous() for k, v in heads.tensors().items()}, str(temporary))
     os.replace(temporary, directory / WEIGHTS)
@@ -262,6 +281,8 @@ def load_heads(directory: str | Path, lm_head: torch.Tensor) -> tuple[Heads, dic
         raise LmforgeError(f"draft_heads: the heads in {directory} were trained for another model "
                            f"({config.get('architecture')}, vocabulary {config.get('vocab_size')}); retrain them for this one")
     tensors = safetensors.torch.load_file(str(directory / WEIGHTS))
+    if config.get("kind") == "eagle":
+        return load_eagle(tensors, config.get("eagle"), config["heads"]), config
     if config.get("kind") == "hydra":
         return HydraHeads(**tensors), config
     return MedusaHeads(**tensors), config

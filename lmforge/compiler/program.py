@@ -157,12 +157,12 @@ def draft_head_count(speculation: dict | None) -> int:
 def split_output(output: torch.Tensor, speculation: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(base logits, what the drafter needs): a program returns `(batch, seq, vocab)`; with
     Medusa heads `(batch, seq, 1 + heads, vocab)`, base logits first, then the heads' logits;
-    with Hydra heads `(batch, seq, vocab + hidden)`, the logits then the last hidden state
-    the runtime's Hydra heads draft from."""
+    with Hydra heads or an EAGLE drafter `(batch, seq, vocab + hidden)`, the logits then the
+    last hidden state the runtime's drafter drafts from."""
     heads = (speculation or {}).get("draft_heads") or {}
     if not heads:
         return output, None
-    if heads.get("kind") == "hydra":
+    if heads.get("kind") in ("hydra", "eagle"):
         vocab = heads["vocab_size"]
         return output[..., :vocab], output[..., vocab:]
     return output[..., 0, :], output[..., 1:, :]

@@ -1,4 +1,4 @@
-"""`draft_heads`: add trained Medusa or Hydra heads to the Program (recipe: `{name: draft_heads, path: DIR}`).
+"""`draft_heads`: add trained Medusa or Hydra heads or an EAGLE drafter to the Program (recipe: `{name: draft_heads, path: DIR}`).
 
 The heads read the LM head's input, so the pass finds the final projection and adds, beside
 it, one fused GEMM for every head's first layer, the residual SiLU, and the heads' output
@@ -10,7 +10,9 @@ heads' top-1 chain when prompt lookup has nothing (`runtime/speculative.py`).
 Hydra heads depend on the token drafted before them, so they cannot run inside the forward
 that verifies: the program instead returns the hidden state beside the logits, the heads'
 weights travel with the Program (`Program.drafter`, `drafter.safetensors` in an artifact),
-and the runtime drafts their chain at the last accepted position only.
+and the runtime drafts their chain at the last accepted position only. An EAGLE drafter
+(`lmforge.eagle`) travels the same way; the runtime feeds it the hidden state of every
+accepted position (its own one-layer KV cache) and it drafts a chain.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from lmforge.compiler.placement import graph_device
 from lmforge.compiler.program import Program
 from lmforge.compiler.speculation_rules import check_draft_source
 from lmforge.draft_heads import HydraHeads, MedusaHeads, load_heads
+from lmforge.eagle import EagleDrafter
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import Pass, PassConfig, PassContext, PassResult, register_pass
 
@@ -50,7 +53,8 @@ class TypicalAcceptanceConfig(BaseModel):
 
 
 class DraftHeadsConfig(PassConfig):
-    path: str = Field(description="directory written by `lmforge train-heads` (heads.safetensors + heads.json)")
+    path: str = Field(description="directory written by `lmforge train-heads` (heads.safetensors + heads.json): "
+                      "Medusa or Hydra heads, or an EAGLE drafter")
     tree: list[int] | Literal["auto"] | None = Field(
         None, description="greedy decoding: verify a tree (one per batch row) with the top-k of each head (e.g. [3, 2, 1]) "
         "instead of the heads' top-1 chain; auto: the tree with the best expected tokens per second, from the heads' "
@@ -83,7 +87,10 @@ class DraftHeads(Pass):
         hidden, lm_head = projection.args[0], projection.args[1]
         heads, config = load_heads(self.config.path, getattr(program.graph_module, lm_head.target))
         check_draft_source(program.meta, heads.count, self.name)
-        if isinstance(heads, HydraHeads):
+        if isinstance(heads, EagleDrafter) and self.config.tree is not None:
+            raise LmforgeError("draft_heads: an eagle drafter drafts a chain; drop `tree:` (dynamic trees are not "
+                               "supported for it yet)")
+        if isinstance(heads, (HydraHeads, EagleDrafter)):
             _return_hidden_state(program, projection, hidden)
             program.drafter = heads.tensors()
         else:
@@ -102,6 +109,8 @@ class DraftHeads(Pass):
             "count": heads.count, "kind": config["kind"], "vocab_size": config["vocab_size"], "tree": tree,
             "typical_acceptance": typical,
         }
+        if isinstance(heads, EagleDrafter):
+            program.meta["speculation"]["draft_heads"]["eagle"] = heads.shape.as_dict()
         return PassResult(rewrites=1, notes=tuple(notes), measurements=measurements)
 
 

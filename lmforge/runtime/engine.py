@@ -272,7 +272,12 @@ class Engine:
         typical = TypicalAcceptance(**typical_options) if typical_options else None
         gate = ProfitabilityGate()
         self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
-        logits = self.step(input_ids, positions, 0, pad)[:, None]
+        eagle = self._eagle_drafting()
+        if eagle:  # the drafter reads the hidden state at every prompt position
+            self.drafter.start(batch, total + 1, pad, self.device)
+        logits = self.step(input_ids, positions, 0, pad, every_position=eagle)
+        logits = logits[:, -1:] if eagle else logits[:, None]
+        fed, fed_positions, fed_start = input_ids, positions, 0
         drafts, length = None, prompt_len
         rows = torch.arange(batch, device=self.device)
         while True:
@@ -307,20 +312,39 @@ class Engine:
                     break
             if length == total or not bool(unfinished.any()):
                 break
-            heads = self._head_drafts(self.draft_inputs[rows, head_index], tokens[:, length - 1], tree_widths) \
-                if self.draft_heads else None
+            if eagle:
+                kept = fed.shape[1] - (0 if drafts is None else drafted - accepted)
+                heads = self._eagle_drafts(fed, fed_positions, fed_start, kept, new_tokens[:, -1:])
+            else:
+                heads = self._head_drafts(self.draft_inputs[rows, head_index], tokens[:, length - 1], tree_widths) \
+                    if self.draft_heads else None
             drafts = self._drafts(lookups, heads, gate, tokens[:, added:length], room=total - length - 1)
             if isinstance(drafts, TokenTree):
                 feed, offsets, tree = drafts.tokens, drafts.depths, drafts.mask()
             else:
                 feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
                 offsets, tree = torch.arange(feed.shape[1], device=self.device), None
-            logits = self.step(feed, last_prompt_position + (length - prompt_len) + offsets, length - 1, pad,
-                               generated=length - 1 - prompt_len, every_position=True, tree=tree)
+            fed, fed_positions, fed_start = feed, last_prompt_position + (length - prompt_len) + offsets, length - 1
+            logits = self.step(fed, fed_positions, fed_start, pad, generated=length - 1 - prompt_len,
+                               every_position=True, tree=tree)
             self.speculation_stats["forwards"] += 1
         if streamer is not None:
             streamer.end()
         return tokens[:, added:length]
+
+    def _eagle_drafting(self) -> bool:
+        """Whether an EAGLE drafter drafts: it needs the hidden states of every position fed."""
+        return self.draft_heads > 0 and self.speculation.get("draft_heads", {}).get("kind") == "eagle"
+
+    def _eagle_drafts(self, fed: torch.Tensor, positions: torch.Tensor, start: int, kept: int,
+                      own: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """Commit the last forward's first `kept` positions (those accepted) to the EAGLE
+        drafter's cache — each position's hidden state with the token after it: the next fed
+        token, and the model's own new token `own` (B, 1) after the last — and return its
+        chain drafter. Its drafts of the previous step are overwritten: the rollback."""
+        next_tokens = torch.cat([fed[:, 1:kept], own], dim=1)
+        self.drafter.extend(self.draft_inputs[:, :kept], next_tokens, positions[:, :kept], start)
+        return self.drafter.draft
 
     def _plain_cache(self) -> bool:
         """Trees move cache entries after verification, which only plain slots support."""
