@@ -246,9 +246,32 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         raise _corrupted(path, "meta lacks num_layers or kv_cache")
     if not isinstance(getattr(torch, str(meta.get("dtype")), None), torch.dtype):
         raise _corrupted(path, f"meta's dtype {str(meta.get('dtype'))[:40]!r} is not a torch dtype")
+    problem = _layout_problem(meta["kv_cache"], meta["num_layers"])
+    if problem is not None:
+        raise _corrupted(path, f"meta.kv_cache {problem}")
+    if not isinstance(manifest.get("weight_bytes"), int) or manifest["weight_bytes"] < 0:
+        raise _corrupted(path, "weight_bytes is not a byte count")
     unlisted = [name for name in REQUIRED_FILES if name not in manifest["files"]]
     if unlisted:
         raise LmforgeError(f"{path.parent}: artifact is incomplete: the manifest does not list {unlisted[0]}")
+
+
+def _layout_problem(layout: list, num_layers: int) -> str | None:
+    """What makes a KV cache layout unusable before any size is computed: slots are indices
+    below twice the layer count (a layer's own slot, then its streaming ring), head counts and
+    sizes are integers. How much memory the sizes add up to is the Engine's check
+    (`runtime.kv_cache.check_cache_fits`), against the memory there is."""
+    for index, entry in enumerate(layout):
+        slots = [entry, entry.get("streaming")] if isinstance(entry, dict) and "streaming" in entry else [entry]
+        for slot in slots:
+            if not isinstance(slot, dict):
+                return f"entry {index} is not a JSON object"
+            for key, low, high in (("cache", 0, 2 * num_layers - 1), ("kv_heads", 0, None), ("head_dim", 1, None)):
+                value = slot.get(key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+                    bound = f"{low}..{high}" if high is not None else f">= {low}"
+                    return f"entry {index}: {key} is {str(value)[:40]}, not an integer {bound}"
+    return None
 
 
 def _listed_file(artifact: Path, name: str) -> Path:
@@ -346,6 +369,10 @@ def load_artifact(artifact: str | Path, device: torch.device | None = None) -> t
             raise LmforgeError(f"{artifact / CONFIG}: not a config transformers can read without remote code "
                                f"({str(exc).splitlines()[0][:200]})") from None
     weights = _read_safetensors(artifact / WEIGHTS)
+    stored = sum(tensor.nbytes for tensor in weights.values())
+    if stored != manifest["weight_bytes"]:
+        raise LmforgeError(f"{artifact / MANIFEST}: weight_bytes says {manifest['weight_bytes']:,}, {WEIGHTS} holds "
+                           f"{stored:,} bytes of tensors; recompile or restore the artifact")
     graph_module = _attach_weights(read_program(artifact / PROGRAM), weights)
     if device is not None and device.type != "cpu":
         graph_module = graph_on(graph_module, device)
@@ -358,10 +385,59 @@ def load_artifact(artifact: str | Path, device: torch.device | None = None) -> t
         config=config,
         meta=meta,
         history=manifest["history"],
-        drafter=_read_safetensors(artifact / DRAFTER) if DRAFTER in files else {},
+        drafter=_checked_drafter(artifact, meta, config) if DRAFTER in files else {},
     )
     _check_kernels(artifact, program, manifest)
     return program, manifest
+
+
+HYDRA_TENSORS = ("block_weight", "block_bias", "output", "embedding")
+
+
+def hydra_shapes(count: int, hidden: int, vocab: int) -> dict[str, tuple[int, ...]]:
+    """The shape of each Hydra head tensor (`draft_heads.HydraHeads`) for `count` heads."""
+    return {"block_weight": (count, hidden, 2 * hidden), "block_bias": (count, hidden),
+            "output": (count, vocab, hidden), "embedding": (vocab, hidden)}
+
+
+def hydra_problem(tensors: dict[str, torch.Tensor], hidden: int, vocab: int) -> str | None:
+    """What is wrong with `tensors` as Hydra heads for a model of this hidden size and
+    vocabulary (missing or extra names, non-float dtypes, shapes that disagree), or None. The
+    runtime builds `HydraHeads(**tensors)`, so anything else would be a TypeError or a shape
+    error in the first draft."""
+    names = set(tensors)
+    missing, extra = [n for n in HYDRA_TENSORS if n not in names], sorted(names - set(HYDRA_TENSORS))
+    if missing or extra:
+        return f"tensor {(missing or extra)[0]!r} is {'missing' if missing else 'not a Hydra head tensor'}"
+    bad_dtype = next((n for n in HYDRA_TENSORS if not tensors[n].is_floating_point()), None)
+    if bad_dtype is not None:
+        return f"tensor {bad_dtype!r} is {tensors[bad_dtype].dtype}, not floating point"
+    weight = tensors["block_weight"]
+    count = weight.shape[0] if weight.dim() == 3 else 0
+    for name, shape in hydra_shapes(count, hidden, vocab).items():
+        if tuple(tensors[name].shape) != shape or count < 1:
+            return f"tensor {name!r} has shape {tuple(tensors[name].shape)}, not {shape}"
+    return None
+
+
+def _checked_drafter(artifact: Path, meta: dict, config: Any) -> dict[str, torch.Tensor]:
+    """The drafter's tensors, refused unless they make the Hydra heads the manifest says the
+    program drafts with (an EAGLE drafter is checked by its own loader)."""
+    tensors = _read_safetensors(artifact / DRAFTER)
+    heads = meta.get("speculation", {}).get("draft_heads") if isinstance(meta.get("speculation"), dict) else None
+    kind = heads.get("kind", "hydra") if isinstance(heads, dict) else "hydra"
+    if kind == "eagle":
+        return tensors
+    if kind != "hydra":
+        raise LmforgeError(f"{artifact / MANIFEST}: speculation.draft_heads.kind {str(kind)[:40]!r} runs no "
+                           f"drafter, yet the manifest lists {DRAFTER}")
+    problem = hydra_problem(tensors, config.hidden_size, config.vocab_size)
+    if problem is None and isinstance(heads, dict) and heads.get("count") != tensors["block_weight"].shape[0]:
+        problem = (f"it holds {tensors['block_weight'].shape[0]} heads, the manifest's "
+                   f"speculation.draft_heads.count says {str(heads.get('count'))[:20]}")
+    if problem is not None:
+        raise LmforgeError(f"{artifact / DRAFTER}: not Hydra heads for this model: {problem}")
+    return tensors
 
 
 def _check_kernels(artifact: Path, program: Program, manifest: dict) -> None:
