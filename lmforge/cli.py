@@ -283,10 +283,13 @@ def info(
     import torch
 
     from lmforge.compiler.artifact import read_manifest
+    from lmforge.compiler.recipe import load_recipe
+    from lmforge.runtime.cuda_graphs import graph_plan
     from lmforge.runtime.kv_cache import kv_cache_bytes
 
     manifest = read_manifest(artifact)
     meta = manifest["meta"]
+    recipe = load_recipe(artifact / "recipe.yaml")
     record = {
         "artifact": str(artifact),
         "architecture": manifest["architecture"],
@@ -301,6 +304,7 @@ def info(
             for h in manifest["history"]
         ],
         **_kernel_record(manifest),
+        "cuda_graphs": graph_plan(meta, recipe.codegen.backend, recipe.runtime.cuda_graphs),
     }
     if as_json:
         _print_json(record)
@@ -309,6 +313,7 @@ def info(
     console.print(f"versions: {', '.join(f'{k} {v}' for k, v in record['versions'].items())}")
     console.print(f"weight_bytes: {record['weight_bytes']:,}")
     console.print(f"kv_cache_bytes at {context} tokens, batch 1: {record['kv_cache_bytes']:,}")
+    console.print(record["cuda_graphs"], highlight=False)
     table = Table(title="pass history")
     for column in ("pass", "seconds", "ops before → after", "rewrites"):
         table.add_column(column)

@@ -76,6 +76,12 @@ class RuntimeConfig(BaseModel):
         "lmforge info say where it does not and why); off: every step launches eagerly. No effect on a CPU",
     )
 
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML reads a bare `off` (and `on`) as a boolean; take it as the word the user wrote."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
+
 
 class Recipe(BaseModel):
     """A validated recipe: ordered pass entries plus codegen and runtime options."""

@@ -359,3 +359,16 @@ def graphs_for(program: Program, runner: Callable[[torch.Tensor, torch.Tensor], 
         capturer = CudaGraphCapturer()
     return GraphedStep(runner, capturer, max_width=max_verify_width(program.meta.get("speculation")),
                        blockers=blockers)
+
+
+def graph_plan(meta: dict, backend: str, mode: str) -> str:
+    """What the engine will do with CUDA graphs for an artifact (`lmforge info`): the same
+    reasons `graphs_for` gives, without loading the program."""
+    if mode == "off":
+        return "cuda graphs: off (runtime.cuda_graphs is off)"
+    blockers = capture_blockers(meta, backend)
+    if blockers:
+        return f"cuda graphs: off ({'; '.join(blockers)})"
+    return (f"cuda graphs: on CUDA, decode and verify steps replay graphs per batch bucket "
+            f"{','.join(map(str, BATCH_BUCKETS))} and width 1..{max_verify_width(meta.get('speculation'))} "
+            "(eager on a CPU)")
