@@ -26,7 +26,7 @@ from lmforge.cli import app
 
 runner = CliRunner()
 COMMANDS = get_command(app).commands
-SLOW_WITH_REAL_INPUTS = {"bench", "train-heads", "compile", "debug"}
+SLOW_WITH_REAL_INPUTS = {"bench", "train-heads", "compile", "debug", "serve"}  # serve on a real artifact never returns
 EXAMPLES = int(os.environ.get("LMFORGE_FUZZ_EXAMPLES", "40"))  # raise it to fuzz longer by hand
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
