@@ -9,7 +9,10 @@ forward runs them, with plain and with oneDNN-packed weights at 1, 4 and 11 rows
 decode step and a verify forward of drafted tokens multiply), with the weight bytes they
 read per second.
 
-    python benchmarks/decode.py [--checkpoint DIR] [--new-tokens 64] [--inductor] [--json]
+    python benchmarks/decode.py [--checkpoint DIR] [--new-tokens 64] [--inductor] [--cpp] [--threads N] [--json]
+
+`--cpp` adds the compiled backend (its buckets compile during warm-up, reported as first-call
+seconds); `--threads` sets torch's intra-op threads for every engine, HF included.
 """
 
 from __future__ import annotations
@@ -96,8 +99,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inductor", action="store_true", help="also measure codegen backend inductor (slow compile)")
+    parser.add_argument("--cpp", action="store_true", help="also measure codegen backend cpp (compiles per bucket)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every engine")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     text = prompt_text_for(args.checkpoint)
@@ -106,12 +113,15 @@ def main() -> None:
                 ("lmforge aten, no fusion", "aten", False, True), ("lmforge fx + fused", "fx", True, True)]
     if args.inductor:
         variants.append(("lmforge inductor + fused", "inductor", True, True))
+    if args.cpp:
+        variants.append(("lmforge cpp + fused", "cpp", True, True))
     models = {name: lmforge.optimize(args.checkpoint, _recipe(backend, fuse, pack)) for name, backend, fuse, pack in variants}
     probe = torch.tensor([heldout_prompts(text, tokenizer, 1, args.prompt_len)[0]])
     warmup_seconds = {}
-    for name, model in models.items():  # first calls compile (inductor) or initialise lazily
+    for name, model in models.items():  # first calls compile (inductor; cpp per batch) or initialise lazily
         start = time.perf_counter()
-        model.generate(probe, max_new_tokens=4, eos_token_id=[])
+        for batch in (1, 4):
+            model.generate(probe.expand(batch, -1), max_new_tokens=4, eos_token_id=[])
         warmup_seconds[name] = time.perf_counter() - start
     rows = []
     for batch in (1, 4):

@@ -25,15 +25,20 @@ them). Weights are frozen (`freezing`), so Inductor constant-folds them and pack
 weights for oneDNN.
 
 The in-loop slowdown of the `inductor` backend (3.6 ms/step alone, 7–9 ms inside the
-speculative loop) is recompilation: one `torch.compile(dynamic=True)` sees every shape the
-loop feeds, and `TORCH_LOGS=recompiles` on ref-llama-py with prompt lookup shows a
-recompile after the prefill because the decode feed (a column of the engine's token buffer)
-fails the guard `input_ids.stride()[0] == input_ids.size()[1]`, then another at the first
-verify forward because the token count had been specialised to 1 (a compile each, tens of
-seconds, landing inside the timed loop). Here inputs are made contiguous before the call,
-and each bucket is its own `torch.compile` of its own graph (`dynamic=False`,
-`fullgraph=True`, so a graph break is an error, not a silent fallback): after a bucket's
-first call, the loop compiles nothing (the tests check Dynamo's counters).
+speculative loop). Measured on ref-llama-py with prompt lookup (three 128-token generates,
+Dynamo's counters and `TORCH_LOGS=recompiles`): the one `torch.compile(dynamic=True)` graph
+is compiled three times — the prefill; a recompile at the first decode step because the
+decode feed (a column of the engine's token buffer) fails the guard
+`input_ids.stride()[0] == input_ids.size()[1]` and the new graph specialises the token count
+to 1; another at the first verify forward (size mismatch 1 vs 4), now with a symbolic token
+count. No recompiles or graph breaks after that (3 frames, 3 unique graphs in every round),
+but the verify forwards run that symbolic-shape graph, whose kernels cost about twice the
+static decode graph's per call (medians on a machine loaded to 6× its cores, so only the
+ratio is meaningful), and the first generate pays two compiles inside its loop. Here inputs
+are made contiguous before the call, and each bucket is its own `torch.compile` of its own
+graph with static token count (`dynamic=False`; `fullgraph=True`, so a graph break is an
+error, not a silent fallback to Python): after a bucket's first call the loop compiles
+nothing (the tests check Dynamo's counters).
 
 Trust. Nothing compiled is read from an artifact: the runtime rebuilds the step graph from
 the program and Inductor compiles it on this machine into a lmforge-owned cache
@@ -70,7 +75,10 @@ from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
 
-INDUCTOR_OPTIONS = {"cpp_wrapper": True, "freezing": True}
+# Set around the compile, not passed as `torch.compile(options=...)`: Dynamo decides whether
+# to freeze before those options reach Inductor, and without freezing the weights stay graph
+# inputs multiplied by plain `mm` instead of MKL-packed constants.
+INDUCTOR_CONFIG = {"cpp_wrapper": True, "freezing": True}
 
 _WHY_UNSUPPORTED = {
     "tree_attention": "the ancestor mask of a draft tree is not lowered to the compiled step yet",
@@ -272,11 +280,11 @@ class CppRunner:
         if bucket in self.steps:
             return self.steps[bucket]
         graph = step_graph(self.graph_module, bucket.last_only)
-        compiled = torch.compile(graph, dynamic=False, fullgraph=True, options=INDUCTOR_OPTIONS)
+        compiled = torch.compile(graph, dynamic=False, fullgraph=True)
 
         def first_call(*inputs):
             started = time.perf_counter()
-            with lmforge_inductor_cache():
+            with lmforge_inductor_cache(), torch._inductor.config.patch(INDUCTOR_CONFIG):
                 output = compiled(*inputs)
             self.compile_seconds[str(bucket)] = time.perf_counter() - started
             self.steps[bucket] = compiled
