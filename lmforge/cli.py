@@ -282,14 +282,14 @@ def info(
     """Summarise an artifact: versions, passes applied, weight and KV-cache bytes."""
     import torch
 
-    from lmforge.compiler.artifact import read_manifest
-    from lmforge.compiler.recipe import load_recipe
+    from lmforge.compiler.artifact import read_manifest, read_recipe_text
+    from lmforge.compiler.recipe import parse_recipe
     from lmforge.runtime.cuda_graphs import graph_plan
     from lmforge.runtime.kv_cache import kv_cache_bytes
 
     manifest = read_manifest(artifact)
     meta = manifest["meta"]
-    recipe = load_recipe(artifact / "recipe.yaml")
+    recipe = parse_recipe(read_recipe_text(artifact), str(artifact / "recipe.yaml"))
     record = {
         "artifact": str(artifact),
         "architecture": manifest["architecture"],

@@ -197,9 +197,12 @@ def capture_blockers(meta: dict, backend: str) -> list[str]:
     its passes decided (`meta`, also in an artifact's manifest, so `lmforge info` says the
     same as the engine) and the codegen backend."""
     reasons = []
-    if backend not in GRAPH_SAFE_BACKENDS:
-        reasons.append(f"codegen backend {backend!r} is not graph-safe (its attention kernels take the cache start "
+    if backend == "triton":
+        reasons.append("codegen backend 'triton' is not graph-safe yet (its attention kernels take the cache start "
                        "and split count as launch arguments, which capture would freeze)")
+    elif backend not in GRAPH_SAFE_BACKENDS:
+        reasons.append(f"codegen backend {backend!r} is not known to be graph-safe (only "
+                       f"{' and '.join(GRAPH_SAFE_BACKENDS)} run the attention op that reads its slots from a tensor)")
     if meta.get("ffn_skip", {}).get("mode") == "dynamic":
         reasons.append("dynamic ffn_skip branches (torch.cond) on a host-side decision every step")
     kinds = sorted({slot["kind"] for slot in cache_slots(meta["kv_cache"]).values() if slot.get("kind")})

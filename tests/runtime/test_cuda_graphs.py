@@ -134,7 +134,8 @@ def test_programs_whose_step_is_not_graph_safe_are_blocked():
     assert capture_blockers({"kv_cache": plain, "ffn_skip": {"mode": "static"}}, "aten") == []
     reasons = capture_blockers({"kv_cache": streaming, "ffn_skip": {"mode": "dynamic"}}, "triton")
     assert len(reasons) == 3
-    assert "backend 'triton' is not graph-safe" in reasons[0]
+    assert "backend 'triton' is not graph-safe yet" in reasons[0]
+    assert "backend 'inductor' is not known to be graph-safe" in capture_blockers({"kv_cache": plain}, "inductor")[0]
     assert "dynamic ffn_skip" in reasons[1]
     assert reasons[2] == "the KV cache has ring slots, which attention updates with host-side logic"
 
