@@ -370,10 +370,10 @@ def load_artifact(artifact: str | Path, device: torch.device | None = None) -> t
                                f"({str(exc).splitlines()[0][:200]})") from None
     weights = _read_safetensors(artifact / WEIGHTS)
     stored = sum(tensor.nbytes for tensor in weights.values())
+    graph_module = _attach_weights(read_program(artifact / PROGRAM), weights)  # names the tensor that differs
     if stored != manifest["weight_bytes"]:
         raise LmforgeError(f"{artifact / MANIFEST}: weight_bytes says {manifest['weight_bytes']:,}, {WEIGHTS} holds "
                            f"{stored:,} bytes of tensors; recompile or restore the artifact")
-    graph_module = _attach_weights(read_program(artifact / PROGRAM), weights)
     if device is not None and device.type != "cpu":
         graph_module = graph_on(graph_module, device)
     meta = manifest["meta"]
