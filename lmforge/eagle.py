@@ -260,8 +260,8 @@ def train_eagle(
     *,
     depth: int = 4,
     steps: int = 300,
-    lr: float = 1e-3,
-    batch: int = 8,
+    lr: float = 2e-3,
+    batch: int = 4,
     checkpoint: Any = None,
     progress: ProgressFn | None = None,
 ) -> tuple[EagleDrafter, TrainingRun]:
