@@ -135,10 +135,9 @@ def replace_weight(program: Program, name: str, quantized: QuantizedWeight) -> N
         with graph.inserting_before(first_user):
             attributes = {stored_name.removeprefix(name): graph.get_attr(stored_name) for stored_name in stored}
             created = dequantize_nodes(graph, attributes, quantized)
-        for new_node in [*attributes.values(), *created]:
-            if layer is not None:
+        if layer is not None:
+            for new_node in [*attributes.values(), *created]:
                 set_role(new_node, layer, role)
-            new_node.meta["lmforge_pass"] = "quantize"
         node.replace_all_uses_with(created[-1])
         graph.erase_node(node)
     if name not in stored:
