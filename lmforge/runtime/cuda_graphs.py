@@ -337,7 +337,8 @@ class GraphedStep:
         off (why), and the steps that ran eagerly and why."""
         if not self.enabled:
             return f"cuda graphs: off ({'; '.join(self.blockers)})"
-        captured = ", ".join(f"b{bucket}x{width}{' tree' if tree else ''}" for bucket, width, tree in sorted(self.graphs))
+        captured = ", ".join(f"b{bucket}x{width}{' tree' if tree else ''}"
+                             for bucket, width, tree in sorted(self.graphs))
         line = (f"cuda graphs: on (batch buckets {','.join(map(str, self.buckets))}; widths 1..{self.max_width}; "
                 f"captured {captured or 'none yet'}; {self.replays} replays)")
         eager = "; ".join(f"{count} eager: {reason}" for reason, count in self.eager_steps.items())

@@ -25,7 +25,8 @@ from lmforge.runtime.cuda_graphs import (
     max_verify_width,
 )
 
-LOOKUP = "passes: [{name: cleanup}, {name: fuse_projections}, {name: prompt_lookup, num_draft: 6}]\nruntime: {max_seq_len: 320}"
+LOOKUP = ("passes: [{name: cleanup}, {name: fuse_projections}, {name: prompt_lookup, num_draft: 6}]\n"
+          "runtime: {max_seq_len: 320}")
 NEW_TOKENS = 16
 CPU = torch.device("cpu")
 
@@ -148,3 +149,25 @@ def test_lmforge_info_says_what_the_engine_will_capture(lookup_model, tmp_path):
         "cuda graphs: on CUDA, decode and verify steps replay graphs per batch bucket 1,2,4,8,16,32 and width 1..7 "
         "(eager on a CPU)")
     assert graph_plan(lookup_model.program.meta, "aten", "off") == "cuda graphs: off (runtime.cuda_graphs is off)"
+
+
+@pytest.mark.parametrize("q_len, pad, tree, window", [
+    (1, None, None, 0),
+    (4, [0, 3], None, 0),
+    (3, [2, 0], [[1, 0, 0], [1, 1, 0], [1, 0, 1]], 0),
+    (2, [1, 0], None, 3),
+])
+def test_the_slot_mask_is_the_eager_mask_over_the_whole_cache(q_len, pad, tree, window):
+    start, max_len = 6, 16
+    cache = [(torch.zeros(2, 1, max_len, 4), torch.zeros(2, 1, max_len, 4))]
+    pad = torch.tensor(pad) if pad is not None else None
+    tree = torch.tensor(tree, dtype=torch.bool) if tree is not None else None
+    eager = AttentionContext(kv=cache, start=start, q_len=q_len, pad=pad, tree=tree).mask(window)
+    if eager is None:  # plain causal attention aligned to the last key
+        eager = torch.ones(q_len, start + q_len, dtype=torch.bool).tril(start)[None, None].expand(2, 1, -1, -1)
+    static_pad = pad if pad is not None else torch.zeros(2, dtype=torch.long)
+    slots = AttentionContext(kv=cache, start=99, q_len=q_len, pad=static_pad, tree=tree,  # start unused with slots
+                             slots=torch.arange(start, start + q_len)).mask(window)
+    assert slots.shape == (2, 1, q_len, max_len)
+    assert torch.equal(slots[..., : start + q_len], eager.expand(2, 1, -1, -1))
+    assert not slots[..., start + q_len :].any()
