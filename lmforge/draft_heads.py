@@ -270,17 +270,50 @@ def save_heads(directory: str | Path, heads: Heads, model: Any, measurements: di
     return directory
 
 
+def _heads_problem(kind: Any, tensors: dict[str, torch.Tensor], lm_head: torch.Tensor) -> str | None:
+    """What keeps `tensors` from being `kind` heads over this LM head (vocabulary V, hidden
+    size H), or None; the dataclasses would raise TypeError or fail at the first draft."""
+    from lmforge.compiler.artifact import hydra_problem
+
+    vocab, hidden = lm_head.shape
+    if kind == "hydra":
+        return hydra_problem(tensors, hidden, vocab)
+    if kind == "eagle":
+        return None  # its own loader checks its shapes; any other kind loads as Medusa heads
+    output = tensors.get("output")
+    count = output.shape[0] if isinstance(output, torch.Tensor) and output.dim() == 3 else 0
+    expected = {"block_weight": (count * hidden, hidden), "block_bias": (count * hidden,), "output": (count, vocab, hidden)}
+    if set(tensors) != set(expected):
+        return f"tensors {sorted(tensors)}, not {sorted(expected)}"
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape or count < 1 or not tensors[name].is_floating_point():
+            return f"tensor {name!r} is {tensors[name].dtype} {tuple(tensors[name].shape)}, not float {shape}"
+    return None
+
+
 def load_heads(directory: str | Path, lm_head: torch.Tensor) -> tuple[Heads, dict]:
     """Heads trained for the model whose LM head is `lm_head`, or a clear refusal."""
     directory = Path(directory)
     if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
         raise LmforgeError(f"draft_heads: {directory} holds no {CONFIG} and {WEIGHTS}; train heads with "
                            "`lmforge train-heads CHECKPOINT -o DIR --data TEXT`")
-    config = json.loads((directory / CONFIG).read_text())
+    try:
+        config = json.loads((directory / CONFIG).read_text())
+    except (ValueError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"draft_heads: {directory / CONFIG} is not a JSON object; retrain the heads")
     if config.get("lm_head_fingerprint") != lm_head_fingerprint(lm_head):
         raise LmforgeError(f"draft_heads: the heads in {directory} were trained for another model "
                            f"({config.get('architecture')}, vocabulary {config.get('vocab_size')}); retrain them for this one")
-    tensors = safetensors.torch.load_file(str(directory / WEIGHTS))
+    try:
+        tensors = safetensors.torch.load_file(str(directory / WEIGHTS))
+    except Exception as exc:  # SafetensorError and friends: a malformed header or truncated data
+        raise LmforgeError(f"draft_heads: {directory / WEIGHTS} is not a readable safetensors file "
+                           f"({str(exc).splitlines()[0][:200]})") from None
+    problem = _heads_problem(config.get("kind"), tensors, lm_head)
+    if problem is not None:
+        raise LmforgeError(f"draft_heads: {directory / WEIGHTS}: not {config.get('kind', 'medusa')} heads for this model: {problem}")
     if config.get("kind") == "eagle":
         return load_eagle(tensors, config.get("eagle"), config["heads"]), config
     if config.get("kind") == "hydra":

@@ -242,3 +242,29 @@ def test_hydra_heads_train_draft_sequentially_and_stay_greedy_exact(tmp_path, re
     ids = torch.tensor([heldout_prompts[0]])
     assert torch.equal(lmforge.load(tmp_path / "artifact").generate(ids, max_new_tokens=40, eos_token_id=[]),
                        plain.generate(ids, max_new_tokens=40, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("kind, tensors, problem", [
+    ("hydra", {"block_weight": torch.zeros(2, 8, 16), "block_bias": torch.zeros(2, 8), "output": torch.zeros(2, 32, 8)},
+     "not hydra heads for this model: tensor 'embedding' is missing"),
+    ("medusa", {"block_weight": torch.zeros(16, 8), "block_bias": torch.zeros(16), "output": torch.zeros(2, 31, 8)},
+     "not medusa heads for this model: tensor 'output' is torch.float32 (2, 31, 8), not float (2, 32, 8)"),
+    ("medusa", {"output": torch.zeros(2, 32, 8)},
+     "not medusa heads for this model: tensors ['output'], not ['block_bias', 'block_weight', 'output']"),
+], ids=["hydra-missing", "medusa-vocabulary", "medusa-missing"])
+def test_malformed_heads_files_are_refused_in_one_line(tmp_path, kind, tensors, problem):
+    """A heads directory for the right model (its fingerprint matches) whose tensors do not
+    make the heads it names: the dataclasses raised TypeError or failed at the first draft."""
+    import safetensors.torch
+
+    from lmforge.draft_heads import lm_head_fingerprint, load_heads
+
+    lm_head = torch.randn(32, 8)
+    (tmp_path / "heads.json").write_text(json.dumps({"kind": kind, "lm_head_fingerprint": lm_head_fingerprint(lm_head)}))
+    safetensors.torch.save_file(tensors, tmp_path / "heads.safetensors")
+    with pytest.raises(LmforgeError) as info:
+        load_heads(tmp_path, lm_head)
+    assert str(info.value) == f"draft_heads: {tmp_path / 'heads.safetensors'}: {problem}"
+    (tmp_path / "heads.json").write_text("[1, 2")
+    with pytest.raises(LmforgeError, match="heads.json is not a JSON object"):
+        load_heads(tmp_path, lm_head)
