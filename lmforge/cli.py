@@ -231,6 +231,7 @@ def bench(
         "hf_tokens_per_second": theirs.tokens_per_second, "lmforge_tokens_per_second": ours.tokens_per_second,
         "ratio": ours.tokens_per_second / theirs.tokens_per_second,
         "identical_tokens": bool(torch.equal(theirs.output, ours.output)),
+        "cuda_graphs": model.engine.graph_report(),
     }
     if as_json:
         _print_json(record)
@@ -241,6 +242,7 @@ def bench(
     table.add_row("HF generate (eager PyTorch)", f"{theirs.tokens_per_second:.1f}", "1.00", "—")
     table.add_row("lmforge", f"{ours.tokens_per_second:.1f}", f"{record['ratio']:.2f}", str(record["identical_tokens"]))
     console.print(table)
+    console.print(record["cuda_graphs"], highlight=False)
 
 
 @app.command()

@@ -37,6 +37,7 @@ def test_bench_times_hf_and_lmforge_on_the_same_prompts(compiled_dir):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["identical_tokens"] and record["prompt_len"] == 16 and record["ratio"] > 0
+    assert record["cuda_graphs"] == "cuda graphs: off (device cpu: CUDA graphs need a CUDA device)"
 
 
 def test_info_reports_bytes(compiled_dir, ref_hf):
