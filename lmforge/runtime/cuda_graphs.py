@@ -283,7 +283,8 @@ class GraphedStep:
     def run(self, cache: list, input_ids: torch.Tensor, positions: torch.Tensor, start: int,
             pad: torch.Tensor | None, tree: torch.Tensor | None) -> Any:
         """The step's output for the real rows, from the graph of its (bucket, width, tree),
-        captured now if this is its first step (or the cache was reallocated)."""
+        captured now if this is its first step (or the cache was reallocated). The output is
+        a view of the graph's static output: valid until the next step, as in vLLM."""
         if cache is not self._cache:
             self.graphs.clear()  # graphs recorded the old cache's addresses
             self._cache = cache
