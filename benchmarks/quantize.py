@@ -1,0 +1,207 @@
+"""Low-precision weights: kernel candidates, then whole models per format.
+
+`--kernels`: every candidate CPU kernel per format on every linear weight of ref-llama-py
+and of a 104 M-parameter Llama-shaped model (hidden 1024, 6 layers, vocab 32,000) at 1, 4
+and 11 rows (decode and speculative verify widths), candidates alternating run by run; ms
+per forward over all weights and the ratio to fp32 oneDNN-packed (what fp32 programs use).
+This is the table `codegen/cpu_quantized.py` chose its kernels from.
+
+Default: per format (fp32, bf16, fp16, int8, int4 g32; round to nearest) on ref-llama-py
+and, with `--big`, on a random-weight Llama-shaped model of 112 M parameters: weight bytes
+(every weight, embeddings and LM head included), held-out perplexity change / top-1 / KL
+against the fp32 model (the `quantize` pass's own measurement, calibrate.py) and batch-1
+greedy decode tokens/s against fp32 lmforge and Hugging Face, the three alternating run
+by run in one process (`run_alternately`). On a shared machine the absolute figures drift;
+the ratios measured in the same rounds are the result.
+
+    python benchmarks/quantize.py [--kernels] [--big] [--new-tokens 64] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import lmforge
+from lmforge.benchmarking import heldout_prompts, prompt_text_for, run_alternately, time_alternating
+from lmforge.compiler.quantized import quantize_int4, quantize_int8, unpack_int4
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+
+
+def _linear_shapes(hidden: int, intermediate: int, kv: int, layers: int, vocab: int) -> list[tuple[int, int]]:
+    layer = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden),
+             (intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+    return layer * layers + [(vocab, hidden)]
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+
+
+def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _int4_operands(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    quantized = quantize_int4(weight, group)
+    scales = quantized.scales.float()
+    zeros = quantized.zeros.float() + 8 * scales  # torch's convention: w = (q - 8) * scale + zero
+    packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(quantized.qweight).to(torch.int32), 1)
+    return packed, torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().bfloat16()
+
+
+def kernel_candidates(weights: list[torch.Tensor], rows: int) -> dict[str, Callable[[], None]]:
+    """One forward over all `weights` per candidate kernel, at `rows` activation rows."""
+    xs = [torch.randn(rows, weight.shape[1]) for weight in weights]
+    x16 = [x.bfloat16() for x in xs]
+    fp32 = [_packed(weight) for weight in weights]
+    bf16 = [weight.bfloat16() for weight in weights]
+    bf16_packed = [_packed(weight) for weight in bf16]
+    fp16 = [weight.half() for weight in weights]
+    int8 = [quantize_int8(weight) for weight in weights]
+    int8_scales = [quantized.scales.view(-1) for quantized in int8]
+    int4 = [_int4_operands(weight, 32) for weight in weights]
+
+    def over_all(kernel: Callable[[int], torch.Tensor]) -> Callable[[], None]:
+        return lambda: [kernel(i) for i in range(len(weights))] and None
+
+    candidates = {
+        "fp32 aten.linear": over_all(lambda i: F.linear(xs[i], weights[i])),
+        "fp32 oneDNN packed": over_all(lambda i: _onednn(xs[i], fp32[i])),
+        "bf16 aten.linear": over_all(lambda i: F.linear(x16[i], bf16[i])),
+        "bf16 oneDNN packed (casts incl.)": over_all(lambda i: _onednn(xs[i].bfloat16(), bf16_packed[i]).float()),
+        "fp16 aten.linear (casts incl.)": over_all(lambda i: F.linear(xs[i].half(), fp16[i]).float()),
+        "int8 _weight_int8pack_mm fp32 x": over_all(
+            lambda i: torch._weight_int8pack_mm(xs[i], int8[i].qweight, int8_scales[i])),
+        "int8 _weight_int8pack_mm bf16 x": over_all(
+            lambda i: torch._weight_int8pack_mm(x16[i], int8[i].qweight, int8_scales[i].bfloat16())),
+        "int4 _weight_int4pack_mm_for_cpu": over_all(
+            lambda i: torch._weight_int4pack_mm_for_cpu(x16[i], int4[i][0], 32, int4[i][1])),
+    }
+    try:
+        fp16_packed = [_packed(weight) for weight in fp16]
+        candidates["fp16 oneDNN packed"] = over_all(lambda i: _onednn(xs[i].half(), fp16_packed[i]).float())
+    except RuntimeError as error:  # oneDNN packs fp16 only with avx_ne_convert or avx512_fp16
+        print(f"fp16 oneDNN packed: not available here ({str(error).splitlines()[0]})")
+    return candidates
+
+
+def measure_kernels(repeats: int) -> list[dict]:
+    rows_out = []
+    models = {"ref-llama-py shapes": _linear_shapes(256, 704, 128, 8, 4096),
+              "104M Llama-shaped": _linear_shapes(1024, 2816, 512, 6, 32000)}
+    for model, shapes in models.items():
+        weights = [torch.randn(n, k) * 0.02 for n, k in shapes]
+        for rows in (1, 4, 11):
+            def timed(run: Callable[[], None]) -> Callable[[], float]:
+                def once() -> float:
+                    start = time.perf_counter()
+                    run()
+                    return time.perf_counter() - start
+                return once
+            results = run_alternately({name: timed(run) for name, run in kernel_candidates(weights, rows).items()},
+                                      repeats)
+            base = statistics.median(results["fp32 oneDNN packed"])
+            for name, seconds in results.items():
+                median = statistics.median(seconds)
+                rows_out.append({"model": model, "rows": rows, "kernel": name, "ms": round(median * 1e3, 3),
+                                 "vs_fp32_packed": round(base / median, 2)})
+    return rows_out
+
+
+def random_llama(hidden: int = 1024, layers: int = 4, vocab: int = 32000) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
+                         num_key_value_heads=8, vocab_size=vocab, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _recipe(heldout: Path, fmt: str, samples: int, seq_len: int) -> str:
+    quantize = "" if fmt == "fp32" else f"  - name: quantize\n    weights: {fmt}\n"
+    return (f"calibration: {{data: {heldout}, samples: 2, eval_samples: {samples}, seq_len: {seq_len}}}\n"
+            f"passes:\n  - name: cleanup\n{quantize}runtime: {{max_seq_len: 1024}}\n")
+
+
+def measure_model(label: str, model, tokenizer, heldout: Path, prompt: torch.Tensor, args) -> list[dict]:
+    """One row per format: bytes, quality, tokens/s vs fp32 lmforge and HF (alternating)."""
+    fp32_bytes = sum(tensor.nbytes for tensor in model.state_dict().values())
+    compiled = {fmt: lmforge.optimize(model, _recipe(heldout, fmt, args.eval_samples, args.seq_len), tokenizer=tokenizer)
+                for fmt in FORMATS}
+
+    def hf_generate() -> torch.Tensor:
+        with torch.no_grad():
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False)
+
+    rows = []
+    for fmt in FORMATS:
+        engines = {"hf": hf_generate,
+                   "fp32": lambda: compiled["fp32"].generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[]),
+                   "this": lambda: compiled[fmt].generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[])}
+        timing = time_alternating(engines, prompt.shape[1], args.repeats)
+        program = compiled[fmt].program
+        quality = program.meta.get("quantize", {}).get("heldout_quality", {})
+        weight_bytes = sum(tensor.nbytes for tensor in program.state_dict().values())
+        rows.append({
+            "model": label, "format": fmt, "weight_bytes": weight_bytes,
+            "smaller": round(fp32_bytes / weight_bytes, 2),
+            "ppl_increase": quality.get("ppl_increase", 0.0), "top1": quality.get("top1", 1.0), "kl": quality.get("kl", 0.0),
+            "tokens_per_s": round(timing["this"].tokens_per_second, 1),
+            "vs_fp32_lmforge": round(timing["fp32"].seconds / timing["this"].seconds, 2),
+            "vs_hf": round(timing["hf"].seconds / timing["this"].seconds, 2),
+            "greedy_agreement_with_fp32": round((timing["this"].output == timing["fp32"].output).float().mean().item(), 3),
+        })
+    return rows
+
+
+def _print(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(f"{value:,}" if isinstance(value, int) else str(value) for value in row.values()))
+    Console().print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--kernels", action="store_true", help="measure kernel candidates instead of whole models")
+    parser.add_argument("--big", action="store_true", help="also a random-weight ~100M-parameter Llama-shaped model")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    load = f"load average {open('/proc/loadavg').read().split()[0]} on {torch.get_num_threads()} threads (shared machine)"
+    if args.kernels:
+        rows = measure_kernels(args.repeats)
+        print(json.dumps(rows)) if args.json else _print(rows, f"kernel candidates, {load}")
+        return
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    prompt = torch.tensor([heldout_prompts(prompt_text_for(args.checkpoint), tokenizer, 1, args.prompt_len)[0]])
+    heldout = args.checkpoint / "heldout.txt"
+    models = {"ref-llama-py": lambda: AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()}
+    if args.big:
+        models["random Llama ~112M"] = random_llama
+    for label, make in models.items():  # each table as soon as it is measured
+        rows = measure_model(label, make(), tokenizer, heldout, prompt, args)
+        print(json.dumps(rows), flush=True) if args.json else _print(rows, f"{label}, round to nearest, {load}")
+
+
+if __name__ == "__main__":
+    main()
