@@ -315,7 +315,7 @@ def load_heads(directory: str | Path, lm_head: torch.Tensor) -> tuple[Heads, dic
     if problem is not None:
         raise LmforgeError(f"draft_heads: {directory / WEIGHTS}: not {config.get('kind', 'medusa')} heads for this model: {problem}")
     if config.get("kind") == "eagle":
-        return load_eagle(tensors, config.get("eagle"), config["heads"]), config
+        return load_eagle(tensors, config.get("eagle"), config.get("heads")), config
     if config.get("kind") == "hydra":
         return HydraHeads(**tensors), config
     return MedusaHeads(**tensors), config

@@ -321,7 +321,9 @@ def acceptance_per_depth(drafter: EagleDrafter, model: Any, sequences: torch.Ten
 def load_eagle(tensors: dict[str, torch.Tensor], shape: dict | None, depth: int) -> EagleDrafter:
     """A drafter from its stored tensors, its shape (`EagleShape.as_dict`) and its draft depth."""
     missing = sorted(set(TRAINED + FROZEN) - set(tensors))
-    if missing or not shape:
-        raise LmforgeError(f"eagle drafter: the stored drafter lacks {', '.join(missing) or 'its shape'}; retrain it")
-    return EagleDrafter(dict(tensors), EagleShape(**shape), int(depth))
+    if missing or not isinstance(shape, dict) or set(shape) != set(EagleShape.__dataclass_fields__):
+        raise LmforgeError(f"eagle drafter: the stored drafter lacks {', '.join(missing) or 'a valid shape'}; retrain it")
+    if not isinstance(depth, int) or depth < 1:
+        raise LmforgeError(f"eagle drafter: its draft depth {depth!r} is not a positive integer; retrain it")
+    return EagleDrafter(dict(tensors), EagleShape(**shape), depth)
 

@@ -1,6 +1,8 @@
 """EAGLE drafter: training lowers its loss and resumes exactly, its training-time test matches
 what the runtime drafts, its cache rolls back exactly, and greedy output with it is plain greedy."""
 
+import json
+
 import pytest
 import torch
 from tiny_models import tiny_model
@@ -132,3 +134,16 @@ def test_trees_are_refused_for_an_eagle_drafter(tmp_path):
     recipe = f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {tmp_path}, tree: [2, 1]}}]"
     with pytest.raises(LmforgeError, match="drafts a chain"):
         lmforge.optimize(model, recipe)
+
+
+def test_a_malformed_eagle_drafter_is_refused_in_one_line(tmp_path):
+    model = tiny_model("llama")
+    save_heads(tmp_path, initial_eagle(model, 2), model, {})
+    config = json.loads((tmp_path / "heads.json").read_text())
+    (tmp_path / "heads.json").write_text(json.dumps({**config, "heads": 0}))
+    with pytest.raises(LmforgeError, match="draft depth 0"):
+        lmforge.optimize(model, f"passes: [{{name: draft_heads, path: {tmp_path}}}]")
+    del config["eagle"]["eps"]
+    (tmp_path / "heads.json").write_text(json.dumps(config))
+    with pytest.raises(LmforgeError, match="lacks a valid shape"):
+        lmforge.optimize(model, f"passes: [{{name: draft_heads, path: {tmp_path}}}]")
