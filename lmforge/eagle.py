@@ -23,6 +23,7 @@ is how the cache rolls back to the accepted path exactly.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -177,13 +178,15 @@ class EagleDrafter:
         weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
         return weights @ self._grouped(self.values[:, :, :end])
 
-    def _write(self, features, tokens, positions, start: int) -> torch.Tensor:
+    def _write(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """Run the layer on entries written at slots start.. and return their predicted features."""
         residual, q, k, v = self._inputs(features, tokens, positions)
         end = start + tokens.shape[1]
         self.keys[:, :, start:end], self.values[:, :, start:end] = k, v
         return self._output(residual, self._attend(q, start, end))
 
-    def extend(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+    def extend(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
+               start: int) -> torch.Tensor:
         """Commit accepted positions: base hidden states (B, n, H) at cache slots start..start+n
         and positions (B, n), each with the token that followed it (B, n). Must continue the
         last commit: slots written by drafts since then are overwritten (the rollback)."""
@@ -212,7 +215,8 @@ def initial_eagle(model: Any, depth: int, seed: int = 0) -> EagleDrafter:
     feature passes through, attention and MLP outputs start at zero (as Medusa's blocks)."""
     output = model.get_output_embeddings()
     if getattr(output, "bias", None) is not None:
-        raise LmforgeError("eagle drafter: the model's LM head has a bias; feature-level drafting needs a plain projection")
+        raise LmforgeError("eagle drafter: the model's LM head has a bias; feature-level drafting needs a plain "
+                           "projection")
     shape = EagleShape.of(model.config)
     generator = torch.Generator().manual_seed(seed)
     h, heads, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -238,7 +242,8 @@ def _base_features(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return out.hidden_states[-1].float(), out.logits.float().log_softmax(-1)
 
 
-def eagle_loss(drafter: EagleDrafter, hidden: torch.Tensor, logprobs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def eagle_loss(drafter: EagleDrafter, hidden: torch.Tensor, logprobs: torch.Tensor,
+               tokens: torch.Tensor) -> torch.Tensor:
     """Unrolled over `depth` steps: step k at origin t predicts position t+k+1's feature and
     the base's distribution there; smooth-L1 feature loss + cross-entropy, step k weighted
     by STEP_DECAY**k."""
@@ -262,7 +267,7 @@ def train_eagle(
     steps: int = 300,
     lr: float = 2e-3,
     batch: int = 4,
-    checkpoint: Any = None,
+    checkpoint: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[EagleDrafter, TrainingRun]:
     """Train a drafter drafting `depth` tokens on windows `train_ids` (B, T) by self-distillation
@@ -322,7 +327,8 @@ def load_eagle(tensors: dict[str, torch.Tensor], shape: dict | None, depth: int)
     """A drafter from its stored tensors, its shape (`EagleShape.as_dict`) and its draft depth."""
     missing = sorted(set(TRAINED + FROZEN) - set(tensors))
     if missing or not isinstance(shape, dict) or set(shape) != set(EagleShape.__dataclass_fields__):
-        raise LmforgeError(f"eagle drafter: the stored drafter lacks {', '.join(missing) or 'a valid shape'}; retrain it")
+        raise LmforgeError(f"eagle drafter: the stored drafter lacks {', '.join(missing) or 'a valid shape'}; "
+                           "retrain it")
     if not isinstance(depth, int) or depth < 1:
         raise LmforgeError(f"eagle drafter: its draft depth {depth!r} is not a positive integer; retrain it")
     return EagleDrafter(dict(tensors), EagleShape(**shape), depth)
