@@ -45,6 +45,15 @@ def ref_tokenizer(ref_path):
 
 
 @pytest.fixture(scope="session")
+def ref_program(ref_hf):
+    """The reference checkpoint captured once per run (an export costs seconds). Shared:
+    a test takes `ref_program.clone()` (own graph and meta, shared weights) before rewriting."""
+    from lmforge.compiler.capture import capture
+
+    return capture(ref_hf)
+
+
+@pytest.fixture(scope="session")
 def ref_compiled(ref_path):
     import lmforge
 

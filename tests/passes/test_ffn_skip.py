@@ -123,7 +123,7 @@ def test_dynamic_never_skips_when_the_stream_keeps_turning_and_matches_the_model
 
 def test_kv_share_and_dynamic_ffn_skip_compose_save_load_and_generate(tmp_path, ref_path):
     recipe = (
-        f"calibration: {{data: {ref_path / 'heldout.txt'}, samples: 4, eval_samples: 4, seq_len: 64}}\n"
+        f"calibration: {{data: {ref_path / 'heldout.txt'}, samples: 2, eval_samples: 2, seq_len: 64}}\n"
         "passes:\n  - name: cleanup\n  - name: kv_share\n    mode: explicit\n    groups: [[1, 2]]\n"
         "  - name: ffn_skip\n    mode: dynamic\n    threshold: 0.99\n    warmup: 2\n"
         "  - name: fuse_projections\n  - name: verify\nruntime: {max_seq_len: 256}\n"
@@ -146,15 +146,15 @@ def test_kv_share_and_dynamic_ffn_skip_compose_save_load_and_generate(tmp_path, 
     assert torch.equal(loaded.generate(prompt, max_new_tokens=24), tokens)
 
 
-def test_static_auto_and_dynamic_respect_the_budget_on_heldout_text(ref_path, ref_tokenizer, ref_hf):
+def test_static_auto_and_dynamic_respect_the_budget_on_heldout_text(ref_path, ref_tokenizer, ref_hf, ref_program):
     data = text_calibration(ref_path, ref_tokenizer, ref_hf, samples=4, seq_len=128)
-    static = capture(ref_hf)
+    static = ref_program.clone()
     FFNSkip(FFNSkipConfig(mode="static"))(static, context(ref_hf, data, max_ppl_increase=0.06))
     assert 1 <= len(static.meta["ffn_skip"]["layers"]) and data.program_quality(static).ppl_increase <= 0.06
-    dynamic = capture(ref_hf)
+    dynamic = ref_program.clone()
     config = FFNSkipConfig(mode="dynamic", thresholds=[0.999, 0.995, 0.99, 0.98])
     result = FFNSkip(config)(dynamic, context(ref_hf, data, max_ppl_increase=0.05))
     measured = data.program_quality(dynamic)  # decodes, since the program now decides per token
     assert measured.ppl_increase <= 0.05 and result.measurements["threshold"] in config.thresholds
     with pytest.raises(LmforgeError, match=r"ffn_skip: .*costs perplexity \+\d+\.\d\d%"):
-        FFNSkip(FFNSkipConfig(mode="static"))(capture(ref_hf), context(ref_hf, data, max_ppl_increase=0.0001))
+        FFNSkip(FFNSkipConfig(mode="static"))(ref_program.clone(), context(ref_hf, data, max_ppl_increase=0.0001))

@@ -52,8 +52,8 @@ def test_split_heads_decode_equals_recomputation_with_a_fixed_ring(arch):
     assert grows < kv_cache_bytes(dense, 2000) - kv_cache_bytes(dense, 1000)
 
 
-def test_streaming_heads_with_padding_and_prompt_lookup_equal_plain_decoding(ref_hf, heldout_prompts):
-    program = capture(ref_hf)
+def test_streaming_heads_with_padding_and_prompt_lookup_equal_plain_decoding(ref_program, heldout_prompts):
+    program = ref_program.clone()
     split_heads(program, {layer: [True, False, True, layer % 2 == 0] for layer in range(8)}, SINK, WINDOW, SLACK)
     first, second = heldout_prompts[0], heldout_prompts[2]
     prompts = torch.zeros(2, len(second), dtype=torch.long)
@@ -72,25 +72,24 @@ def ref_data(ref_path, ref_tokenizer, ref_hf):
     return text_calibration(ref_path, ref_tokenizer, ref_hf, samples=2, seq_len=128)
 
 
-def test_attention_mass_pass_reports_saves_and_reloads_head_kinds(ref_hf, ref_data, ref_path, tmp_path):
-    program = capture(ref_hf)
+def test_attention_mass_pass_reports_saves_and_reloads_head_kinds(ref_hf, ref_program, ref_data, ref_path, tmp_path):
     config = StreamingHeads.Config(method="attention_mass", streaming_fraction=0.5, window=64, seq_len=320,
                                    samples=2, eval_samples=2)
-    result = StreamingHeads(config)(program, context(ref_hf, ref_data))
-    decision = program.meta["streaming_heads"]
-    assert sum(sum(kinds) for kinds in decision["kinds"].values()) == 16  # half of 8 layers x 4 KV heads
-    assert set(decision["copy_accuracy"]) == {"dense", "dense_without_source", "streaming"} and "copy task accuracy" in result.notes[-1]
-    assert decision["heldout_quality"]["top1"] < 1.0  # streaming really changed predictions past the window
     recipe = {"passes": [{"name": "streaming_heads", **config.model_dump(exclude_none=True)}],
               "calibration": {"data": str(ref_path / "heldout.txt"), "samples": 2, "eval_samples": 2, "seq_len": 128}}
-    artifact = lmforge.optimize(ref_path, yaml.safe_dump(recipe))
+    artifact = lmforge.optimize(ref_path, yaml.safe_dump(recipe))  # the pass runs once, inside the pipeline
+    entry = next(entry for entry in artifact.program.history if entry["pass"] == "streaming_heads")
+    decision = artifact.program.meta["streaming_heads"]
+    assert sum(sum(kinds) for kinds in decision["kinds"].values()) == 16  # half of 8 layers x 4 KV heads
+    assert set(decision["copy_accuracy"]) == {"dense", "dense_without_source", "streaming"} and "copy task accuracy" in entry["notes"][-1]
+    assert decision["heldout_quality"]["top1"] < 1.0  # streaming really changed predictions past the window
     saved = artifact.save(tmp_path / "artifact")
     document = json.loads((saved / FILENAME).read_text())
     assert document["model"]["name"] == "ref-llama-py" and document["streaming_heads"]["kinds"]
     reloaded = lmforge.load(saved)
     ids = torch.arange(3, 403)[None] % 4000
     torch.testing.assert_close(reloaded(ids).logits, artifact(ids).logits)
-    reused = capture(ref_hf)
+    reused = ref_program.clone()
     StreamingHeads(StreamingHeads.Config(patterns=str(saved), window=64, seq_len=320, samples=2, eval_samples=2))(
         reused, context(ref_hf, ref_data))
     assert reused.meta["streaming_heads"]["kinds"] == document["streaming_heads"]["kinds"]
@@ -98,21 +97,21 @@ def test_attention_mass_pass_reports_saves_and_reloads_head_kinds(ref_hf, ref_da
         load_patterns(saved, capture(tiny_model("llama")).meta, tiny_model("llama").config)
 
 
-def test_gates_train_resume_and_rank_heads(ref_hf, ref_data, tmp_path):
+def test_gates_train_resume_and_rank_heads(ref_hf, ref_program, ref_data, tmp_path):
     options = dict(method="gates", streaming_fraction=0.25, window=64, seq_len=320, samples=2, eval_samples=2,
-                   gate_steps=6, checkpoint=str(tmp_path / "gates.safetensors"))
-    program = capture(ref_hf)
+                   gate_steps=3, checkpoint=str(tmp_path / "gates.safetensors"))  # mechanics, not a trained ranking
+    program = ref_program.clone()
     result = StreamingHeads(StreamingHeads.Config(**options))(program, context(ref_hf, ref_data))
     gates = [value for values in program.meta["streaming_heads"]["scores"].values() for value in values]
     assert min(gates) < 1.0 and len(result.measurements["gate_losses"]) > 0  # trained away from the init
-    again = capture(ref_hf)
+    again = ref_program.clone()
     resumed = StreamingHeads(StreamingHeads.Config(**options))(again, context(ref_hf, ref_data))
     assert resumed.measurements["gate_losses"] == []  # the checkpoint already holds every step
     assert again.meta["streaming_heads"]["scores"] == program.meta["streaming_heads"]["scores"]
 
 
-def test_a_budget_that_streaming_cannot_meet_is_a_clear_error(ref_hf, ref_data):
+def test_a_budget_that_streaming_cannot_meet_is_a_clear_error(ref_hf, ref_program, ref_data):
     config = StreamingHeads.Config(method="attention_mass", streaming_fraction=1.0, sink=0, window=4, seq_len=320,
                                    samples=2, eval_samples=2)
     with pytest.raises(LmforgeError, match="streaming_heads: streaming 100% of the KV heads misses the quality budget"):
-        StreamingHeads(config)(capture(ref_hf), context(ref_hf, ref_data, max_ppl_increase=0.01))
+        StreamingHeads(config)(ref_program.clone(), context(ref_hf, ref_data, max_ppl_increase=0.01))
