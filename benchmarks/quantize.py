@@ -172,7 +172,7 @@ def _print(rows: list[dict], title: str) -> None:
         table.add_column(key)
     for row in rows:
         table.add_row(*(f"{value:,}" if isinstance(value, int) else str(value) for value in row.values()))
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def main() -> None:
