@@ -123,7 +123,7 @@ def test_dynamic_never_skips_when_the_stream_keeps_turning_and_matches_the_model
 
 def test_kv_share_and_dynamic_ffn_skip_compose_save_load_and_generate(tmp_path, ref_path):
     recipe = (
-        f"calibration: {{data: {ref_path / 'heldout.txt'}, samples: 2, eval_samples: 2, seq_len: 64}}\n"
+        f"calibration: {{data: {ref_path / 'heldout.txt'}, samples: 4, eval_samples: 4, seq_len: 64}}\n"
         "passes:\n  - name: cleanup\n  - name: kv_share\n    mode: explicit\n    groups: [[1, 2]]\n"
         "  - name: ffn_skip\n    mode: dynamic\n    threshold: 0.99\n    warmup: 2\n"
         "  - name: fuse_projections\n  - name: verify\nruntime: {max_seq_len: 256}\n"
