@@ -47,7 +47,7 @@ def test_bad_yaml_gives_line_and_column(tmp_path):
 def test_bad_section_and_codegen_choice(tmp_path):
     assert ":1: pases: unknown section; did you mean 'passes'?" in _error("pases: []\n", tmp_path)
     message = _error("codegen:\n  backend: tvm\n", tmp_path)
-    assert ":2: codegen.backend:" in message and "'aten', 'fx', 'inductor' or 'triton'" in message
+    assert ":2: codegen.backend:" in message and "'aten', 'fx', 'inductor', 'cpp' or 'triton'" in message
 
 
 def test_yaml_text_default_and_round_trip():
