@@ -12,6 +12,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Under pytest-xdist each worker process runs one test at a time on one core: two workers with
+# two intra-op threads each would oversubscribe a 2-core machine and spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 REF_MODEL = Path(
     os.environ.get("LMFORGE_REF_MODEL", Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py")
 )
