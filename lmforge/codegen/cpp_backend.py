@@ -67,6 +67,7 @@ from lmforge.compiler.ops import (
     current_context,
     ffn_skip_gate,
     last_position,
+    slot_mask,
 )
 from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.pipeline import provenance
@@ -153,11 +154,7 @@ def cached_attention(
     batch, heads, tokens, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = heads // kv_heads
-    queries, slots = write_slots[:, None], key_slots[None, :]
-    allowed = slots <= queries
-    if window > 0:
-        allowed = allowed & (slots > queries - window)
-    allowed = (allowed[None] & (slots[None] >= pad[:, None, None])) | (slots == queries)[None]  # (B, T, S)
+    allowed = slot_mask(write_slots, key_slots, pad, window)  # (B, T, S)
     scores = torch.matmul(q.reshape(batch, kv_heads, groups * tokens, head_dim), keys.transpose(2, 3)) * scale
     if softcap > 0.0:
         scores = torch.tanh(scores / softcap) * softcap

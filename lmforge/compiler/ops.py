@@ -32,6 +32,30 @@ _lib = torch.library.Library("lmforge", "DEF")
 _lib.define(ATTENTION_SCHEMA)
 
 
+def slot_mask(
+    write_slots: torch.Tensor,
+    key_slots: torch.Tensor,
+    pad: torch.Tensor,
+    window: int,
+    tree: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which cache slots each new token may attend to, from tensors only (so a CUDA graph or a
+    compiled step computes it rather than freezing Python ints): causal by slot, the sliding
+    window, a draft tree's ancestor mask among the new slots, left padding (`pad`, per row)
+    hidden, and a padding query sees itself. (B, T, S) for `write_slots` (T,), `key_slots` (S,)."""
+    queries, keys = write_slots[:, None], key_slots[None, :]
+    allowed = keys <= queries
+    if window > 0:
+        allowed = allowed & (keys > queries - window)
+    if tree is not None:
+        tokens = write_slots.shape[0]
+        relative = keys - write_slots[0]
+        among_new = (relative >= 0) & (relative < tokens)
+        allowed = torch.where(among_new, tree[:, relative.clamp(0, tokens - 1)[0]], allowed)
+    allowed = allowed[None] & (keys[None] >= pad[:, None, None])
+    return allowed | (keys == queries)[None]
+
+
 @dataclass
 class AttentionContext:
     """Everything the attention op needs that is not a graph value.
@@ -83,17 +107,8 @@ class AttentionContext:
         if self.tree is not None and window > 0:
             raise LmforgeError("tree verification with sliding-window attention is not supported; draft a chain instead")
         max_len = self.kv[next(i for i, slot in enumerate(self.kv) if slot is not None)][0].shape[2]
-        query_slots = self.slots[:, None]
-        key_slots = torch.arange(max_len, device=self.slots.device)[None, :]
-        allowed = key_slots <= query_slots
-        if window > 0:
-            allowed = allowed & (key_slots > query_slots - window)
-        if self.tree is not None:
-            relative = key_slots - self.slots[0]
-            among_new = (relative >= 0) & (relative < self.q_len)
-            allowed = torch.where(among_new, self.tree[:, relative.clamp(0, self.q_len - 1)[0]], allowed)
-        allowed = allowed[None, None] & (key_slots[None, None] >= self.pad[:, None, None, None])
-        return allowed | (key_slots == query_slots)[None, None]
+        key_slots = torch.arange(max_len, device=self.slots.device)
+        return slot_mask(self.slots, key_slots, self.pad, window, self.tree)[:, None]
 
     def cached(self, key: Hashable, build: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """A mask built once per forward under `key`, shared by every layer that asks."""
