@@ -56,6 +56,24 @@ def slot_mask(
     return allowed | (keys == queries)[None]
 
 
+@dataclass(frozen=True)
+class PagedRows:
+    """The layout of a ragged forward over a paged cache (`runtime.paged`): the query tokens
+    of several requests laid out in one row, each request's keys and values in blocks of one
+    pool per cache index, `(1, kv_heads, blocks * block_size, head_dim)`, passed as
+    `AttentionContext.kv`. `write_slots` (T,) is the pool slot each query token's key and
+    value go to; `key_slots` (S,) the pool slots read, every request's from its first
+    position. `query_requests`/`query_positions` (T,) and `key_requests`/`key_positions`
+    (S,) say whose each token is and where in its sequence: the mask is built from them."""
+
+    write_slots: torch.Tensor
+    key_slots: torch.Tensor
+    query_requests: torch.Tensor
+    query_positions: torch.Tensor
+    key_requests: torch.Tensor
+    key_positions: torch.Tensor
+
+
 @dataclass
 class AttentionContext:
     """Everything the attention op needs that is not a graph value.
@@ -78,6 +96,8 @@ class AttentionContext:
     which capture would freeze, so `attention` and `tree_attention` then write with
     `index_copy_` and attend over the whole cache under a mask computed from `slots`, `pad`
     and `tree` (static buffers the runtime refills before each replay).
+    `paged`, when set, says the cache is a block pool read through `PagedRows` (serving's
+    continuous batches); only `attention` and `tree_attention` (without a tree) accept it.
     """
 
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -90,6 +110,7 @@ class AttentionContext:
     last_only: bool = False
     device: torch.device | None = None
     slots: torch.Tensor | None = None
+    paged: PagedRows | None = None
     _masks: dict[Hashable, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int) -> torch.Tensor | None:

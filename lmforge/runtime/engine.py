@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 
-from lmforge.compiler.ops import AttentionContext, attention_context
+from lmforge.compiler.ops import AttentionContext, PagedRows, attention_context
 from lmforge.compiler.program import draft_head_count, split_output
 from lmforge.errors import LmforgeError
 from lmforge.runtime.buckets import pad_to_bucket
 from lmforge.runtime.cuda_graphs import GraphedStep
+from lmforge.runtime.eagle_tree import DynamicTree, grow_tree
 from lmforge.runtime.inputs import (
     check_attention_mask,
     check_eos_token_ids,
@@ -31,7 +32,8 @@ from lmforge.runtime.inputs import (
     check_token_ids,
 )
 from lmforge.runtime.kv_cache import StaticKVCache, check_cache_fits
-from lmforge.runtime.sampling import SamplingParams, select_next
+from lmforge.runtime.rejection import DrawnChain, accept_drawn
+from lmforge.runtime.sampling import SamplingParams, filtered_logits, select_next
 from lmforge.runtime.speculative import (
     ProfitabilityGate,
     PromptLookup,
@@ -161,6 +163,22 @@ class Engine:
                 self.cache = StaticKVCache(self.kv_layout, rows, self.max_seq_len, self.dtype, self.device)
         return self.cache
 
+    def reserve_cache(self, batch: int, length: int) -> StaticKVCache:
+        """The static cache for `batch` rows of `length` tokens, for a driver that runs `step`
+        itself (the serving scheduler's one-batch path) rather than through `generate`."""
+        return self._ensure_cache(batch, length)
+
+    def step_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, pools: list,
+                   rows: PagedRows) -> torch.Tensor:
+        """Every position's logits `(T, vocab)` of a ragged forward over a block pool: the
+        query tokens of several requests in one row `(1, T)`, each with its own position, their
+        keys and values read and written through `rows` (`runtime.paged`). The serving
+        scheduler's continuous batches run through it; the engine's own cache is not touched."""
+        context = AttentionContext(kv=pools, start=0, q_len=input_ids.shape[1], paged=rows, device=self.device)
+        with attention_context(context):
+            output = self.runner(input_ids, positions)
+        return split_output(output, self.speculation)[0][0]
+
     def _cache_rows(self, batch: int) -> list:
         """The cache buffers of the first `batch` rows (views: a bucket-sized cache holds more)."""
         if self.cache.batch == batch:
@@ -273,8 +291,9 @@ class Engine:
         gate = ProfitabilityGate()
         self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
         eagle = self._eagle_drafting()
+        eagle_tree = self._eagle_tree() if eagle and not sampling.do_sample and self._plain_cache() else None
         if eagle:  # the drafter reads the hidden state at every prompt position
-            self.drafter.start(batch, total + 1, pad, self.device)
+            self.drafter.start(batch, total + 1 + (eagle_tree.drafter_slots() if eagle_tree else 0), pad, self.device)
         logits = self.step(input_ids, positions, 0, pad, every_position=eagle)
         logits = logits[:, -1:] if eagle else logits[:, None]
         fed, fed_positions, fed_start = input_ids, positions, 0
@@ -282,17 +301,22 @@ class Engine:
         rows = torch.arange(batch, device=self.device)
         while True:
             head_index = torch.full((batch,), -1, device=self.device)  # per row, the position whose token was accepted last
+            path_nodes = None  # per row, the fed positions accepted (tree drafts)
             if drafts is None:
                 new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
             else:
                 if isinstance(drafts, TokenTree):
                     paths, own = accept_tree(logits, drafts)
                     compact_cache(self._cache_rows(batch), length - 1, paths)
-                    nodes = torch.tensor(paths, device=self.device)
+                    nodes = path_nodes = torch.tensor(paths, device=self.device)
                     head_index, accepted, drafted = nodes[:, -1], nodes.shape[1] - 1, len(drafts.parents) - 1
                     new_tokens = torch.cat([drafts.tokens.gather(1, nodes[:, 1:]), own[:, None]], dim=1)
                 else:
-                    accepted, own = accept(logits, drafts, sampling, generator, typical)
+                    if isinstance(drafts, DrawnChain):
+                        accepted, own = accept_drawn(logits, drafts, sampling, generator)
+                        drafts = drafts.tokens
+                    else:
+                        accepted, own = accept(logits, drafts, sampling, generator, typical)
                     head_index, drafted = torch.full((batch,), accepted, device=self.device), drafts.shape[1]
                     new_tokens = torch.cat([drafts[:, :accepted], own[:, None]], dim=1)
                 gate.record(accepted, drafted)
@@ -314,7 +338,9 @@ class Engine:
                 break
             if eagle:
                 kept = fed.shape[1] - (0 if drafts is None else drafted - accepted)
-                heads = self._eagle_drafts(fed, fed_positions, fed_start, kept, new_tokens[:, -1:])
+                nodes = path_nodes if path_nodes is not None else torch.arange(kept, device=self.device).expand(batch, -1)
+                heads = self._eagle_drafts(fed, fed_positions, fed_start, nodes, new_tokens[:, -1:], tokens[:, length - 1],
+                                           eagle_tree, sampling, generator)
             else:
                 heads = self._head_drafts(self.draft_inputs[rows, head_index], tokens[:, length - 1], tree_widths) \
                     if self.draft_heads else None
@@ -322,7 +348,8 @@ class Engine:
             if isinstance(drafts, TokenTree):
                 feed, offsets, tree = drafts.tokens, drafts.depths, drafts.mask()
             else:
-                feed = tokens[:, length - 1 : length] if drafts is None else torch.cat([tokens[:, length - 1 : length], drafts], 1)
+                chain = drafts.tokens if isinstance(drafts, DrawnChain) else drafts
+                feed = tokens[:, length - 1 : length] if chain is None else torch.cat([tokens[:, length - 1 : length], chain], 1)
                 offsets, tree = torch.arange(feed.shape[1], device=self.device), None
             fed, fed_positions, fed_start = feed, last_prompt_position + (length - prompt_len) + offsets, length - 1
             logits = self.step(fed, fed_positions, fed_start, pad, generated=length - 1 - prompt_len,
@@ -336,14 +363,29 @@ class Engine:
         """Whether an EAGLE drafter drafts: it needs the hidden states of every position fed."""
         return self.draft_heads > 0 and self.speculation.get("draft_heads", {}).get("kind") == "eagle"
 
-    def _eagle_drafts(self, fed: torch.Tensor, positions: torch.Tensor, start: int, kept: int,
-                      own: torch.Tensor) -> Callable[[int], torch.Tensor]:
-        """Commit the last forward's first `kept` positions (those accepted) to the EAGLE
-        drafter's cache — each position's hidden state with the token after it: the next fed
-        token, and the model's own new token `own` (B, 1) after the last — and return its
-        chain drafter. Its drafts of the previous step are overwritten: the rollback."""
-        next_tokens = torch.cat([fed[:, 1:kept], own], dim=1)
-        self.drafter.extend(self.draft_inputs[:, :kept], next_tokens, positions[:, :kept], start)
+    def _eagle_tree(self) -> DynamicTree | None:
+        """The dynamic tree the `draft_heads` pass chose for the EAGLE drafter, or None (a chain)."""
+        options = self.speculation.get("draft_heads", {}).get("eagle_tree")
+        return DynamicTree(**options) if options else None
+
+    def _eagle_drafts(self, fed: torch.Tensor, positions: torch.Tensor, start: int, nodes: torch.Tensor,
+                      own: torch.Tensor, root: torch.Tensor, tree: DynamicTree | None, sampling: SamplingParams,
+                      generator: torch.Generator | None) -> Callable[[int], torch.Tensor | TokenTree | DrawnChain]:
+        """Commit the last forward's accepted positions `nodes` (B, kept), in order, to the
+        EAGLE drafter's cache — each position's hidden state with the token after it: the next
+        accepted fed token, and the model's own new token `own` (B, 1) after the last — and
+        return its drafter: a dynamic tree below `root` (B,) when greedy with `tree`, a chain
+        drawn from its filtered distribution when sampling, else its greedy chain. Its drafts
+        of the previous step are overwritten: the rollback."""
+        hidden = self.draft_inputs.gather(1, nodes[..., None].expand(-1, -1, self.draft_inputs.shape[-1]))
+        next_tokens = torch.cat([fed.gather(1, nodes)[:, 1:], own], dim=1)
+        self.drafter.extend(hidden, next_tokens, positions.expand(fed.shape).gather(1, nodes), start)
+        if tree is not None:
+            return lambda room: grow_tree(self.drafter, root, tree, room)
+        if sampling.do_sample:
+            def distribution(logits: torch.Tensor) -> torch.Tensor:
+                return filtered_logits(logits, sampling).softmax(-1)
+            return lambda room: DrawnChain(*self.drafter.sample_chain(room, distribution, generator))
         return self.drafter.draft
 
     def _plain_cache(self) -> bool:

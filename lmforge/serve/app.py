@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP layer of `lmforge serve` (FastAPI).
 
 It only translates: a request body becomes token ids and `GenerationParams`, is handed to
-the `Scheduler`, and the scheduler's `TokenEvent`s become an OpenAI response or its
+the scheduler, and the scheduler's `TokenEvent`s become an OpenAI response or its
 server-sent-event stream. Events arrive on the scheduler's thread and are passed to the
 event loop with `call_soon_threadsafe`. A client that goes away (stream closed, or a
 non-streaming request whose connection dropped) cancels its request, which frees its row.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,10 +23,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from lmforge.errors import LmforgeError
+from lmforge.runtime.paged import paging_unsupported_reason
 from lmforge.runtime.sampling import SamplingParams
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, SamplingFields, error_body
-from lmforge.serve.scheduler import GenerationParams, Request, Scheduler, TokenEvent
+from lmforge.serve.continuous import ContinuousScheduler
+from lmforge.serve.scheduler import GenerationParams, Request, Scheduler, SchedulerBase, TokenEvent
+
+logger = logging.getLogger("lmforge.serve")
 
 DISCONNECT_POLL_SECONDS = 0.5
 
@@ -43,7 +48,7 @@ class _Events:
 class _Served:
     """What the handlers share: the model's name, tokenizer and the scheduler."""
 
-    def __init__(self, model: Any, name: str, scheduler: Scheduler) -> None:
+    def __init__(self, model: Any, name: str, scheduler: SchedulerBase) -> None:
         self.model, self.name, self.scheduler = model, name, scheduler
         self.tokenizer = model.tokenizer
 
@@ -83,12 +88,33 @@ class _Served:
         return self.tokenizer.decode([token_id])
 
 
-def create_app(model: Any, name: str, *, max_batch: int = 8, max_tokens_per_step: int = 4096) -> FastAPI:
+def paging_reason(model: Any) -> str | None:
+    """Why `model` cannot be served over a paged cache, or None when it can."""
+    program, recipe = getattr(model, "program", None), getattr(model, "recipe", None)
+    if program is None or recipe is None:
+        return "the model has no program to check for paged attention"
+    return paging_unsupported_reason(program.graph_module, program.meta["kv_cache"], recipe.codegen.backend)
+
+
+def make_scheduler(model: Any, metrics: ServeMetrics, *, max_batch: int, max_tokens_per_step: int,
+                   kv_blocks: int | None = None) -> SchedulerBase:
+    """Continuous batching over a paged cache when the program's attention can be paged;
+    else one batch at a time, with the reason logged (never a paged run that would be wrong)."""
+    options = dict(max_batch=max_batch, max_tokens_per_step=max_tokens_per_step, metrics=metrics)
+    reason = paging_reason(model)
+    if reason is None:
+        return ContinuousScheduler(model.engine, model.tokenizer, kv_blocks=kv_blocks, **options)
+    logger.warning("serving one batch at a time: %s", reason)
+    return Scheduler(model.engine, model.tokenizer, reason=reason, **options)
+
+
+def create_app(model: Any, name: str, *, max_batch: int = 8, max_tokens_per_step: int = 4096,
+               kv_blocks: int | None = None) -> FastAPI:
     """The server for a loaded `CompiledModel` published as `name`; the scheduler's worker
-    runs from startup to shutdown."""
+    runs from startup to shutdown. `app.state.scheduling` says how requests are batched."""
     metrics = ServeMetrics()
-    scheduler = Scheduler(model.engine, model.tokenizer, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
-                          metrics=metrics)
+    scheduler = make_scheduler(model, metrics, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
+                               kv_blocks=kv_blocks)
     served = _Served(model, name, scheduler)
 
     @asynccontextmanager
@@ -98,6 +124,7 @@ def create_app(model: Any, name: str, *, max_batch: int = 8, max_tokens_per_step
         scheduler.stop()
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.scheduling = scheduler.describe()
 
     @app.exception_handler(ApiError)
     async def _api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:

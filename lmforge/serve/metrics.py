@@ -88,7 +88,7 @@ class ServeMetrics:
                 "# HELP lmforge_batch_size Requests in the running batch.",
                 "# TYPE lmforge_batch_size gauge",
                 f"lmforge_batch_size {self.batch_size}",
-                "# HELP lmforge_batch_size_started Size of each batch when it started.",
+                "# HELP lmforge_batch_size_started Requests in the batch when requests joined it (one-batch scheduling: when it started).",
                 "# TYPE lmforge_batch_size_started histogram",
                 *self.batch_sizes.lines("lmforge_batch_size_started"),
                 "# HELP lmforge_time_to_first_token_seconds From arrival to the first generated token.",

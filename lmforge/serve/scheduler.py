@@ -1,15 +1,17 @@
-"""The serving scheduler: one worker thread owns the Engine and runs queued requests.
+"""The serving schedulers: one worker thread owns the Engine and runs queued requests.
 
-What this slice does, honestly: requests are batched *one batch at a time*. When no batch
-is running, `schedule()` takes up to `max_batch` waiting requests (within the prefill token
-budget and the cache length) and they start together: one left-padded prefill, then decode
-steps until every row is done. Requests that arrive meanwhile wait for the next batch. A
-row that finishes or is cancelled stops emitting at once, but its cache row is only reused
-when the batch ends. Iteration-level continuous batching (rows joining and leaving between
-steps, a paged KV cache with per-request block tables) is the next step; the shape is
-already the one it needs: per-request state (`Request`), a step-level loop
-(`schedule() -> batch`, `batch.step() -> logits`, `update(batch, logits)`), and the engine's
-own `step` as the one lowered forward.
+Two drivers share the request life cycle here (`SchedulerBase`: queue, worker thread,
+cancellation, sampling, detokenising, metrics):
+
+- `ContinuousScheduler` (`serve/continuous.py`) batches at the iteration level over a paged
+  KV cache: requests join and leave between steps, and long prompts are prefilled in chunks.
+  It serves every program whose attention can be paged (`runtime.paged`).
+- `Scheduler` here runs *one batch at a time*, for the programs that cannot be paged: when
+  no batch is running, `schedule()` takes up to `max_batch` waiting requests (within the
+  prefill token budget and the cache length) and they start together: one left-padded
+  prefill, then decode steps until every row is done. Requests that arrive meanwhile wait
+  for the next batch. A row that finishes or is cancelled stops emitting at once, but its
+  cache row is only reused when the batch ends.
 
 Every decode here is a plain one-token step (no drafts): lossless speculation gives the
 same tokens, so greedy output equals `Engine.generate`'s.
@@ -119,7 +121,7 @@ class Batch:
         ids, mask, _ = pad_to_bucket(ids, mask, engine.pad_token_id, limit=engine.max_seq_len - new_tokens)
         self.prompt_len = ids.shape[1]
         self.total = self.prompt_len + new_tokens
-        engine._ensure_cache(len(requests), self.total)
+        engine.reserve_cache(len(requests), self.total)
         self.pad = left_padding(mask, ids)
         self.prompt, self.positions = ids, prompt_positions(mask, ids)
         self.length = self.prompt_len
@@ -142,12 +144,11 @@ class Batch:
         return all(r.finished for r in self.requests) or (started and self.length + 1 >= self.total)
 
 
-class Scheduler:
-    """Queue + worker thread around one Engine; see the module docstring for what a batch is.
-
-    `max_batch` bounds the rows of a batch; `max_tokens_per_step` bounds the prefill (rows ×
-    longest prompt), at least one request always fits. The server keeps serving after any
-    error: a failing batch ends its requests with an `error` event, and the worker goes on."""
+class SchedulerBase:
+    """Queue + worker thread around one Engine, and what happens to a request whatever the
+    batching: its checks, cancellation, the choice of each token, its text and its end.
+    Subclasses write the worker loop (`_run`). The server keeps serving after any error: a
+    failing step ends its requests with an `error` event, and the worker goes on."""
 
     def __init__(self, engine: Engine, tokenizer: Any, *, max_batch: int = 8, max_tokens_per_step: int = 4096,
                  metrics: ServeMetrics | None = None) -> None:
@@ -199,6 +200,61 @@ class Scheduler:
         with self.wakeup:
             self.wakeup.notify()
 
+    def _accept(self, request: Request, logits: torch.Tensor, logprobs: torch.Tensor | None, now: float) -> int:
+        """Choose `request`'s next token from its logits (1, vocab), record and emit it."""
+        token = int(select_next(logits, request.params.sampling, request.generator)[0])
+        self.metrics.token(now - (request.last_token_time or request.arrival), request.last_token_time is None)
+        request.last_token_time = now
+        request.output_ids.append(token)
+        self._emit_token(request, token, logprobs)
+        return token
+
+    def _emit_token(self, request: Request, token: int, logprobs: torch.Tensor | None) -> None:
+        finish = None
+        if token in self.eos_ids:
+            request.output_ids.pop()  # the end-of-sequence token is not part of the text
+            finish = "stop"
+        elif len(request.output_ids) >= request.params.max_tokens:
+            finish = "length"
+        text, stopped = self.detokenizer.advance(request, final=finish is not None)
+        finish = "stop" if stopped else finish
+        request.emitted += text
+        top: tuple[tuple[int, float], ...] = ()
+        if logprobs is not None and request.params.logprobs:
+            values, ids = logprobs.topk(request.params.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        wanted = logprobs is not None and request.params.logprobs is not None
+        chosen_logprob = float(logprobs[token]) if wanted else None
+        request.on_event(TokenEvent(text, token, chosen_logprob, top))
+        if finish is not None:
+            self._finish(request, finish)
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        if request.finished:
+            return
+        request.finish_reason = reason
+        self.metrics.finished(reason, len(request.prompt_ids))
+        request.on_event(TokenEvent("", finish_reason=reason, error=error))
+
+    def _fail(self, requests: list[Request], exc: Exception) -> None:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        for request in requests:
+            self._finish(request, "error", error=message)
+
+
+class Scheduler(SchedulerBase):
+    """One batch at a time; see the module docstring for what a batch is. `max_batch` bounds
+    the rows of a batch; `max_tokens_per_step` bounds the prefill (rows × longest prompt), at
+    least one request always fits. `reason` says why the model is not served by continuous
+    batching."""
+
+    def __init__(self, engine: Engine, tokenizer: Any, *, reason: str = "chosen by the caller", **options: Any) -> None:
+        super().__init__(engine, tokenizer, **options)
+        self.reason = reason
+
+    def describe(self) -> str:
+        return f"one batch at a time ({self.reason})"
+
     def schedule(self) -> Batch | None:
         """The next batch from the waiting queue (first come, first served), or None."""
         chosen: list[Request] = []
@@ -241,41 +297,10 @@ class Scheduler:
             if request.cancelled.is_set():
                 self._finish(request, "cancelled")
                 continue
-            token = int(select_next(logits[row : row + 1], request.params.sampling, request.generator)[0])
-            chosen[row] = token
-            self.metrics.token(now - (request.last_token_time or request.arrival), request.last_token_time is None)
-            request.last_token_time = now
-            request.output_ids.append(token)
-            self._emit_token(request, token, logprobs[row] if logprobs is not None else None)
+            chosen[row] = self._accept(request, logits[row : row + 1], logprobs[row] if logprobs is not None else None,
+                                       now)
         batch.last_tokens = chosen
         return chosen
-
-    def _emit_token(self, request: Request, token: int, logprobs: torch.Tensor | None) -> None:
-        finish = None
-        if token in self.eos_ids:
-            request.output_ids.pop()  # the end-of-sequence token is not part of the text
-            finish = "stop"
-        elif len(request.output_ids) >= request.params.max_tokens:
-            finish = "length"
-        text, stopped = self.detokenizer.advance(request, final=finish is not None)
-        finish = "stop" if stopped else finish
-        request.emitted += text
-        top: tuple[tuple[int, float], ...] = ()
-        if logprobs is not None and request.params.logprobs:
-            values, ids = logprobs.topk(request.params.logprobs)
-            top = tuple(zip(ids.tolist(), values.tolist()))
-        wanted = logprobs is not None and request.params.logprobs is not None
-        chosen_logprob = float(logprobs[token]) if wanted else None
-        request.on_event(TokenEvent(text, token, chosen_logprob, top))
-        if finish is not None:
-            self._finish(request, finish)
-
-    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
-        if request.finished:
-            return
-        request.finish_reason = reason
-        self.metrics.finished(reason, len(request.prompt_ids))
-        request.on_event(TokenEvent("", finish_reason=reason, error=error))
 
     def _next_batch(self) -> Batch | None:
         with self.wakeup:
@@ -300,8 +325,3 @@ class Scheduler:
                 if not request.finished:
                     self._finish(request, "cancelled" if request.cancelled.is_set() else "length")
             self.metrics.occupancy(len(self.waiting), 0)
-
-    def _fail(self, requests: list[Request], exc: Exception) -> None:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        for request in requests:
-            self._finish(request, "error", error=message)

@@ -58,6 +58,8 @@ def aten_tree_attention(
     softcap: float,
 ) -> torch.Tensor:
     ctx = current_context()
+    if ctx.paged is not None:
+        return paged_attention(q, k, v, ctx.kv[cache_index], ctx, scale, window, softcap)
     if ctx.slots is not None:
         key_cache, value_cache = ctx.kv[cache_index]
         key_cache.index_copy_(2, ctx.slots, k)
@@ -113,3 +115,6 @@ def _attention_backward(ctx, grad: torch.Tensor):
 torch.library.register_autograd(
     "lmforge::attention", _attention_backward, setup_context=_attention_setup_context
 )
+
+# The paged path reuses `attention_reference`, so it is imported once that is defined.
+from lmforge.codegen.aten.paged import paged_attention  # noqa: E402
