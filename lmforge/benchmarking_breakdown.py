@@ -1,0 +1,275 @@
+"""Where a decode step's time goes, and how fast a step could be.
+
+`profile_decode_steps` times decode steps of an engine, then profiles a few more with
+torch.profiler and splits each one into matrix products, attention and the rest. Each part
+is read from the profiler's event tree under one labelled step, so nothing is counted twice:
+an attention event (lmforge's attention ops, scaled-dot-product attention) counts whole,
+with any product inside it; a product event (linear, addmm, mm, bmm, matmul and the packed
+oneDNN/MKL linear ops) counts whole, with its reshapes; every other operator counts its
+self time only. What the operators do not cover is Python and dispatch overhead. The
+profiler slows a step down (it records every operator), so the table gives the step
+without it too; the parts add up to the profiled step, within `TOLERANCE`.
+
+The `aten` backend calls lmforge's attention kernels from Python, without the dispatcher,
+so the profiler would only see their ATen pieces (cache writes, mask, sdpa) scattered
+among the rest; while profiling, `profile_decode_steps` wraps them in a labelled event.
+A `cpp` step is one compiled C++ call whose kernels the profiler does not see: its parts
+are the compiled call and what runs in Python around it (the runner's inputs, Dynamo's
+guards, the engine's own work), listed per operator in `outside_compiled`.
+
+The physical limit of a decode step on a CPU is reading every weight once: the bytes a step
+reads (`step_weight_bytes`: all weights but embedding tables, of which a step reads one row
+per token) divided by the memory bandwidth `read_bandwidth` measures on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.table import Table
+
+from lmforge.errors import LmforgeError
+
+MATMUL_OPS = frozenset({
+    "aten::linear", "aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::mkldnn_linear",
+    "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_mkl_linear", "onednn::qlinear_pointwise",
+})
+STEP_LABEL = "lmforge decode step"
+COMPILED_CALL = "## Call CompiledFxGraph"  # the event Inductor's compiled graph runs inside
+# the parts may exceed the profiled step by this fraction (the profiler's timestamps of
+# nested events are taken at slightly different moments) before the breakdown is inconsistent
+TOLERANCE = 0.02
+
+
+@dataclass
+class StepBreakdown:
+    """One decode step of `batch` rows after `context` tokens of cache, in microseconds."""
+
+    batch: int
+    context: int
+    step_us: float
+    profiled_step_us: float
+    matmul_us: float
+    attention_us: float
+    other_ops_us: float
+    compiled_us: float
+    top_ops: list[dict] = field(default_factory=list)
+    outside_compiled: list[dict] = field(default_factory=list)
+
+    @property
+    def rest_us(self) -> float:
+        """Everything but products and attention: other operators, Python and dispatch."""
+        return self.profiled_step_us - self.matmul_us - self.attention_us - self.compiled_us
+
+    @property
+    def python_us(self) -> float:
+        """The profiled step minus every operator: Python and dispatch overhead."""
+        return self.rest_us - self.other_ops_us
+
+    @property
+    def consistent(self) -> bool:
+        """The measured parts fit in the profiled step (within `TOLERANCE`)."""
+        return self.python_us >= -TOLERANCE * self.profiled_step_us
+
+    def record(self) -> dict:
+        return {**asdict(self), "rest_us": self.rest_us, "python_us": self.python_us, "consistent": self.consistent}
+
+
+def _category(name: str) -> str | None:
+    if "attention" in name:
+        return "attention"
+    if name in MATMUL_OPS:
+        return "matmul"
+    if name.startswith(COMPILED_CALL):
+        return "compiled"
+    return None
+
+
+def _split(step: torch.autograd.profiler_util.FunctionEvent, totals: dict[str, float],
+           ops: dict[str, list[float]], outside: dict[str, list[float]] | None) -> None:
+    """Add a step event's subtree to `totals` by category; every operator's self time to
+    `ops`, and to `outside` the operators that ran outside a compiled call."""
+    for event in step.cpu_children:
+        category = _category(event.name)
+        if category is not None:
+            totals[category] += event.cpu_time_total
+            if category != "compiled":
+                ops.setdefault(event.name, [0.0, 0])[0] += event.cpu_time_total
+                ops[event.name][1] += 1
+            continue
+        totals["other"] += event.self_cpu_time_total
+        for table in (ops, outside) if outside is not None else (ops,):
+            entry = table.setdefault(event.name, [0.0, 0])
+            entry[0] += event.self_cpu_time_total
+            entry[1] += 1
+        _split(event, totals, ops, outside)
+
+
+def _per_step(table: dict[str, list[float]], steps: int, count: int = 12) -> list[dict]:
+    rows = sorted(table.items(), key=lambda item: item[1][0], reverse=True)[:count]
+    return [{"op": name, "us": micros / steps, "calls": calls / steps} for name, (micros, calls) in rows]
+
+
+def _labelled(name: str, kernel):
+    @functools.wraps(kernel)
+    def run(*args):
+        with torch.profiler.record_function(name):
+            return kernel(*args)
+    return run
+
+
+@contextlib.contextmanager
+def labelled_attention_kernels(runner) -> Iterator[None]:
+    """While profiling an `aten` runner, its attention kernels run inside an event named
+    after their op, so their cache writes and masks count as attention; other runners are
+    left alone (their attention ops go through the dispatcher, or are compiled)."""
+    from lmforge.codegen.aten import PYTHON_KERNELS
+    from lmforge.compiler.ops import ATTENTION_OPS
+
+    names = {PYTHON_KERNELS[op]: f"lmforge::{op._name.split('::')[-1]}" for op in ATTENTION_OPS if op in PYTHON_KERNELS}
+    bound = getattr(runner, "__globals__", {})
+    originals = {key: value for key, value in bound.items() if any(value is kernel for kernel in names)}
+    for key, kernel in originals.items():
+        bound[key] = _labelled(next(name for k, name in names.items() if k is kernel), kernel)
+    try:
+        yield
+    finally:
+        bound.update(originals)
+
+
+def _quicker_half(steps: list) -> list:
+    """The profiled steps no slower than their median: on a shared machine a step is now and
+    then descheduled inside some operator, and a mean would charge the wait to that operator."""
+    middle = statistics.median(step.cpu_time_total for step in steps)
+    return [step for step in steps if step.cpu_time_total <= middle]
+
+
+def profile_decode_steps(engine, batch: int = 1, context: int = 64, steps: int = 8) -> StepBreakdown:
+    """Decode `context` steps from an empty cache (warm-up: a compiled backend compiles its
+    decode bucket here), time `steps` more (median), then profile `steps` more (after one
+    unlabelled) and split the quicker half of them, averaged (`StepBreakdown`). Each step feeds the greedy token of the one before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if batch < 1 or context < 1 or steps < 1:
+        raise LmforgeError(f"profiling needs batch, context and steps >= 1, got {batch}, {context}, {steps}")
+    engine._ensure_cache(batch, context + 2 * steps + 2)
+    token = torch.ones(batch, 1, dtype=torch.long, device=engine.device)
+    position = 0
+
+    def step() -> None:
+        nonlocal token, position
+        positions = torch.full((batch, 1), position, device=engine.device)
+        token = engine.step(token, positions, position, None).argmax(-1, keepdim=True)
+        position += 1
+
+    with torch.no_grad():
+        for _ in range(context):
+            step()
+        seconds = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - started)
+        with labelled_attention_kernels(engine.runner), profile(activities=[ProfilerActivity.CPU]) as profiler:
+            step()  # the profiler's first step pays its own set-up
+            for _ in range(steps):
+                with torch.profiler.record_function(STEP_LABEL):
+                    step()
+    labelled = _quicker_half([event for event in profiler.profiler.function_events if event.name == STEP_LABEL])
+    totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0, "compiled": 0.0}
+    ops: dict[str, list[float]] = {}
+    compiled = any(event.name.startswith(COMPILED_CALL) for event in profiler.profiler.function_events)
+    outside: dict[str, list[float]] | None = {} if compiled else None
+    for event in labelled:
+        _split(event, totals, ops, outside)
+    count = len(labelled)
+    return StepBreakdown(
+        batch=batch, context=context, step_us=statistics.median(seconds) * 1e6,
+        profiled_step_us=sum(event.cpu_time_total for event in labelled) / count,
+        matmul_us=totals["matmul"] / count, attention_us=totals["attention"] / count,
+        other_ops_us=totals["other"] / count, compiled_us=totals["compiled"] / count,
+        top_ops=_per_step(ops, count), outside_compiled=_per_step(outside or {}, count, count=1000),
+    )
+
+
+def breakdown_table(rows: list[tuple[str, StepBreakdown]], title: str = "where a decode step's time goes (µs)") -> Table:
+    """One row per (engine, breakdown): the step with and without the profiler, and the
+    profiled step's parts."""
+    table = Table(title=title)
+    for column in ("engine", "batch", "step", "profiled step", "matmuls", "attention", "compiled call",
+                   "rest", "of which Python"):
+        table.add_column(column, justify="right" if column not in ("engine",) else "left")
+    for name, part in rows:
+        compiled = part.compiled_us > 0
+        table.add_row(name, str(part.batch), f"{part.step_us:.0f}", f"{part.profiled_step_us:.0f}",
+                      "in compiled call" if compiled else f"{part.matmul_us:.0f}",
+                      "in compiled call" if compiled else f"{part.attention_us:.0f}",
+                      f"{part.compiled_us:.0f}" if compiled else "—",
+                      f"{part.rest_us:.0f}", f"{part.python_us:.0f}" + ("" if part.consistent else " (inconsistent)"))
+    table.caption = ("profiled step = matmuls + attention + compiled call + rest; rest = other operators + Python "
+                     "and dispatch; step is the same step without the profiler")
+    return table
+
+
+def outside_compiled_table(part: StepBreakdown) -> Table:
+    """What a compiled (`cpp`) step leaves in Python, per operator, per step."""
+    table = Table(title=f"run outside the compiled step, per decode step (batch {part.batch})")
+    for column in ("op", "µs", "calls"):
+        table.add_column(column, justify="left" if column == "op" else "right")
+    for row in part.outside_compiled:
+        table.add_row(row["op"], f"{row['us']:.1f}", f"{row['calls']:g}")
+    table.caption = f"and {part.python_us:.0f} µs of Python and dispatch between them"
+    return table
+
+
+def read_bandwidth(megabytes: int = 512, runs: int = 7) -> float:
+    """Memory read bandwidth in GB/s: the median over `runs` of summing a buffer of
+    `megabytes` (≫ the caches, so it streams from memory) with torch's current threads, the
+    way a decode step reads its weights."""
+    if megabytes < 1 or runs < 1:
+        raise LmforgeError(f"a bandwidth measurement needs megabytes and runs >= 1, got {megabytes}, {runs}")
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    buffer.sum()  # pages touched and the reduction's threads started before timing
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        buffer.sum()
+        seconds.append(time.perf_counter() - started)
+    return buffer.nbytes / statistics.median(seconds) / 1e9
+
+
+def step_weight_bytes(program) -> int:
+    """Bytes of weight a decode step reads: every weight of the program once, except tables
+    that are only looked up by embedding (a step reads one row of them per token). A weight
+    shared by an embedding and the LM head counts once."""
+    graph_module = program.graph_module
+    uses: dict[int, tuple[torch.Tensor, set]] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        tensor = graph_module
+        for part in node.target.split("."):
+            tensor = getattr(tensor, part)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        key = tensor.untyped_storage().data_ptr()
+        entry = uses.setdefault(key, (tensor, set()))
+        entry[1].update(user.target for user in node.users)
+    lookups = {torch.ops.aten.embedding.default}
+    return sum(tensor.nbytes for tensor, users in uses.values() if not users <= lookups)
+
+
+def limit_tokens_per_second(weight_bytes: int, gigabytes_per_second: float, batch: int) -> float:
+    """Tokens/s if a decode step only read its weights at the measured bandwidth: `batch`
+    tokens per `weight_bytes` read."""
+    if weight_bytes <= 0 or not math.isfinite(gigabytes_per_second) or gigabytes_per_second <= 0:
+        raise LmforgeError(f"a decode limit needs positive weight bytes and bandwidth, got {weight_bytes}, "
+                           f"{gigabytes_per_second}")
+    return batch * gigabytes_per_second * 1e9 / weight_bytes
