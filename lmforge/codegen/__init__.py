@@ -9,6 +9,7 @@ ahead of time) on a machine without a GPU.
 
 from __future__ import annotations
 
+from lmforge.codegen.aten.quantized_kv import refuse_on_backend
 from lmforge.codegen.cpu import Runner
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
@@ -17,6 +18,7 @@ from lmforge.errors import LmforgeError
 
 def lower(program: Program, config: CodegenConfig) -> Runner:
     """The executable form of `program` for the backend the recipe names."""
+    refuse_on_backend(program.graph_module, config.backend)
     if config.backend == "triton":
         from lmforge.codegen.triton_backend import lower_triton  # imports triton only when asked for
 
@@ -41,6 +43,7 @@ class NotRunnableHere:
 def lower_for_engine(program: Program, config: CodegenConfig) -> Runner:
     """`lower`, except that a `triton` program that cannot run here (`NotRunnableHere`)
     still gives an Engine, so that compiling for a GPU works on a machine without one."""
+    refuse_on_backend(program.graph_module, config.backend)
     if config.backend == "triton":
         from lmforge.codegen.triton_backend import triton_unavailable_reason
 

@@ -7,7 +7,9 @@ are split into retrieval and streaming heads (`streaming_heads`, DuoAttention) k
 retrieval heads in its own slot (`kv_heads` counts only them; 0 when every head streams)
 and has `streaming: {cache, kv_heads, head_dim, sink, window, capacity}` for a `RingSlot`. A
 layer whose cache evicts by attention score (`kv_evict`) has `{kind: "evict", capacity,
-recent, decay, observe}` and an `EvictingSlot`.
+recent, decay, observe}` and an `EvictingSlot`. A layer whose cache is quantized (`quantize`
+`kv_cache:`, KIVI) has `{kind: "quantized", dtype, granularity, residual, slack}` and a
+`QuantizedSlot` (`kv_quantized.py`).
 A plain slot is a `(key, value)` pair of `(batch, kv_heads, max_len, head_dim)` buffers; a
 merged slot is a `MergedSlot`. Both the runtime's cache and the passes that measure cached
 decoding allocate through `allocate_kv_buffers`, so they cannot disagree.
@@ -20,6 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from lmforge.compiler.kv_quantized import QuantizedSlot, quantized_slot_entry
 from lmforge.errors import LmforgeError
 
 
@@ -207,6 +210,10 @@ def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: tor
         elif slot.get("kind") == "evict":
             buffers[index] = EvictingSlot.allocate(batch, slot["kv_heads"], slot["head_dim"], slot["capacity"],
                                                    slot["recent"], slot["decay"], slot["observe"], dtype)
+        elif slot.get("kind") == "quantized":
+            spec, slack = quantized_slot_entry(slot)
+            buffers[index] = QuantizedSlot.allocate(batch, slot["kv_heads"], max_len, slot["head_dim"], spec, slack,
+                                                    dtype)
         elif slot.get("kind") == "ring":
             buffers[index] = RingSlot.allocate(batch, slot["kv_heads"], slot["head_dim"], slot["sink"], slot["window"],
                                                slot["capacity"], dtype)
@@ -217,7 +224,7 @@ def allocate_kv_buffers(layout: list[dict], batch: int, max_len: int, dtype: tor
 
 
 def buffer_bytes(buffer) -> int:
-    if isinstance(buffer, (MergedSlot, RingSlot, EvictingSlot)):
+    if isinstance(buffer, (MergedSlot, RingSlot, EvictingSlot, QuantizedSlot)):
         return buffer.nbytes()
     return 0 if buffer is None else buffer[0].nbytes + buffer[1].nbytes
 

@@ -1,5 +1,5 @@
 """lmforge's custom ops (`attention` and its siblings `tree_attention`, `merged_attention`,
-`streaming_attention`, `sparse_attention`, `evicting_attention`; `ffn_skip_gate`,
+`streaming_attention`, `sparse_attention`, `evicting_attention`, `quantized_attention`; `ffn_skip_gate`,
 `last_position`) and the forward context they read.
 
 Attention is one opaque op in the captured graph so that passes can rewrite it by changing
@@ -242,6 +242,15 @@ EVICTING_ATTENTION_SCHEMA = (
 _lib.define(EVICTING_ATTENTION_SCHEMA)
 evicting_attention = torch.ops.lmforge.evicting_attention.default
 
+QUANTIZED_ATTENTION_SCHEMA = (
+    "quantized_attention(Tensor q, Tensor k, Tensor v, int cache_index, float scale, int window, float softcap, "
+    "str dtype, str granularity, int group, bool tree) -> Tensor"
+)
+_lib.define(QUANTIZED_ATTENTION_SCHEMA)
+# `attention` (or, with `tree`, `tree_attention`) over a KIVI-quantized cache slot
+# (`compiler/kv_quantized.py`): `quantize` with `kv_cache:` swaps it in.
+quantized_attention = torch.ops.lmforge.quantized_attention.default
+
 LAST_POSITION_SCHEMA = "last_position(Tensor hidden) -> Tensor"
 _lib.define(LAST_POSITION_SCHEMA)
 
@@ -252,7 +261,8 @@ def _last_position_fake(hidden):
 
 
 last_position = torch.ops.lmforge.last_position.default
-ATTENTION_OPS = (attention, tree_attention, merged_attention, streaming_attention, sparse_attention, evicting_attention)
+ATTENTION_OPS = (attention, tree_attention, merged_attention, streaming_attention, sparse_attention, evicting_attention,
+                 quantized_attention)
 
 def _attention_output_fake(q: torch.Tensor, *arguments) -> torch.Tensor:
     """Every attention op returns (batch, q_len, heads, head_dim) for q (batch, heads, q_len, head_dim)."""

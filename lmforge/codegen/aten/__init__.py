@@ -15,6 +15,7 @@ from lmforge.codegen.aten.evicting import aten_evicting_attention
 from lmforge.codegen.aten.ffn_skip_gate import aten_ffn_skip_gate
 from lmforge.codegen.aten.last_position import aten_last_position
 from lmforge.codegen.aten.merged import aten_merged_attention
+from lmforge.codegen.aten.quantized_kv import aten_quantized_attention
 from lmforge.codegen.aten.sparse import aten_sparse_attention
 from lmforge.codegen.aten.streaming import aten_streaming_attention
 from lmforge.compiler.ops import (
@@ -23,6 +24,7 @@ from lmforge.compiler.ops import (
     ffn_skip_gate,
     last_position,
     merged_attention,
+    quantized_attention,
     sparse_attention,
     streaming_attention,
     tree_attention,
@@ -36,6 +38,7 @@ PYTHON_KERNELS = {
     streaming_attention: aten_streaming_attention,
     sparse_attention: aten_sparse_attention,
     evicting_attention: aten_evicting_attention,
+    quantized_attention: aten_quantized_attention,
     last_position: aten_last_position,
 }
 """Each op's kernel on the `aten` backend, keyed by op."""
