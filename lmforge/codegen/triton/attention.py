@@ -19,6 +19,8 @@ import torch
 
 from lmforge.codegen.aten import PYTHON_KERNELS
 from lmforge.codegen.triton.decode_attention import decode_attention
+from lmforge.codegen.triton.evicting_attention import triton_evicting_attention
+from lmforge.codegen.triton.merged_attention import triton_merged_attention
 from lmforge.codegen.triton.prefill_attention import prefill_attention
 from lmforge.compiler.ops import (
     AttentionContext,
@@ -36,10 +38,6 @@ from lmforge.compiler.sparse_patterns import pattern_blocks
 from lmforge.errors import LmforgeError
 
 PYTHON_FALLBACKS = {
-    merged_attention: "its keys and values are rebuilt from merged directions and per-layer norms on every call "
-                      "(kv_layout.restore), which has no in-place cache for a kernel to read",
-    evicting_attention: "its eviction scores need every cached entry's attention probability, which the kernels "
-                        "do not return (they keep only the running softmax)",
     ffn_skip_gate: "not attention: a host-side decision on one cosine per row",
 }
 
@@ -162,6 +160,8 @@ TRITON_KERNELS = {
     tree_attention: triton_tree_attention,
     streaming_attention: triton_streaming_attention,
     sparse_attention: triton_sparse_attention,
+    merged_attention: triton_merged_attention,
+    evicting_attention: triton_evicting_attention,
     **{op: PYTHON_KERNELS[op] for op in PYTHON_FALLBACKS},
 }
 """Each op's implementation on the `triton` backend, keyed like `aten.PYTHON_KERNELS`."""
