@@ -128,14 +128,6 @@ def test_greedy_with_the_eagle_drafter_is_plain_greedy(tmp_path, arch, drafts):
             assert stats["drafted"] > stats["accepted"], stats
 
 
-def test_trees_are_refused_for_an_eagle_drafter(tmp_path):
-    model = tiny_model("llama")
-    save_heads(tmp_path, initial_eagle(model, 2), model, {})
-    recipe = f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {tmp_path}, tree: [2, 1]}}]"
-    with pytest.raises(LmforgeError, match="drafts a chain"):
-        lmforge.optimize(model, recipe)
-
-
 def test_a_malformed_eagle_drafter_is_refused_in_one_line(tmp_path):
     model = tiny_model("llama")
     save_heads(tmp_path, initial_eagle(model, 2), model, {})

@@ -12,7 +12,8 @@ that verifies: the program instead returns the hidden state beside the logits, t
 weights travel with the Program (`Program.drafter`, `drafter.safetensors` in an artifact),
 and the runtime drafts their chain at the last accepted position only. An EAGLE drafter
 (`lmforge.eagle`) travels the same way; the runtime feeds it the hidden state of every
-accepted position (its own one-layer KV cache) and it drafts a chain.
+accepted position (its own one-layer KV cache) and it drafts a chain, or with `dynamic_tree` a tree
+shaped by its own confidence (`runtime/eagle_tree.py`), verified by the same tree attention.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ class TypicalAcceptanceConfig(BaseModel):
     delta: float = Field(0.3, gt=0, description="scale of the entropy-adaptive threshold delta * exp(-entropy)")
 
 
+class DynamicTreeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    budget: int | Literal["auto"] = Field(
+        "auto", description="draft nodes verified per forward (at most 64); auto: the budget with the most expected tokens "
+        "per second, from the drafter's held-out tree acceptance per budget (recorded by train-heads) and verify "
+        "latencies measured here")
+    top_k: int = Field(4, ge=1, le=8, description="children per expanded node, and nodes expanded per depth")
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="stop expanding once the best frontier node's cumulative confidence is below this; "
+        "default: the threshold train-heads measured on held-out text and stored with the drafter (else 0)")
+    max_depth: int | None = Field(None, ge=1, le=16, description="deepest draft; default: the drafter's trained depth")
+
+
 class DraftHeadsConfig(PassConfig):
     path: str = Field(description="directory written by `lmforge train-heads` (heads.safetensors + heads.json): "
                       "Medusa or Hydra heads, or an EAGLE drafter")
@@ -59,6 +73,10 @@ class DraftHeadsConfig(PassConfig):
         None, description="greedy decoding: verify a tree (one per batch row) with the top-k of each head (e.g. [3, 2, 1]) "
         "instead of the heads' top-1 chain; auto: the tree with the best expected tokens per second, from the heads' "
         "measured per-rank hit rates and verify latencies measured here"
+    )
+    dynamic_tree: DynamicTreeConfig | None = Field(
+        None, description="EAGLE drafter, greedy decoding: verify a dynamic tree (EAGLE-2) shaped by the drafter's "
+        "confidence instead of its chain (sampled decoding drafts the chain and keeps the exact rejection rule)"
     )
     typical_acceptance: TypicalAcceptanceConfig | None = Field(
         None, description="sampled decoding, opt-in and approximate: Medusa's typical acceptance instead of the exact "
@@ -88,8 +106,10 @@ class DraftHeads(Pass):
         heads, config = load_heads(self.config.path, getattr(program.graph_module, lm_head.target))
         check_draft_source(program.meta, heads.count, self.name)
         if isinstance(heads, EagleDrafter) and self.config.tree is not None:
-            raise LmforgeError("draft_heads: an eagle drafter drafts a chain; drop `tree:` (dynamic trees are not "
-                               "supported for it yet)")
+            raise LmforgeError("draft_heads: an eagle drafter shapes its own tree; use `dynamic_tree: {}` instead of `tree:`")
+        if self.config.dynamic_tree is not None and not isinstance(heads, EagleDrafter):
+            raise LmforgeError(f"draft_heads: dynamic_tree needs an eagle drafter; {self.config.path} holds "
+                               f"{config['kind']} heads (use `tree:`)")
         if isinstance(heads, (HydraHeads, EagleDrafter)):
             _return_hidden_state(program, projection, hidden)
             program.drafter = heads.tensors()
@@ -111,6 +131,13 @@ class DraftHeads(Pass):
         }
         if isinstance(heads, EagleDrafter):
             program.meta["speculation"]["draft_heads"]["eagle"] = heads.shape.as_dict()
+        if self.config.dynamic_tree is not None:
+            measurements["tree_attention_layers"] = use_tree_attention(program)
+            dynamic, measurements["budget_candidates"] = choose_dynamic_tree(program, self.config.dynamic_tree, heads.depth,
+                                                                             config)
+            check_draft_source(program.meta, dynamic["budget"], self.name)
+            program.meta["speculation"]["draft_heads"]["eagle_tree"] = dynamic
+            notes.append(f"dynamic tree {dynamic}")
         return PassResult(rewrites=1, notes=tuple(notes), measurements=measurements)
 
 
@@ -208,3 +235,30 @@ def choose_tree(program: Program, config: dict) -> tuple[list[int], list[dict]]:
                            "verify_ms": round(seconds * 1e3, 3), "tokens_per_second": round((1 + expected) / seconds, 1)})
     best = max(candidates, key=lambda candidate: candidate["tokens_per_second"])
     return best["tree"], candidates
+
+
+BUDGET_CANDIDATES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def choose_dynamic_tree(program: Program, options: DynamicTreeConfig, depth: int, config: dict) -> tuple[dict, list[dict]]:
+    """The EAGLE dynamic tree's options (`runtime.eagle_tree.DynamicTree`): the threshold and
+    depth given or stored with the drafter, and the node budget given or, for auto, the one
+    with the most expected tokens per second of verification — expected accepted drafts per
+    budget measured on held-out text at train time, verify time measured here per width."""
+    threshold = options.threshold if options.threshold is not None else float(config.get("tree_threshold") or 0.0)
+    chosen = {"top_k": options.top_k, "threshold": threshold, "max_depth": options.max_depth or depth}
+    if options.budget != "auto":
+        if not 1 <= options.budget <= BUDGET_CANDIDATES[-1]:
+            raise LmforgeError(f"draft_heads dynamic_tree: budget {options.budget} is outside 1..{BUDGET_CANDIDATES[-1]}")
+        return {**chosen, "budget": options.budget}, []
+    measured = config.get("tree_accepted_per_budget")
+    if not isinstance(measured, dict) or not measured:
+        raise LmforgeError("draft_heads dynamic_tree: budget auto needs the drafter's held-out tree acceptance per "
+                           "budget; retrain it with `lmforge train-heads --kind eagle` or give `budget:`")
+    candidates = []
+    for budget, expected in sorted((int(budget), float(value)) for budget, value in measured.items()):
+        seconds = verify_seconds(program, budget + 1)
+        candidates.append({"budget": budget, "expected_accepted": round(expected, 4), "verify_ms": round(seconds * 1e3, 3),
+                           "tokens_per_second": round((1 + expected) / seconds, 1)})
+    best = max(candidates, key=lambda candidate: candidate["tokens_per_second"])
+    return {**chosen, "budget": best["budget"]}, candidates

@@ -1,4 +1,4 @@
-"""EAGLE-style feature-level drafter: one decoder layer over the base model's hidden states.
+"""The EAGLE drafter at run time: one decoder layer over the base model's hidden states.
 
 At position t the drafter reads fc([h_t ; embedding(x_{t+1})]) — the base model's last hidden
 state (the LM head's input) beside the embedding of the token that followed — runs one
@@ -8,34 +8,26 @@ base model's frozen LM head, so the drafter has no vocabulary projection of its 
 k tokens is k steps of that layer, each fed its own previous output as the feature: the
 drafter runs autoregressively over its own one-layer KV cache.
 
-Training (`train_eagle`) is self-distillation from the frozen base model: feature regression
-(smooth L1 to the base's next hidden state) plus cross-entropy against the base's next-token
-distribution, with EAGLE-3's training-time test — step k of the unrolled drafter is fed the
-drafter's own step k-1 outputs and attends to the real entries before it plus its own chain,
-exactly what the runtime's cache holds when it drafts token k+1.
-
-Runtime (`EagleDrafter.extend` / `draft`): after every verify forward the accepted positions'
-(hidden state, next token) pairs are written to the drafter's cache at the base model's slots
-and positions; drafted entries live beyond them and are overwritten by the next `extend`, which
-is how the cache rolls back to the accepted path exactly.
+`EagleDrafter.extend` / `draft`: after every verify forward the accepted positions' (hidden
+state, next token) pairs are written to the drafter's cache at the base model's slots and
+positions; drafted entries (a chain, or a tree's nodes written by `write_tree`) live beyond
+them and are overwritten by the next `extend`, which is how the cache rolls back to the
+accepted path exactly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.training import ProgressFn, TrainingRun, train
 
 TRAINED = ("fc_weight", "fc_bias", "input_norm", "q", "k", "v", "o", "post_norm", "gate", "up", "down")
 FROZEN = ("embedding", "lm_head")  # copies of the base model's, so the drafter is self-contained
-STEP_DECAY = 0.8  # EAGLE-3 weighs training-time-test step k by 0.8**k
-TOKEN_WEIGHT = 1.0  # cross-entropy beside the feature regression (weight 1)
 
 
 @dataclass(frozen=True)
@@ -167,23 +159,39 @@ class EagleDrafter:
             self.values = torch.zeros_like(self.keys)
         self.pad, self.committed = pad, None
 
-    def _attend(self, q: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, start: int, end: int, tree: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Queries written at slots start..end attend to the cache's slots before them and
-        themselves, never to a row's left padding (a padding slot sees itself only)."""
+        themselves, never to a row's left padding (a padding slot sees itself only). With
+        `tree` = (base, visible), slots base..end hold draft-tree nodes and query i sees
+        among them only where `visible[i, slot - base]` (itself and its ancestors)."""
         slots, queries = torch.arange(end, device=q.device), torch.arange(start, end, device=q.device)
-        allowed = (slots[None, :] <= queries[:, None])[None]
+        causal = slots[None, :] <= queries[:, None]
+        if tree is not None:
+            base, visible = tree
+            causal = causal & (slots[None, :] < base)
+            causal[:, base:] = visible
+        allowed = causal[None]
         if self.pad is not None:
             allowed = allowed & (slots[None, None, :] >= self.pad[:, None, None]) | (slots[None, :] == queries[:, None])
         scores = q @ self._grouped(self.keys[:, :, :end]).transpose(-1, -2) * self.shape.head_dim ** -0.5
         weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
         return weights @ self._grouped(self.values[:, :, :end])
 
-    def _write(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+    def _write(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, start: int,
+               tree: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Run the layer on entries written at slots start.. and return their predicted features."""
         residual, q, k, v = self._inputs(features, tokens, positions)
         end = start + tokens.shape[1]
         self.keys[:, :, start:end], self.values[:, :, start:end] = k, v
-        return self._output(residual, self._attend(q, start, end))
+        return self._output(residual, self._attend(q, start, end, tree))
+
+    def write_tree(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, start: int,
+                   visible: torch.Tensor) -> torch.Tensor:
+        """Draft-tree nodes (B, m) written at slots start..start+m beyond the committed ones,
+        each seeing the committed slots and, of the tree slots written since the last commit,
+        those `visible` (m, start + m - committed) marks: its ancestors and itself. Returns
+        their predicted features; the next `extend` overwrites them (the rollback)."""
+        return self._write(features, tokens, positions, start, (self.committed[1], visible))
 
     def extend(self, hidden: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor,
                start: int) -> torch.Tensor:
@@ -199,128 +207,31 @@ class EagleDrafter:
 
     def draft(self, room: int) -> torch.Tensor:
         """Greedy chain of min(room, depth) tokens (B, k) after the committed positions."""
+        return self._chain(room, lambda logits: logits.argmax(-1))
+
+    def sample_chain(self, room: int, distribution: Callable[[torch.Tensor], torch.Tensor],
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chain of min(room, depth) tokens (B, k), each drawn from `distribution` of the
+        drafter's logits (B, 1, V) -> probabilities, and those probabilities (B, k, V): the q
+        that the rejection rule weighs the model's p against."""
+        drawn = []
+
+        def sample(logits: torch.Tensor) -> torch.Tensor:
+            drawn.append(distribution(logits))
+            return torch.multinomial(drawn[-1][:, 0], 1, generator=generator)
+
+        return self._chain(room, sample), torch.cat(drawn, dim=1)
+
+    def _chain(self, room: int, choose: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """min(room, depth) tokens, each `choose`n (B, 1) from the logits (B, 1, V) after the last."""
         feature, slot, position = self.committed
-        tokens = []
-        for index in range(min(room, self.depth)):
-            token = self.logits(feature).argmax(-1)
-            tokens.append(token)
-            if index + 1 < min(room, self.depth):
-                feature = self._write(feature, token, position, slot)
+        tokens, length = [], min(room, self.depth)
+        for index in range(length):
+            tokens.append(choose(self.logits(feature)))
+            if index + 1 < length:
+                feature = self._write(feature, tokens[-1], position, slot)
                 slot, position = slot + 1, position + 1
         return torch.cat(tokens, dim=1)
-
-
-def initial_eagle(model: Any, depth: int, seed: int = 0) -> EagleDrafter:
-    """An untrained drafter for `model`: fc starts as [identity | small noise] so the
-    feature passes through, attention and MLP outputs start at zero (as Medusa's blocks)."""
-    output = model.get_output_embeddings()
-    if getattr(output, "bias", None) is not None:
-        raise LmforgeError("eagle drafter: the model's LM head has a bias; feature-level drafting needs a plain "
-                           "projection")
-    shape = EagleShape.of(model.config)
-    generator = torch.Generator().manual_seed(seed)
-    h, heads, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-
-    def normal(rows: int, columns: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(rows, columns, generator=generator) * scale / columns ** 0.5
-
-    weights = {
-        "fc_weight": torch.cat([torch.eye(h), normal(h, h, 0.1)], dim=1), "fc_bias": torch.zeros(h),
-        "input_norm": torch.ones(h), "q": normal(heads, h), "k": normal(kv, h), "v": normal(kv, h),
-        "o": torch.zeros(h, heads), "post_norm": torch.ones(h), "gate": normal(shape.intermediate, h),
-        "up": normal(shape.intermediate, h), "down": torch.zeros(h, shape.intermediate),
-        "embedding": model.get_input_embeddings().weight.detach().float().clone(),
-        "lm_head": output.weight.detach().float().clone(),
-    }
-    return EagleDrafter(weights, shape, depth)
-
-
-def _base_features(model: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LM head's input (last hidden state) and the base log-probabilities, frozen."""
-    with torch.no_grad():
-        out = model(ids, output_hidden_states=True)
-    return out.hidden_states[-1].float(), out.logits.float().log_softmax(-1)
-
-
-def eagle_loss(drafter: EagleDrafter, hidden: torch.Tensor, logprobs: torch.Tensor,
-               tokens: torch.Tensor) -> torch.Tensor:
-    """Unrolled over `depth` steps: step k at origin t predicts position t+k+1's feature and
-    the base's distribution there; smooth-L1 feature loss + cross-entropy, step k weighted
-    by STEP_DECAY**k."""
-    losses = []
-    for step, features in enumerate(drafter.unrolled(hidden, tokens, drafter.depth)):
-        shift = step + 1
-        if shift >= tokens.shape[1]:
-            break
-        predicted, target = features[:, :-shift], hidden[:, shift:]
-        regression = F.smooth_l1_loss(predicted, target)
-        cross_entropy = -(logprobs[:, shift:].exp() * drafter.logits(predicted).log_softmax(-1)).sum(-1).mean()
-        losses.append(STEP_DECAY ** step * (regression + TOKEN_WEIGHT * cross_entropy))
-    return torch.stack(losses).sum()
-
-
-def train_eagle(
-    model: Any,
-    train_ids: torch.Tensor,
-    *,
-    depth: int = 4,
-    steps: int = 300,
-    lr: float = 2e-3,
-    batch: int = 4,
-    checkpoint: str | Path | None = None,
-    progress: ProgressFn | None = None,
-) -> tuple[EagleDrafter, TrainingRun]:
-    """Train a drafter drafting `depth` tokens on windows `train_ids` (B, T) by self-distillation
-    (the base model, the embedding and the LM head stay frozen); resumable from `checkpoint`."""
-    drafter = initial_eagle(model, depth)
-    params = {name: drafter.weights[name].requires_grad_(True) for name in TRAINED}
-
-    def loss_fn(step: int) -> torch.Tensor:  # windows drawn from the step number, so a resumed run draws the same
-        generator = torch.Generator().manual_seed(step)
-        rows = train_ids[torch.randint(0, train_ids.shape[0], (batch,), generator=generator)]
-        hidden, logprobs = _base_features(model, rows)
-        return eagle_loss(drafter, hidden, logprobs, rows)
-
-    run = train(params, loss_fn, steps=steps, lr=lr, checkpoint=checkpoint, progress=progress,
-                description="training eagle drafter")
-    for tensor in params.values():
-        tensor.requires_grad_(False)
-    return drafter, run
-
-
-def greedy_continuations(model: Any, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """prompts (B, P) followed by the base model's own greedy `new_tokens` (no end-of-text stop)."""
-    with torch.no_grad():
-        out = model(prompts, use_cache=True)
-        sequence = torch.cat([prompts, out.logits[:, -1:].argmax(-1)], dim=1)
-        for _ in range(new_tokens - 1):
-            out = model(sequence[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-            sequence = torch.cat([sequence, out.logits[:, -1:].argmax(-1)], dim=1)
-    return sequence
-
-
-def acceptance_per_depth(drafter: EagleDrafter, model: Any, sequences: torch.Tensor, prompt_len: int) -> dict:
-    """Greedy acceptance on `sequences` (B, T) whose tokens after `prompt_len` are the base
-    model's own greedy choices: at every origin t there, the drafter's chain as the runtime
-    drafts it (its own features, its own tokens wherever they were accepted); depth d
-    counts when depths < d were accepted. Returns the per-depth acceptance rates and the
-    expected accepted drafts per verify forward (tokens per forward is one more)."""
-    hidden, _ = _base_features(model, sequences)
-    length, depth = sequences.shape[1], drafter.depth
-    origins = slice(prompt_len - 1, length - depth - 1)
-    with torch.no_grad():
-        steps = drafter.unrolled(hidden, sequences, depth)
-    reached = torch.ones_like(sequences[:, origins], dtype=torch.bool)
-    rates, expected = [], 0.0
-    for step, features in enumerate(steps):
-        drafted = drafter.logits(features).argmax(-1)[:, origins]
-        truth = sequences[:, prompt_len + step + 1 : length - depth + step + 1]
-        matched = reached & (drafted == truth)
-        rates.append(round(matched.sum().item() / max(reached.sum().item(), 1), 4))
-        expected += matched.float().mean().item()
-        reached = matched
-    return {"acceptance_per_depth": rates, "accepted_per_forward": round(expected, 4),
-            "tokens_per_forward": round(1 + expected, 4)}
 
 
 def load_eagle(tensors: dict[str, torch.Tensor], shape: dict | None, depth: int) -> EagleDrafter:
