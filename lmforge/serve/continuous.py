@@ -100,6 +100,8 @@ class ContinuousScheduler(SchedulerBase):
             for sequence in failed:
                 self._leave(sequence)
             self._fail([sequence.request for sequence in failed], exc)
+            with self.wakeup:
+                self._report()
             return True
         self.update(pieces, logits)
         return True
@@ -130,7 +132,7 @@ class ContinuousScheduler(SchedulerBase):
                 pieces.append(Piece(sequence, 0, count))
                 budget -= count
                 admitted += 1
-            self.metrics.occupancy(len(self.waiting), len(self.running), new_batch=admitted > 0)
+            self._report(new_batch=admitted > 0)
         return pieces
 
     def _reserve(self, sequence: Sequence, count: int) -> bool:
@@ -182,7 +184,13 @@ class ContinuousScheduler(SchedulerBase):
             if request.finished:
                 self._leave(sequence)
         with self.wakeup:
-            self.metrics.occupancy(len(self.waiting), len(self.running))
+            self._report()
+
+    def _report(self, new_batch: bool = False) -> None:
+        """Queue, batch and block figures for /metrics (the caller holds `wakeup`)."""
+        self.metrics.occupancy(len(self.waiting), len(self.running), new_batch=new_batch)
+        allocator = self.cache.allocator
+        self.metrics.blocks(allocator.count - allocator.free, allocator.count, self.preemptions)
 
     def _release_cancelled(self) -> None:
         """Cancelled requests end and free their blocks; so do queued ones."""
@@ -193,6 +201,7 @@ class ContinuousScheduler(SchedulerBase):
             for request in [r for r in self.waiting if r.cancelled.is_set()]:
                 self.waiting.remove(request)
                 self._finish(request, "cancelled")
+            self._report()
 
     def _run(self) -> None:
         while True:

@@ -38,7 +38,8 @@ class Histogram:
 
 class ServeMetrics:
     """What `/metrics` reports: requests by outcome, prompt and generated tokens, the
-    waiting queue, the running batch, time to first token and inter-token latency."""
+    waiting queue, the running batch, the paged cache's blocks and preemptions, time to
+    first token and inter-token latency."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -48,6 +49,7 @@ class ServeMetrics:
         self.queue_length = 0
         self.batch_size = 0
         self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self.kv_blocks_used, self.kv_blocks_total, self.preemptions = 0, 0, 0
         self.time_to_first_token = Histogram(LATENCY_BUCKETS)
         self.inter_token_latency = Histogram(LATENCY_BUCKETS)
 
@@ -70,6 +72,11 @@ class ServeMetrics:
             if new_batch:
                 self.batch_sizes.observe(batch_size)
 
+    def blocks(self, used: int, total: int, preemptions: int) -> None:
+        """The paged KV cache's blocks in use and in all, and the preemptions so far."""
+        with self.lock:
+            self.kv_blocks_used, self.kv_blocks_total, self.preemptions = used, total, preemptions
+
     def render(self) -> str:
         with self.lock:
             lines = [
@@ -91,6 +98,15 @@ class ServeMetrics:
                 "# HELP lmforge_batch_size_started Requests in the batch when requests joined it (one-batch scheduling: when it started).",
                 "# TYPE lmforge_batch_size_started histogram",
                 *self.batch_sizes.lines("lmforge_batch_size_started"),
+                "# HELP lmforge_kv_blocks_used Blocks of the paged KV cache held by requests.",
+                "# TYPE lmforge_kv_blocks_used gauge",
+                f"lmforge_kv_blocks_used {self.kv_blocks_used}",
+                "# HELP lmforge_kv_blocks_total Blocks of the paged KV cache (0: not paged).",
+                "# TYPE lmforge_kv_blocks_total gauge",
+                f"lmforge_kv_blocks_total {self.kv_blocks_total}",
+                "# HELP lmforge_preemptions_total Requests preempted for blocks, to be recomputed.",
+                "# TYPE lmforge_preemptions_total counter",
+                f"lmforge_preemptions_total {self.preemptions}",
                 "# HELP lmforge_time_to_first_token_seconds From arrival to the first generated token.",
                 "# TYPE lmforge_time_to_first_token_seconds histogram",
                 *self.time_to_first_token.lines("lmforge_time_to_first_token_seconds"),

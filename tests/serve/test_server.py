@@ -1,7 +1,8 @@
 """`lmforge serve` end to end: the real `openai` client against a server in a subprocess.
 
 One artifact of the reference checkpoint (cleanup only, a 256-token cache) is compiled per
-module, the server started on a free port, and its answers compared with
+module, the server started on a free port (continuous batching, 32 tokens per step, so
+longer prompts are prefilled in chunks), and its answers compared with
 `lmforge.load(...).generate` on the same artifact.
 """
 
@@ -53,7 +54,7 @@ def server(artifact, tmp_path_factory, request):
     port = _free_port()
     log = (tmp_path_factory.mktemp("serve-log") / "server.log").open("w+")
     process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(artifact), "--port", str(port),
-                                "--max-batch", "4"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                "--max-batch", "4", "--max-tokens-per-step", "32"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
     try:
         request.getfixturevalue("local")
@@ -195,35 +196,40 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(server, cli
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0).usage.completion_tokens == 1
 
 
-def test_concurrent_requests_batch_and_equal_each_alone_while_a_cancelled_stream_frees_its_slot(server, client):
-    """A long stream holds the worker; four requests queue behind it; closing the stream
-    cancels it, and the four then run as one batch, each answered as it is alone."""
-    alone = [client.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text
-             for p in PROMPTS]
+def test_staggered_concurrent_requests_each_equal_generate_alone_and_a_cancelled_stream_frees_its_blocks(
+        server, local):
+    """Six requests of different lengths join one by one while a long stream runs; the
+    stream is closed half-way. With a 32-token step budget the two long prompts are prefilled
+    in chunks beside the others' decode tokens. Each answer equals `generate` alone, requests
+    joined a running batch, and every block is free at the end."""
+    prompts = [*PROMPTS, "The history of the city " * 20, "In mathematics, a group is a set " * 12]
+    limits = [16, 9, 20, 12, 16, 6]
+    alone = [_generated_text(local, prompt, limit)[0] for prompt, limit in zip(prompts, limits)]
     before = _metrics(server)
     async_client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+    async def one(prompt: str, limit: int, delay: float) -> str:
+        await asyncio.sleep(delay)
+        reply = await async_client.completions.create(model=MODEL, prompt=prompt, max_tokens=limit, temperature=0)
+        return reply.choices[0].text
 
     async def scenario() -> list[str]:
         blocker = await async_client.completions.create(model=MODEL, prompt="A long story:", max_tokens=200,
                                                         temperature=0, stream=True)
         await anext(aiter(blocker))
-        replies = [asyncio.ensure_future(async_client.completions.create(model=MODEL, prompt=p, max_tokens=16,
-                                                                         temperature=0)) for p in PROMPTS]
-        for _ in range(200):
-            if _metrics(server)["lmforge_queue_length"] == len(PROMPTS):
-                break
-            await asyncio.sleep(0.05)
-        assert _metrics(server)["lmforge_queue_length"] == len(PROMPTS)
+        replies = [asyncio.ensure_future(one(p, n, 0.15 * i)) for i, (p, n) in enumerate(zip(prompts, limits))]
+        await asyncio.sleep(0.3)
         await blocker.response.aclose()
-        return [reply.choices[0].text for reply in await asyncio.gather(*replies)]
+        return list(await asyncio.gather(*replies))
 
     assert asyncio.run(scenario()) == alone
     after = _metrics(server)
     cancelled = 'lmforge_requests_total{outcome="cancelled"}'
     assert after[cancelled] - before.get(cancelled, 0) == 1
-    four = 'lmforge_batch_size_started_bucket{le="4"}', 'lmforge_batch_size_started_bucket{le="2"}'
-    assert (after[four[0]] - after[four[1]]) - (before[four[0]] - before[four[1]]) == 1  # one batch of 3-4 rows
-    assert after["lmforge_queue_length"] == 0
+    joined = after["lmforge_batch_size_started_count"] - after['lmforge_batch_size_started_bucket{le="1"}']
+    assert joined > before["lmforge_batch_size_started_count"] - before['lmforge_batch_size_started_bucket{le="1"}']
+    assert after["lmforge_queue_length"] == 0 and after["lmforge_batch_size"] == 0
+    assert after["lmforge_kv_blocks_used"] == 0 and after["lmforge_kv_blocks_total"] == 4 * 256 // 16
 
 
 def test_metrics_report_requests_tokens_and_latencies(server, client):
