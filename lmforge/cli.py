@@ -171,7 +171,9 @@ def serve(
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="requests batched together at most"),
     max_tokens_per_step: int = typer.Option(4096, "--max-tokens-per-step", min=1,
-                                            help="prompt tokens one prefill may process (rows x longest prompt)"),
+                                            help="tokens one step may process (decode tokens + prompt chunks)"),
+    kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", min=1,
+                                            help="16-token blocks of the paged KV cache (default: max-batch full contexts)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the artifact's runtime.device, else cpu)"),
 ) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
@@ -184,8 +186,8 @@ def serve(
     if model.tokenizer is None:
         raise typer.BadParameter("the artifact has no tokenizer files")
     name = artifact.resolve().name
-    server = create_app(model, name, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step)
-    errors.print(f"serving '{name}' on http://{host}:{port}/v1", highlight=False)
+    server = create_app(model, name, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step, kv_blocks=kv_blocks)
+    errors.print(f"serving '{name}' on http://{host}:{port}/v1: {server.state.scheduling}", highlight=False)
     uvicorn.run(server, host=host, port=port, log_level="warning")
 
 
