@@ -64,7 +64,9 @@ class PagedRows:
     `AttentionContext.kv`. `write_slots` (T,) is the pool slot each query token's key and
     value go to; `key_slots` (S,) the pool slots read, every request's from its first
     position. `query_requests`/`query_positions` (T,) and `key_requests`/`key_positions`
-    (S,) say whose each token is and where in its sequence: the mask is built from them."""
+    (S,) say whose each token is and where in its sequence: the mask is built from them.
+    `logit_rows` (R,) are the query tokens whose logits the step needs (`last_position` keeps
+    only them, so prompt chunks do not pay for the LM head); None keeps every token."""
 
     write_slots: torch.Tensor
     key_slots: torch.Tensor
@@ -72,6 +74,7 @@ class PagedRows:
     query_positions: torch.Tensor
     key_requests: torch.Tensor
     key_positions: torch.Tensor
+    logit_rows: torch.Tensor | None = None
 
 
 @dataclass

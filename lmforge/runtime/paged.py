@@ -142,9 +142,11 @@ class PagedKVCache:
         table.blocks.clear()
 
 
-def paged_rows(pieces: Sequence[tuple[BlockTable, int, int]], block_size: int, device: torch.device) -> PagedRows:
+def paged_rows(pieces: Sequence[tuple[BlockTable, int, int]], block_size: int, device: torch.device,
+               logit_rows: Sequence[int] | None = None) -> PagedRows:
     """The layout of one ragged forward: per request in order, its table, the first position
-    it feeds and how many tokens (its table must already hold them)."""
+    it feeds and how many tokens (its table must already hold them); `logit_rows`, the query
+    tokens whose logits are wanted (None: all)."""
     write, keys, query_requests, query_positions, key_requests, key_positions = [], [], [], [], [], []
     for request, (table, start, count) in enumerate(pieces):
         end = start + count
@@ -159,5 +161,5 @@ def paged_rows(pieces: Sequence[tuple[BlockTable, int, int]], block_size: int, d
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return PagedRows(tensor(write), tensor(keys), tensor(query_requests), tensor(query_positions),
-                     tensor(key_requests), tensor(key_positions))
+                     tensor(key_requests), tensor(key_positions), None if logit_rows is None else tensor(list(logit_rows)))
 

@@ -59,6 +59,11 @@ class Piece:
     start: int
     count: int
 
+    @property
+    def samples(self) -> bool:
+        """Whether the piece feeds the request's last token, whose logits give the next one."""
+        return self.start + self.count == len(self.sequence.request.prompt_ids) + len(self.sequence.request.output_ids)
+
 
 class ContinuousScheduler(SchedulerBase):
     """Requests join and leave between steps; see the module docstring. `kv_blocks` blocks
@@ -157,28 +162,33 @@ class ContinuousScheduler(SchedulerBase):
         self.running.remove(sequence)
 
     def forward(self, pieces: list[Piece]) -> torch.Tensor:
-        """Logits (T, vocab) of every token the pieces feed, in one ragged forward."""
+        """One ragged forward of every token the pieces feed; the logits (R, vocab) of the last
+        token of each piece that completes its request (`Piece.samples`), in order."""
         device = self.engine.device
-        ids, positions = [], []
+        ids, positions, sampled = [], [], []
         for piece in pieces:
             ids += piece.sequence.tokens[piece.start : piece.start + piece.count]
             positions += range(piece.start, piece.start + piece.count)
-        rows = paged_rows([(p.sequence.table, p.start, p.count) for p in pieces], self.cache.block_size, device)
+            if piece.samples:
+                sampled.append(len(ids) - 1)
+        rows = paged_rows([(p.sequence.table, p.start, p.count) for p in pieces], self.cache.block_size, device,
+                          logit_rows=sampled)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         return self.engine.step_paged(input_ids, torch.tensor([positions], device=device), self.cache.pools, rows)
 
     def update(self, pieces: list[Piece], logits: torch.Tensor) -> None:
         """Advance each piece's request; those whose tokens are all in the cache get their
-        next token from the logits of their last one. Finished requests leave."""
-        now, offset = time.monotonic(), 0
+        next token from the logits of their last one (a row of `logits` each, in order).
+        Finished requests leave."""
+        now, row_index = time.monotonic(), 0
         for piece in pieces:
             sequence = piece.sequence
-            offset += piece.count
             sequence.computed += piece.count
-            if sequence.pending > 0:
+            if not piece.samples:
                 continue  # a prompt chunk: the rest comes in later steps
             request = sequence.request
-            row = logits[offset - 1 : offset]
+            row = logits[row_index : row_index + 1]
+            row_index += 1
             logprobs = row[0].float().log_softmax(-1) if request.params.logprobs is not None else None
             self._accept(request, row, logprobs, now)
             if request.finished:

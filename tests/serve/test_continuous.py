@@ -13,6 +13,7 @@ from tiny_models import tiny_model
 
 import lmforge
 from lmforge.errors import LmforgeError
+from lmforge.runtime.paged import BlockTable, PagedKVCache, paged_rows
 from lmforge.runtime.sampling import SamplingParams
 from lmforge.serve.app import make_scheduler
 from lmforge.serve.continuous import ContinuousScheduler
@@ -172,3 +173,20 @@ def test_programs_that_cannot_be_paged_are_served_one_batch_at_a_time_with_the_r
                           recipe=SimpleNamespace(codegen=SimpleNamespace(backend="cpp")))
     fallback = make_scheduler(cpp, ServeMetrics(), **options)
     assert isinstance(fallback, Scheduler) and "cpp backend has no paged attention kernel" in fallback.describe()
+
+
+def test_paged_steps_in_chunks_give_the_cache_free_logits(both, prompts):
+    """A prompt fed 7 tokens a step through the block pool (logits of every token kept) has
+    the logits of one cache-free forward over the whole prompt."""
+    engine, prompt = both.engine, prompts[2]
+    cache = PagedKVCache(engine.kv_layout, 16, 4, engine.dtype, engine.device)
+    table, chunks = BlockTable(), []
+    with torch.no_grad():
+        for start in range(0, len(prompt), 7):
+            count = min(7, len(prompt) - start)
+            assert cache.reserve(table, start + count)
+            rows = paged_rows([(table, start, count)], 4, engine.device)
+            ids = torch.tensor([prompt[start : start + count]])
+            chunks.append(engine.step_paged(ids, torch.arange(start, start + count)[None], cache.pools, rows))
+    expected = engine.forward(torch.tensor([prompt]))[0]
+    torch.testing.assert_close(torch.cat(chunks), expected, rtol=1e-4, atol=1e-4)

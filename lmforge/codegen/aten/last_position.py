@@ -10,8 +10,12 @@ from lmforge.compiler.ops import current_context
 
 def aten_last_position(hidden: torch.Tensor) -> torch.Tensor:
     """The LM head's input: only the last position when the forward asks for `last_only`
-    (as Hugging Face's `logits_to_keep=1` in a prefill), else every position."""
-    return hidden[:, -1:].clone() if current_context().last_only else hidden.clone()
+    (as Hugging Face's `logits_to_keep=1` in a prefill), the rows a paged step samples from
+    (`PagedRows.logit_rows`), else every position."""
+    context = current_context()
+    if context.paged is not None and context.paged.logit_rows is not None:
+        return hidden[:, context.paged.logit_rows]
+    return hidden[:, -1:].clone() if context.last_only else hidden.clone()
 
 
 def _last_position_setup_context(ctx, inputs, output) -> None:
