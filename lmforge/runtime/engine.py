@@ -170,10 +170,11 @@ class Engine:
 
     def step_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, pools: list,
                    rows: PagedRows) -> torch.Tensor:
-        """Every position's logits `(T, vocab)` of a ragged forward over a block pool: the
-        query tokens of several requests in one row `(1, T)`, each with its own position, their
-        keys and values read and written through `rows` (`runtime.paged`). The serving
-        scheduler's continuous batches run through it; the engine's own cache is not touched."""
+        """The logits `(R, vocab)` of `rows.logit_rows` (every position's, `(T, vocab)`, without
+        them) of a ragged forward over a block pool: the query tokens of several requests in one
+        row `(1, T)`, each with its own position, their keys and values read and written through
+        `rows` (`runtime.paged`). The serving scheduler's continuous batches run through it; the
+        engine's own cache is not touched."""
         context = AttentionContext(kv=pools, start=0, q_len=input_ids.shape[1], paged=rows, device=self.device)
         with attention_context(context):
             output = self.runner(input_ids, positions)
