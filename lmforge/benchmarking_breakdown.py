@@ -30,7 +30,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from rich.table import Table
@@ -273,3 +273,39 @@ def limit_tokens_per_second(weight_bytes: int, gigabytes_per_second: float, batc
         raise LmforgeError(f"a decode limit needs positive weight bytes and bandwidth, got {weight_bytes}, "
                            f"{gigabytes_per_second}")
     return batch * gigabytes_per_second * 1e9 / weight_bytes
+
+
+def profile_artifact(artifact, context: int = 64, steps: int = 8) -> dict:
+    """`lmforge info --profile`: a decode step of the artifact at batch 1 after `context`
+    tokens (fewer if its cache is shorter), split (`profile_decode_steps`), and its limit."""
+    import lmforge
+
+    model = lmforge.load(artifact)
+    context = max(1, min(context, model.engine.max_seq_len - 2 * steps - 2))
+    part = profile_decode_steps(model.engine, 1, context, steps)
+    weight_bytes = step_weight_bytes(model.program)
+    bandwidth = read_bandwidth()
+    return {"step_breakdown": part.record(), "step_weight_bytes": weight_bytes, "read_bandwidth_gb_per_s": bandwidth,
+            "limit_tokens_per_second": limit_tokens_per_second(weight_bytes, bandwidth, 1)}
+
+
+def profile_renderables(record: dict, engine: str) -> list:
+    """What `lmforge info --profile` prints of `profile_artifact`'s record."""
+    names = {f.name for f in fields(StepBreakdown)}
+    part = StepBreakdown(**{key: value for key, value in record["step_breakdown"].items() if key in names})
+    printed = [breakdown_table([(engine, part)], title=f"a decode step after {part.context} tokens (µs)")]
+    if part.compiled_us > 0:
+        printed.append(outside_compiled_table(part))
+    printed.append(f"limit: {record['limit_tokens_per_second']:.0f} tok/s at batch 1 ({record['step_weight_bytes']:,} "
+                   f"weight bytes a step reads at {record['read_bandwidth_gb_per_s']:.1f} GB/s measured here); "
+                   f"this step alone: {1e6 / part.step_us:.0f} tok/s")
+    return printed
+
+
+def compiled_step_note(backend: str) -> str | None:
+    """For `lmforge info` without --profile: what a `cpp` artifact runs outside its compiled step."""
+    if backend != "cpp":
+        return None
+    return ("cpp: every op of the graph runs inside the compiled step (the backend refuses a recipe otherwise); "
+            "the runner's inputs, Dynamo's guards and sampling run in Python around it: --profile lists them with "
+            "their cost per step")

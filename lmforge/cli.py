@@ -281,9 +281,12 @@ def _type_name(annotation) -> str:
 def info(
     artifact: Path = typer.Argument(..., help="artifact directory"),
     context: int = typer.Option(2048, "--context", min=1, help="tokens of context for kv_cache_bytes"),
+    profile: bool = typer.Option(False, "--profile", help="also time and profile a few decode steps (seconds; a cpp "
+                                 "artifact compiles its decode step first)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Summarise an artifact: versions, passes applied, weight and KV-cache bytes."""
+    """Summarise an artifact: versions, passes applied, weight and KV-cache bytes; with --profile,
+    where a decode step's time goes and the limit memory bandwidth puts on it."""
     import torch
 
     from lmforge.compiler.artifact import read_manifest, read_recipe_text
@@ -310,6 +313,10 @@ def info(
         **_kernel_record(manifest),
         "cuda_graphs": graph_plan(meta, recipe.codegen.backend, recipe.runtime.cuda_graphs),
     }
+    if profile:
+        from lmforge.benchmarking_breakdown import profile_artifact
+
+        record["profile"] = profile_artifact(artifact)
     if as_json:
         _print_json(record)
         return
@@ -334,6 +341,12 @@ def info(
                 console.print(f"verify: {lowered['not_run']}", highlight=False)
     if "kernels" in record:
         _print_kernels(record)
+    from lmforge.benchmarking_breakdown import compiled_step_note, profile_renderables
+
+    backend = recipe.codegen.backend
+    printed = profile_renderables(record["profile"], backend) if profile else [compiled_step_note(backend)]
+    for renderable in filter(None, printed):
+        console.print(renderable, highlight=False)
 
 
 def _kernel_record(manifest: dict) -> dict:
