@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -188,6 +188,19 @@ class _Located:
         return LmforgeError(f"{self.name}:{self.line(path)}: {where or 'recipe'}: {message}")
 
 
+def _nested_fields(config_cls: type[BaseModel], loc: tuple) -> dict:
+    """The fields of the option model at `loc` inside a pass config (e.g. `kv_cache` of
+    `quantize`), so an unknown nested key is listed against its own valid keys."""
+    fields = config_cls.model_fields
+    for part in loc:
+        annotation = fields[part].annotation if part in fields else None
+        models = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models:
+            break
+        fields = models[0].model_fields
+    return fields
+
+
 def _choices(valid) -> str:
     return ", ".join(sorted(valid))
 
@@ -222,11 +235,12 @@ def _check_pass_entry(entry: Any, index: int, located: _Located) -> None:
         error = exc.errors()[0]
         field_path = (*path, *error["loc"])
         if error["type"] == "extra_forbidden":
-            bad = error["loc"][0]
+            bad, within = error["loc"][-1], ".".join(str(part) for part in error["loc"][:-1])
+            valid = _nested_fields(config_cls, error["loc"][:-1])
             raise located.error(
                 field_path,
-                f"unknown option {_shown(bad)} for pass {name!r}{_hint(bad, valid)} "
-                f"Valid options: {_choices(valid) or '(none)'}",
+                f"unknown option {_shown(bad)} {f'in {within} of' if within else 'for'} pass {name!r}"
+                f"{_hint(bad, valid)} Valid options: {_choices(valid) or '(none)'}",
             ) from None
         raise located.error(field_path, f"{_one_line(error['msg'])} (got {_shown(error.get('input'))})") from None
 

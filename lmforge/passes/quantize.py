@@ -34,6 +34,7 @@ from lmforge.compiler.quantized import (
 from lmforge.errors import LmforgeError
 from lmforge.passes.base import PassConfig, PassContext, PassResult, register_pass
 from lmforge.passes.calibrate import LossyPass, QualityBudget, enforce_budget
+from lmforge.passes.quantize_kv_cache import KVCacheQuantizeConfig, kv_cache_only_result, quantize_kv_cache
 
 aten = torch.ops.aten
 SKIP_ROLES = ("embedding", "lm_head", "attention", "ffn")
@@ -50,6 +51,9 @@ class QuantizeConfig(PassConfig):
     skip: list[int | str] = Field(
         [], description=f"weights kept as they are: layer indices and/or roles ({', '.join(SKIP_ROLES)})"
     )
+    kv_cache: KVCacheQuantizeConfig | None = Field(
+        None, description="quantize the KV cache too (KIVI: {dtype: int8|fp8, granularity: kivi|token, residual, "
+        "slack}); given without `weights`, only the cache is quantized")
     quality_budget: QualityBudget | None = Field(None, description="overrides the recipe-wide quality_budget")
 
     @field_validator("method")
@@ -157,12 +161,17 @@ class Quantize(LossyPass):
     def apply(self, program: Program, ctx: PassContext) -> PassResult:
         config = self.config
         data, budget = self.calibration_and_budget(ctx)
+        kv_rewrites, kv_notes, kv_measured = (quantize_kv_cache(program, config.kv_cache, ctx, self.name)
+                                              if config.kv_cache is not None else (0, [], {}))
+        if config.kv_cache is not None and "weights" not in config.model_fields_set:
+            return kv_cache_only_result(program, data, budget, self.name, kv_rewrites, kv_notes, kv_measured)
         num_layers = program.meta["num_layers"]
         for entry in config.skip:
             if isinstance(entry, int) and not 0 <= entry < num_layers:
                 raise LmforgeError(f"quantize: skip names layer {entry}, but the model has {num_layers} layers")
         bytes_before = weight_bytes(program)
         converted, kept, notes = [], [], []
+        notes += kv_notes
         for name, uses in quantizable_weights(program).items():
             columns = getattr(program.graph_module, name).shape[1]
             if _skipped(uses, config.skip):

@@ -38,8 +38,8 @@ class KVCacheQuantizeConfig(BaseModel):
         "token: keys and values per token")
     residual: int = Field(32, ge=1, description="tokens per group: the current group stays exact, complete groups "
                           "are quantized (and share key scales under kivi)")
-    slack: int = Field(16, ge=0, description="extra exact tokens kept so that speculative drafts of up to this "
-                       "many tokens can be rolled back")
+    slack: int = Field(8, ge=0, description="extra exact tokens kept so that speculative drafts of up to this "
+                       "many tokens can be rolled back (prompt_lookup drafts 8 by default)")
 
 
 def fp8_unsupported_reason(device: torch.device) -> str | None:
@@ -51,6 +51,13 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
     if probe.tolist() != [1.5, -3.0]:
         return f"torch {torch.__version__} casts float8_e4m3fn wrongly on {device.type}"
     return None
+
+
+def drafted_tokens(meta: dict) -> int:
+    """The most tokens one verification forward of this program drafts (0: no draft source)."""
+    speculation = meta.get("speculation") or {}
+    return max(speculation.get("prompt_lookup", {}).get("num_draft", 0),
+               speculation.get("draft_heads", {}).get("count", 0))
 
 
 def _refusal(program: Program, layer: int) -> str | None:
@@ -77,6 +84,10 @@ def quantize_kv_cache(program: Program, config: KVCacheQuantizeConfig, ctx: Pass
         reason = fp8_unsupported_reason(device)
         if reason is not None:
             raise LmforgeError(f"{pass_name}: kv_cache dtype fp8 is not available here: {reason}; use dtype: int8")
+    drafted = drafted_tokens(program.meta)
+    if drafted > config.slack:
+        raise LmforgeError(f"{pass_name}: the program drafts {drafted} tokens per verification, and rolling back "
+                           f"rejected drafts needs kv_cache slack >= {drafted} (it is {config.slack})")
     layout = program.meta["kv_cache"]
     for entry in program.layers:
         reason = _refusal(program, entry.index)
