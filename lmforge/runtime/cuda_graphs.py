@@ -8,7 +8,10 @@ the token and position inputs, the cache slots it writes, the padding and the dr
 `GraphedStep` keeps those in static buffers per (batch bucket, token width), copies each
 step's values into them, replays, and hands back the static output cut to the real batch.
 The attention op reads its cache slots from a tensor (`AttentionContext.slots`) and builds
-its masks from these buffers inside the step, so no Python int is frozen into a graph.
+its masks from these buffers inside the step, so no Python int is frozen into a graph: on
+the `aten` backend through a mask over the whole cache, on the `triton` backend through
+kernels that read the start on the device and launch a split count fixed by the cache's
+size (`codegen/triton/decode_attention.py`).
 
 Batches are padded up to a bucket (1, 2, 4, 8, 16, 32, as vLLM does); the engine then
 allocates its cache with the bucket's rows and runs eager forwards on views of the real
@@ -18,9 +21,9 @@ width) is stepped, after a warm-up on a side stream, into one memory pool shared
 
 What runs eagerly instead, and is reported (`Engine.graph_report`): a device other than
 CUDA, `runtime.cuda_graphs: off`, programs whose step is not graph-safe (dynamic
-`ffn_skip`'s host-side branch, merged/ring/evicting caches updated by host logic, the
-`triton` backend whose attention kernels take the cache start and split count as launch
-arguments), batches above the largest bucket and widths above the longest verify width.
+`ffn_skip`'s host-side branch, merged/ring/evicting caches updated by host logic, a
+backend not known to be graph-safe), batches above the largest bucket and widths above
+the longest verify width.
 
 The capturer is injectable. On CUDA it is `CudaGraphCapturer` (torch.cuda.CUDAGraph);
 this has never run on a GPU where it was written. On a CPU, tests use
@@ -54,7 +57,7 @@ from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
-GRAPH_SAFE_BACKENDS = ("aten", "fx")
+GRAPH_SAFE_BACKENDS = ("aten", "fx", "triton")
 _GRAPH_SAFE_OPS = (attention, tree_attention, sparse_attention, last_position)
 Step = Callable[[], Any]
 
@@ -197,12 +200,9 @@ def capture_blockers(meta: dict, backend: str) -> list[str]:
     its passes decided (`meta`, also in an artifact's manifest, so `lmforge info` says the
     same as the engine) and the codegen backend."""
     reasons = []
-    if backend == "triton":
-        reasons.append("codegen backend 'triton' is not graph-safe yet (its attention kernels take the cache start "
-                       "and split count as launch arguments, which capture would freeze)")
-    elif backend not in GRAPH_SAFE_BACKENDS:
+    if backend not in GRAPH_SAFE_BACKENDS:
         reasons.append(f"codegen backend {backend!r} is not known to be graph-safe (only "
-                       f"{' and '.join(GRAPH_SAFE_BACKENDS)} run the attention op that reads its slots from a tensor)")
+                       f"{', '.join(GRAPH_SAFE_BACKENDS)} run attention that reads its slots from a tensor)")
     if meta.get("ffn_skip", {}).get("mode") == "dynamic":
         reasons.append("dynamic ffn_skip branches (torch.cond) on a host-side decision every step")
     kinds = sorted({slot["kind"] for slot in cache_slots(meta["kv_cache"]).values() if slot.get("kind")})

@@ -49,11 +49,19 @@ def _pad(ctx: AttentionContext) -> torch.Tensor | None:
     return ctx.cached("triton_pad", lambda: ctx.pad.to(torch.int32).contiguous())
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float, window: int,
-            softcap: float, pad: torch.Tensor | None, sink: int = 0, tree: torch.Tensor | None = None,
+def _start(ctx: AttentionContext) -> int | torch.Tensor:
+    """The forward's first cache slot as the kernels take it: the slots tensor of a step
+    captured in a CUDA graph (`AttentionContext.slots`; the kernels read it on the device,
+    where a Python int would be frozen at capture), else the context's `start`."""
+    return ctx.slots if ctx.slots is not None else ctx.start
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int | torch.Tensor, scale: float,
+            window: int, softcap: float, pad: torch.Tensor | None, sink: int = 0, tree: torch.Tensor | None = None,
             key_positions: torch.Tensor | None = None,
             new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """(B, T, Hq, D) attention of q (B, Hq, T, D) at positions start.. over keys in place;
+    """(B, T, Hq, D) attention of q (B, Hq, T, D) at positions start.. over keys in place
+    (`start`: an int, or a tensor of the forward's slots read on the device: `_start`);
     `new`: this forward's (keys, values), which the kernel writes at slots start.. first."""
     new_keys, new_values = new if new is not None else (None, None)
     if q.shape[2] == 1 and tree is None:
@@ -81,10 +89,12 @@ def triton_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cac
                           window: int, softcap: float) -> torch.Tensor:
     """`tree_attention`: dense attention honouring the context's draft tree, if any."""
     ctx = current_context()
-    if ctx.tree is not None and 0 < window < ctx.start + q.shape[2]:
+    # a captured step (slots) does not know its length on the host: any window is refused, as on aten
+    windowed = window > 0 and (ctx.slots is not None or window < ctx.start + q.shape[2])
+    if ctx.tree is not None and windowed:
         raise LmforgeError("tree verification with sliding-window attention is not supported; draft a chain instead")
     keys, values, new = _cache_and_new(ctx, cache_index, k, v)
-    return _attend(q, keys, values, ctx.start, scale, window, softcap, _pad(ctx), tree=ctx.tree, new=new)
+    return _attend(q, keys, values, _start(ctx), scale, window, softcap, _pad(ctx), tree=ctx.tree, new=new)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_index: int, scale: float,

@@ -20,6 +20,15 @@ Given the step's new key and value, stage 1 also writes them into the cache at s
 head) and reads them from the new tensors, not back from the cache, so a decode step has no
 separate cache-copy launches. Every other program reads only older slots, which nobody
 writes during the launch.
+
+A step captured in a CUDA graph replays its launches with the arguments of the capture, so
+nothing that changes from step to step may be a launch argument. The query's position can
+therefore be given as a tensor (the forward's cache slots, `AttentionContext.slots`) that
+stage 1 reads on the device; the range each split scans is computed in the kernel from it,
+and the number of splits, which sets the grid, is then fixed by the cache's size instead of
+the current length. A split that starts past the current length scans nothing and reports
+an empty result (log-sum-exp -inf), which the combine stage gives no weight. Eager launches
+keep choosing the split count from the length.
 """
 
 import torch
@@ -53,19 +62,22 @@ def decode_attention_partial(
     stride_nkb, stride_nkh, stride_nks, stride_nkd,
     stride_nvb, stride_nvh, stride_nvs, stride_nvd,
     stride_pb, stride_ph, stride_ps,
-    length, query_pos, scan_begin, window, sink, group, head_dim, splits,
+    num_slots, query_pos, start_ptr, window, sink, group, head_dim, splits,
     scale, softcap,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    HAS_NEW: tl.constexpr,
+    HAS_NEW: tl.constexpr, START_ON_DEVICE: tl.constexpr,
 ):
     """Stage 1, one program per (row, KV head, split): attention of the group's query heads
-    over the split's share of slots scan_begin..length, as an fp32 output normalised within
-    the split and its log-sum-exp (-inf for a split with no visible key). With a single
-    split that output is already the answer: it goes straight to `out_ptr`, and stage 2
-    is not launched. With `HAS_NEW` (slots are positions), the program whose split holds
-    slot `query_pos` writes the step's key and value there and attends to them from the
-    new tensors."""
+    over the split's share of the slots the query can see, as an fp32 output normalised
+    within the split and its log-sum-exp (-inf for a split with no visible key, or none at
+    all: a split past the current length). With a single split that output is already the
+    answer: it goes straight to `out_ptr`, and stage 2 is not launched. The query is at
+    `query_pos`, or with `START_ON_DEVICE` at the position `start_ptr` holds. Slots are
+    positions (0..query_pos are scanned, from the window's first key when there are no
+    sinks), or with `HAS_POSITIONS` all `num_slots` slots are scanned. With `HAS_NEW`
+    (slots are positions), the program whose split holds slot `query_pos` writes the step's
+    key and value there and attends to them from the new tensors."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -79,9 +91,16 @@ def decode_attention_partial(
     first_real = 0
     if HAS_PAD:
         first_real = tl.load(pad_ptr + row)
-    begin = scan_begin
-    if not HAS_POSITIONS:
-        # slots are positions: a row's padding is invisible to all but a padding query itself
+    if START_ON_DEVICE:
+        query_pos = tl.load(start_ptr).to(tl.int32)
+    if HAS_POSITIONS:
+        begin = 0
+        length = num_slots
+    else:
+        # slots are positions: keys before the window are never seen (unless sinks keep the
+        # first ones), and a row's padding is invisible to all but a padding query itself
+        length = query_pos + 1
+        scan_begin = tl.where(sink == 0, tl.maximum(query_pos - window + 1, 0), 0)
         begin = tl.minimum(tl.maximum(scan_begin, first_real), query_pos)
     per_split = tl.cdiv(length - begin, splits)
     lo = begin + split * per_split
@@ -113,7 +132,7 @@ def decode_attention_partial(
         tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
     else:
-        lse = tl.where(denom > 0, top + tl.log(denom), float("-inf"))
+        lse = tl.where(denom > 0, top + tl.log(tl.where(denom > 0, denom, 1.0)), float("-inf"))
         slot = (row * group * tl.num_programs(1) + heads) * splits + split
         tl.store(partial_out_ptr + slot[:, None] * head_dim + dims[None, :], out,
                  mask=row_ok[:, None] & dim_ok[None, :])
@@ -128,7 +147,8 @@ def decode_attention_combine(
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Stage 2, one program per (row, query head): the splits' outputs weighted by
-    exp(lse - max lse), which is the softmax over all the keys."""
+    exp(lse - max lse), which is the softmax over all the keys. An empty split (lse -inf)
+    has weight 0 and its output is not read, so nothing it stored can reach the result."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     parts = tl.arange(0, BLOCK_S)
@@ -138,8 +158,9 @@ def decode_attention_combine(
     first = (row * heads + head) * splits
     lse = tl.load(partial_lse_ptr + first + parts, mask=part_ok, other=float("-inf"))
     weights = tl.exp(lse - tl.max(lse, 0))
+    filled = part_ok & (lse > float("-inf"))
     partial = tl.load(partial_out_ptr + (first + parts[:, None]) * head_dim + dims[None, :],
-                      mask=part_ok[:, None] & dim_ok[None, :], other=0.0)
+                      mask=filled[:, None] & dim_ok[None, :], other=0.0)
     out = tl.sum(weights[:, None] * partial, 0) / tl.sum(weights, 0)
     tl.store(out_ptr + row * stride_ob + head * stride_oh + dims * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=dim_ok)
@@ -154,16 +175,28 @@ def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int
 
 
 def _split_count(rows_times_heads: int, scanned: int) -> int:
+    """Splits for `scanned` keys: enough programs to fill the GPU, but none shorter than
+    MIN_KEYS_PER_SPLIT keys (a launch's fixed split count takes the cache's size here)."""
     by_occupancy = triton.cdiv(TARGET_PROGRAMS, rows_times_heads)
     by_length = triton.cdiv(scanned, MIN_KEYS_PER_SPLIT)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def _scanned(num_slots: int, query_pos: int | torch.Tensor, window: int, sink: int,
+             key_positions: torch.Tensor | None) -> int:
+    """Keys stage 1 scans, which sets the split count: every slot of a cache read by
+    position or of a query whose position is on the device (the most a launch that does not
+    know the step may face), else the ones up to the query, from its window's first."""
+    if key_positions is not None or isinstance(query_pos, torch.Tensor):
+        return num_slots
+    return query_pos + 1 - (max(0, query_pos - window + 1) if window > 0 and sink == 0 else 0)
 
 
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    query_pos: int,
+    query_pos: int | torch.Tensor,
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
@@ -175,7 +208,10 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one query per row at position `query_pos` over a cache.
 
-    q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
+    `query_pos` is an int, or an integer tensor whose first element the kernel reads on the
+    device (the forward's cache slots, `AttentionContext.slots`): then no launch argument
+    depends on the step, and the split count is the one for a full cache, as a CUDA graph
+    needs. q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
     `key_positions`, slot i holds position i and slots 0..query_pos are read: the query's
     own key must already be written, or be given as `new_keys` and `new_values`
     ((B, Hkv, 1, D), any strides), which the kernel writes into the cache at slot
@@ -191,18 +227,14 @@ def decode_attention(
     positions, position_strides = position_arguments(key_positions, q)
     new_k, new_v, new_k_strides, new_v_strides = new_arguments(new_keys, new_values, q)
     has_new = new_keys is not None
+    on_device = isinstance(query_pos, torch.Tensor)
     if has_new and key_positions is not None:
         raise LmforgeError("decode attention writes new keys only into a dense cache (slot = position); a "
                            "streaming head's ring is written by RingSlot.write")
-    if has_new and query_pos >= k_cache.shape[2]:
+    if has_new and not on_device and query_pos >= k_cache.shape[2]:
         raise LmforgeError(f"decode attention writes the new key and value at slot {query_pos} of a dense cache; "
                            f"this cache has {k_cache.shape[2]} slots")
-    if key_positions is not None:
-        length, scan_begin = k_cache.shape[2], 0
-    else:
-        length = query_pos + 1
-        scan_begin = max(0, query_pos - window + 1) if window > 0 and sink == 0 else 0
-    splits = _split_count(batch * kv_heads, length - scan_begin)
+    splits = _split_count(batch * kv_heads, _scanned(k_cache.shape[2], query_pos, window, sink, key_positions))
     out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype, device=q.device)
     partial_out = torch.empty(batch, heads, splits if splits > 1 else 0, head_dim, dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(batch, heads, splits if splits > 1 else 0, dtype=torch.float32, device=q.device)
@@ -210,11 +242,12 @@ def decode_attention(
         q, k_cache, v_cache, new_k, new_v, pad if pad is not None else q, positions, partial_out, partial_lse, out,
         q.stride(0), q.stride(1), q.stride(3), out.stride(0), out.stride(2), out.stride(3),
         *k_cache.stride(), *v_cache.stride(), *new_k_strides, *new_v_strides, *position_strides,
-        length, query_pos, scan_begin, window if window > 0 else NO_WINDOW, sink, group, head_dim, splits,
+        k_cache.shape[2], 0 if on_device else query_pos, query_pos if on_device else q,
+        window if window > 0 else NO_WINDOW, sink, group, head_dim, splits,
         scale, softcap,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_SOFTCAP=softcap > 0.0,
-        SINGLE_SPLIT=splits == 1, HAS_NEW=has_new,
+        SINGLE_SPLIT=splits == 1, HAS_NEW=has_new, START_ON_DEVICE=on_device,
     )
     if splits == 1:
         return out.transpose(1, 2)
@@ -228,8 +261,9 @@ def decode_attention(
 def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[object, dict, dict, int]]:
     """Example (kernel, signature, constexprs, num_warps) sets for ahead-of-time compiles of
     a plain decode step (no padding, positions or soft-cap; the step's key and value
-    written by the kernel) at these shapes: what the
-    launcher would pick for `head_dim`, `group` query heads per KV head and `dtype`."""
+    written by the kernel; its position a launch argument, as in an eager step: a step
+    replayed from a CUDA graph loads it instead, one scalar load more) at these shapes: what
+    the launcher would pick for `head_dim`, `group` query heads per KV head and `dtype`."""
     element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     block_h, block_n, block_d = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
     partial_signature = {
@@ -239,12 +273,13 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
         **{f"stride_{tensor}{axis}": "i32" for tensor, axes in
            (("q", "bhd"), ("o", "bhd"), ("k", "bhsd"), ("v", "bhsd"), ("nk", "bhsd"), ("nv", "bhsd"), ("p", "bhs"))
            for axis in axes},
-        **dict.fromkeys(("length", "query_pos", "scan_begin", "window", "sink", "group", "head_dim", "splits"), "i32"),
+        "num_slots": "i32", "query_pos": "i32", "start_ptr": "*i64",
+        **dict.fromkeys(("window", "sink", "group", "head_dim", "splits"), "i32"),
         "scale": "fp32", "softcap": "fp32",
     }
     partial_constexprs = {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_D": block_d,
                           "HAS_PAD": False, "HAS_POSITIONS": False, "HAS_SOFTCAP": False, "SINGLE_SPLIT": False,
-                          "HAS_NEW": True, **NEW_UNIT_STRIDES}
+                          "HAS_NEW": True, "START_ON_DEVICE": False, **NEW_UNIT_STRIDES}
     combine_signature = {
         "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "out_ptr": f"*{element}",
         **{name: "i32" for name in ("stride_ob", "stride_oh", "stride_od", "heads", "head_dim", "splits")},

@@ -18,6 +18,11 @@ Given the forward's own keys and values, the kernel also writes them into the ca
 start..start+q_len): the programs of each KV head's first query head store the tokens of
 their query block, so each token is written once per row and KV head, and every program
 reads those slots from the new tensors, never from the cache being written.
+
+`start` may be a tensor read on the device (the forward's cache slots,
+`AttentionContext.slots`), so that a verify step captured in a CUDA graph, whose launch
+arguments are frozen at capture, attends from each replay's own position; the grid depends
+only on the number of queries, never on the position.
 """
 
 import torch
@@ -47,19 +52,27 @@ def prefill_attention_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_pb, stride_ph, stride_ps,
     stride_bb, stride_bh, stride_bq,
-    q_len, kv_len, start, window, sink, heads, group, head_dim, query_rows, max_blocks,
+    q_len, num_slots, start, start_ptr, window, sink, heads, group, head_dim, query_rows, max_blocks,
     scale, softcap,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr, HAS_POSITIONS: tl.constexpr, HAS_TREE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_SPARSE: tl.constexpr, HAS_NEW: tl.constexpr,
+    START_ON_DEVICE: tl.constexpr,
 ):
     """One program per (query block of `query_rows` tokens, row x query head). In block-sparse
     mode a query block and a key block both span `query_rows` tokens (the pattern's block,
     any size: the key tiles walk it in BLOCK_N steps). With `HAS_NEW` (slots are positions,
     no sinks), the program of a KV head's first query head writes its block's keys and
     values, and the keys are walked in two parts, the cache's and the forward's own; the
-    sink walk is compiled out, which keeps the kernel within sm_80's registers."""
+    sink walk is compiled out, which keeps the kernel within sm_80's registers. The first
+    query is at `start`, or with `START_ON_DEVICE` at the position `start_ptr` holds; the
+    keys are the `num_slots` slots with `HAS_POSITIONS`, else the slots up to the last query."""
     query_block = tl.program_id(0)
+    if START_ON_DEVICE:
+        start = tl.load(start_ptr).to(tl.int32)
+    kv_len = start + q_len
+    if HAS_POSITIONS:
+        kv_len = num_slots
     row = tl.program_id(1) // heads
     head = tl.program_id(1) % heads
     kv_head = head // group
@@ -154,7 +167,7 @@ def prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    start: int,
+    start: int | torch.Tensor,
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
@@ -169,7 +182,9 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Attention of the q_len queries at positions start.. over a cache.
 
-    q: (B, Hq, T, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
+    `start` is an int, or an integer tensor whose first element the kernel reads on the
+    device (the forward's cache slots, `AttentionContext.slots`), so no launch argument
+    depends on the position. q: (B, Hq, T, D); k_cache, v_cache: (B, Hkv, S, D), any strides. Without
     `key_positions`, slot i holds position i and slots 0..start+T are read: this forward's
     keys must already be written, or be given as `new_keys` and `new_values` ((B, Hkv, T, D),
     any strides), which the kernel writes into the cache at slots start..start+T (S must
@@ -185,7 +200,7 @@ def prefill_attention(
     query_rows = block_m
     if blocks is not None:
         query_rows, block_m = block, max(16, triton.next_power_of_2(block))
-    kv_len = k_cache.shape[2] if key_positions is not None else start + q_len
+    on_device = isinstance(start, torch.Tensor)
     out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     positions, position_strides = position_arguments(key_positions, q)
     new_k, new_v, new_k_strides, new_v_strides = new_arguments(new_keys, new_values, q)
@@ -193,7 +208,7 @@ def prefill_attention(
     if has_new and (key_positions is not None or sink > 0):
         raise LmforgeError("prefill attention writes new keys only into a dense cache without attention sinks (a "
                            "streaming head's ring is written by RingSlot.write)")
-    if has_new and start + q_len > k_cache.shape[2]:
+    if has_new and not on_device and start + q_len > k_cache.shape[2]:
         raise LmforgeError(f"prefill attention writes the new keys and values at slots {start}..{start + q_len - 1} "
                            f"of a dense cache; this cache has {k_cache.shape[2]} slots")
     if blocks is not None:
@@ -207,12 +222,12 @@ def prefill_attention(
         tree.to(torch.int8).contiguous() if tree is not None else q, blocks,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *new_k_strides, *new_v_strides, *out.stride(),
         *position_strides, *block_strides,
-        q_len, kv_len, start, window if window > 0 else NO_WINDOW, sink, heads, group, head_dim, query_rows,
-        max_blocks,
+        q_len, k_cache.shape[2], 0 if on_device else start, start if on_device else q,
+        window if window > 0 else NO_WINDOW, sink, heads, group, head_dim, query_rows, max_blocks,
         scale, softcap,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_TREE=tree is not None,
-        HAS_SOFTCAP=softcap > 0.0, BLOCK_SPARSE=max_blocks > 0, HAS_NEW=has_new,
+        HAS_SOFTCAP=softcap > 0.0, BLOCK_SPARSE=max_blocks > 0, HAS_NEW=has_new, START_ON_DEVICE=on_device,
     )
     return out
 
@@ -232,12 +247,12 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
            (("q", "bhtd"), ("k", "bhsd"), ("v", "bhsd"), ("nk", "bhsd"), ("nv", "bhsd"), ("o", "bhtd"), ("p", "bhs"),
             ("b", "bhq"))
            for axis in axes},
-        **{name: "i32" for name in ("q_len", "kv_len", "start", "window", "sink", "heads", "group", "head_dim",
-                                    "query_rows", "max_blocks")},
+        "q_len": "i32", "num_slots": "i32", "start": "i32", "start_ptr": "*i64",
+        **{name: "i32" for name in ("window", "sink", "heads", "group", "head_dim", "query_rows", "max_blocks")},
         "scale": "fp32", "softcap": "fp32",
     }
     constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "HAS_PAD": True,
                   "HAS_POSITIONS": False, "HAS_TREE": False, "HAS_SOFTCAP": False, "BLOCK_SPARSE": False,
-                  "HAS_NEW": True, **NEW_UNIT_STRIDES}
+                  "HAS_NEW": True, "START_ON_DEVICE": False, **NEW_UNIT_STRIDES}
     return [(prefill_attention_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
              8 if block_m * block_d >= 64 * 128 else 4)]
