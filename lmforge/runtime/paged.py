@@ -160,6 +160,7 @@ def paged_rows(pieces: Sequence[tuple[BlockTable, int, int]], block_size: int, d
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
+    logits = None if logit_rows is None else tensor(list(logit_rows))
     return PagedRows(tensor(write), tensor(keys), tensor(query_requests), tensor(query_positions),
-                     tensor(key_requests), tensor(key_positions), None if logit_rows is None else tensor(list(logit_rows)))
+                     tensor(key_requests), tensor(key_positions), logits)
 

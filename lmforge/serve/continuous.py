@@ -20,6 +20,7 @@ blocks before the next step.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,13 @@ class Sequence:
         return self.request.prompt_ids + self.request.output_ids
 
     @property
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.request.output_ids)
+
+    @property
     def pending(self) -> int:
-        return len(self.request.prompt_ids) + len(self.request.output_ids) - self.computed
+        """Tokens not yet in the cache: a prompt's rest, or the one token sampled last."""
+        return self.length - self.computed
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class Piece:
     @property
     def samples(self) -> bool:
         """Whether the piece feeds the request's last token, whose logits give the next one."""
-        return self.start + self.count == len(self.sequence.request.prompt_ids) + len(self.sequence.request.output_ids)
+        return self.start + self.count == self.sequence.length
 
 
 class ContinuousScheduler(SchedulerBase):
@@ -74,7 +80,7 @@ class ContinuousScheduler(SchedulerBase):
                  block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         super().__init__(engine, tokenizer, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
                          metrics=metrics)
-        blocks = kv_blocks if kv_blocks is not None else -(-max_batch * engine.max_seq_len // max(block_size, 1))
+        blocks = kv_blocks if kv_blocks is not None else math.ceil(max_batch * engine.max_seq_len / max(block_size, 1))
         self.cache = PagedKVCache(engine.kv_layout, blocks, block_size, engine.dtype, engine.device)
         self.running: list[Sequence] = []
         self.preemptions = 0

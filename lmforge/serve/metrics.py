@@ -95,7 +95,7 @@ class ServeMetrics:
                 "# HELP lmforge_batch_size Requests in the running batch.",
                 "# TYPE lmforge_batch_size gauge",
                 f"lmforge_batch_size {self.batch_size}",
-                "# HELP lmforge_batch_size_started Requests in the batch when requests joined it (one-batch scheduling: when it started).",
+                "# HELP lmforge_batch_size_started Requests in the batch when requests joined it (or when a batch started).",
                 "# TYPE lmforge_batch_size_started histogram",
                 *self.batch_sizes.lines("lmforge_batch_size_started"),
                 "# HELP lmforge_kv_blocks_used Blocks of the paged KV cache held by requests.",

@@ -102,7 +102,8 @@ def test_block_keys_chain_over_the_prefix():
 def _graph_calling(op) -> fx.GraphModule:
     graph = fx.Graph()
     q = graph.placeholder("q")
-    graph.output(graph.call_function(op, (q, q, q, 0, 1.0, 0, 0.0) if op is attention else (q, q, q, 0, 4, 16, 1.0, 0.0)))
+    arguments = (q, q, q, 0, 1.0, 0, 0.0) if op is attention else (q, q, q, 0, 4, 16, 1.0, 0.0)
+    graph.output(graph.call_function(op, arguments))
     return fx.GraphModule(torch.nn.Module(), graph)
 
 

@@ -54,7 +54,8 @@ def server(artifact, tmp_path_factory, request):
     port = _free_port()
     log = (tmp_path_factory.mktemp("serve-log") / "server.log").open("w+")
     process = subprocess.Popen([sys.executable, "-m", "lmforge.cli", "serve", str(artifact), "--port", str(port),
-                                "--max-batch", "4", "--max-tokens-per-step", "32"], stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                "--max-batch", "4", "--max-tokens-per-step", "32"],
+                               stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     base = f"http://127.0.0.1:{port}"
     try:
         request.getfixturevalue("local")

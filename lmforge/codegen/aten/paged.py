@@ -43,7 +43,7 @@ def paged_attention(
     if context.tree is not None:
         raise LmforgeError("draft-tree verification is not supported over a paged cache")
     if not isinstance(cache, tuple):
-        raise LmforgeError(f"a paged forward needs plain (key, value) pools; this cache slot is a {type(cache).__name__}")
+        raise LmforgeError(f"a paged forward needs plain (key, value) pools, not a {type(cache).__name__}")
     rows = context.paged
     key_pool, value_pool = cache
     key_pool.index_copy_(2, rows.write_slots, k)
