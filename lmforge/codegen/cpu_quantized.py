@@ -27,6 +27,10 @@ model, hidden 1024, medians of alternating runs, ms per forward of all weights):
 - `int4`: `_weight_int4pack_mm_for_cpu` on torch's packed layout at every width (groups of
   32, 64, 128 or 256 columns; other group sizes run as dequantized packed bf16).
 
+Weights kept exactly (`outliers`) add a sparse correction after the dense kernel: the
+difference between each kept value and what its code dequantizes to, times its input column,
+summed into its output row (`index_add`), in fp32.
+
 The bf16 activations change results by bf16 rounding (about 1e-2 of the largest logit), so
 a `verify` pass after `quantize` needs a `max_logit_error` that allows it.
 """
@@ -39,7 +43,7 @@ import torch
 from torch import fx
 from torch.fx.node import map_arg
 
-from lmforge.compiler.quantized import stored_format, stored_weight, unpack_int4
+from lmforge.compiler.quantized import QuantizedWeight, stored_format, stored_weight, unpack_int4
 
 aten = torch.ops.aten
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what torch's CPU int4 kernel accepts
@@ -73,6 +77,34 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     return _with_bias(out, x, bias)
 
 
+def _plus_outliers(out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+                   deltas: torch.Tensor) -> torch.Tensor:
+    """`out` (any leading shape, last dim the outputs) plus the sparse outlier correction."""
+    flat = _rows(out).float()
+    return flat.index_add(1, rows, _rows(x).float()[:, columns] * deltas).view(out.shape)
+
+
+def linear_bf16_packed_outliers(x: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+                                deltas: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _with_bias(_plus_outliers(linear_bf16_packed(x, packed, None), x, rows, columns, deltas), x, bias)
+
+
+def linear_int8_outliers(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor,
+                         columns: torch.Tensor, deltas: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _with_bias(_plus_outliers(linear_int8(x, codes, scales, None), x, rows, columns, deltas), x, bias)
+
+
+def linear_int4_outliers(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                         rows: torch.Tensor, columns: torch.Tensor, deltas: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    dense = linear_int4(x, packed, scales_and_zeros, group_size, None)
+    return _with_bias(_plus_outliers(dense, x, rows, columns, deltas), x, bias)
+
+
+_WITH_OUTLIERS = {linear_bf16_packed: linear_bf16_packed_outliers, linear_int8: linear_int8_outliers,
+                  linear_int4: linear_int4_outliers}
+
+
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
@@ -80,6 +112,17 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
 def kernel_operands(module: torch.nn.Module, fmt: str, base: str) -> tuple:
     """(kernel, the tensors it takes after the activations, in order) for one weight."""
     weight = stored_weight(module, fmt, base)
+    kernel, operands = _dense_operands(weight)
+    if weight.outlier_index is None:
+        return kernel, operands
+    index = weight.outlier_index.long()
+    columns = weight.qweight.shape[1] * (2 if fmt == "int4" else 1)
+    deltas = weight.outlier_value - weight.dequantize_codes().view(-1)[index]
+    return _WITH_OUTLIERS[kernel], (*operands, index // columns, index % columns, deltas)
+
+
+def _dense_operands(weight: QuantizedWeight) -> tuple:
+    fmt = weight.format
     if fmt == "bf16":
         return linear_bf16_packed, (_pack(weight.qweight),)
     if fmt == "fp16":
@@ -87,7 +130,7 @@ def kernel_operands(module: torch.nn.Module, fmt: str, base: str) -> tuple:
     if fmt == "int8":
         return linear_int8, (weight.qweight, weight.scales.view(-1).to(torch.bfloat16))
     if weight.group_size not in INT4_KERNEL_GROUPS:
-        return linear_bf16_packed, (_pack(weight.dequantize().to(torch.bfloat16)),)
+        return linear_bf16_packed, (_pack(weight.dequantize_codes().to(torch.bfloat16)),)
     packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(weight.qweight).to(torch.int32), 1)
     # torch's int4 convention is w = (q - 8) * scale + zero; ours is w = q * scale + min
     scales = weight.scales.float()

@@ -104,8 +104,8 @@ def test_skip_keeps_roles_and_layers_and_bad_options_are_refused():
             if tensor.ndim == 2 and tensor.dtype == torch.float32 and not name.endswith(SCALES)}
     assert any("lm_head" in name for name in kept) and any("embed" in name for name in kept)
     assert any("layers__1__" in name for name in kept) and not any("layers__0__" in name for name in kept)
-    for option, message in ((("method", "awq"), "not implemented yet"), (("method", "gptq"), "not implemented yet"),
-                            (("skip", "[norms]"), "unknown role"), (("group_size", "33"), "even")):
+    for option, message in ((("method", "hqq"), "'rtn', 'awq' or 'gptq'"), (("skip", "[norms]"), "unknown role"),
+                            (("group_size", "33"), "even")):
         with pytest.raises(LmforgeError, match=message):
             parse_recipe(f"passes:\n  - name: quantize\n    {option[0]}: {option[1]}\n")
     with pytest.raises(LmforgeError, match="layer 5"):
