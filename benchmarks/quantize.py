@@ -14,7 +14,12 @@ greedy decode tokens/s against fp32 lmforge and Hugging Face, the three alternat
 by run in one process (`run_alternately`). On a shared machine the absolute figures drift;
 the ratios measured in the same rounds are the result.
 
-    python benchmarks/quantize.py [--kernels] [--big] [--new-tokens 64] [--repeats 3] [--json]
+`--methods`: quality only, per way of choosing codes on ref-llama-py: rtn, awq and gptq at
+int8 and int4 groups of 128 and 32, gptq with act-order, 0.5 % outliers, and mixed precision
+under a perplexity budget; weight bytes and held-out perplexity change / top-1 / KL against the
+fp32 model (decided on `--calibration-samples` windows, measured on `--eval-samples` others).
+
+    python benchmarks/quantize.py [--kernels | --methods] [--big] [--new-tokens 64] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -166,6 +171,46 @@ def measure_model(label: str, model, tokenizer, heldout: Path, prompt: torch.Ten
     return rows
 
 
+METHOD_ROWS = (
+    ("int8", {}), ("int8", {"method": "awq"}), ("int8", {"method": "gptq"}),
+    ("int4 g128", {}), ("int4 g128", {"method": "awq"}), ("int4 g128", {"method": "gptq"}),
+    ("int4 g32", {}), ("int4 g32", {"method": "awq"}), ("int4 g32", {"method": "gptq"}),
+    ("int4 g32", {"method": "gptq", "act_order": True}), ("int4 g32", {"outliers": 0.5}),
+    ("int4 g32", {"method": "gptq", "outliers": 0.5}),
+    ("int4 g32", {"method": "gptq", "mixed_precision": True, "quality_budget": {"max_ppl_increase": 0.002}}),
+)
+
+
+def _method_recipe(heldout: Path, weights: str, options: dict, args) -> str:
+    fmt, _, group = weights.partition(" g")
+    quantize = {"name": "quantize", "weights": fmt, **({"group_size": int(group)} if group else {}), **options}
+    return (f"calibration: {{data: {heldout}, samples: {args.calibration_samples}, "
+            f"eval_samples: {args.eval_samples}, seq_len: {args.seq_len}}}\n"
+            f"passes:\n  - name: cleanup\n  - {json.dumps(quantize)}\n")
+
+
+def measure_methods(model, tokenizer, heldout: Path, args) -> list[dict]:
+    """One row per (format, options): bytes and held-out quality against the fp32 model."""
+    fp32_bytes = sum(tensor.nbytes for tensor in model.state_dict().values())
+    rows = []
+    for weights, options in METHOD_ROWS:
+        program = lmforge.optimize(model, _method_recipe(heldout, weights, options, args), tokenizer=tokenizer).program
+        meta = program.meta["quantize"]
+        quality = meta["heldout_quality"]
+        weight_bytes = sum(tensor.nbytes for tensor in program.state_dict().values())
+        extras = {key: value for key, value in options.items() if key != "method"}
+        rows.append({
+            "weights": weights, "method": options.get("method", "rtn"),
+            "options": ", ".join(f"{key}={value}" for key, value in extras.items()) or "-",
+            "weight_bytes": weight_bytes, "smaller": round(fp32_bytes / weight_bytes, 2),
+            "ppl_increase": f"{quality['ppl_increase']:+.2%}", "top1": round(quality["top1"], 4),
+            "kl": round(quality["kl"], 5),
+            "layers": ", ".join(f"{unit}:{fmt}" for unit, fmt in meta["layers"].items()) if meta["layers"] else "-",
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _print(rows: list[dict], title: str) -> None:
     table = Table(title=title)
     for key in rows[0]:
@@ -179,6 +224,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--kernels", action="store_true", help="measure kernel candidates instead of whole models")
+    parser.add_argument("--methods", action="store_true", help="held-out quality of rtn / awq / gptq / outliers / "
+                        "mixed precision on the checkpoint, no timing")
+    parser.add_argument("--calibration-samples", type=int, default=16, help="--methods: calibration windows")
     parser.add_argument("--big", action="store_true", help="also a random-weight ~100M-parameter Llama-shaped model")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -195,6 +243,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     prompt = torch.tensor([heldout_prompts(prompt_text_for(args.checkpoint), tokenizer, 1, args.prompt_len)[0]])
     heldout = args.checkpoint / "heldout.txt"
+    if args.methods:
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+        rows = measure_methods(model, tokenizer, heldout, args)
+        print(json.dumps(rows)) if args.json else _print(rows, f"ref-llama-py, ways to choose codes, {load}")
+        return
     models = {"ref-llama-py": lambda: AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()}
     if args.big:
         models["random Llama ~112M"] = random_llama

@@ -36,21 +36,23 @@ def normalized_scales(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def search_scales(
     weights: list[torch.Tensor],
-    inputs: torch.Tensor,
+    gram: torch.Tensor,
     magnitude: torch.Tensor,
     fake_quantize: Callable[[torch.Tensor], torch.Tensor],
     grid: int = 20,
 ) -> tuple[torch.Tensor, float, float, float]:
     """(scales, α, output MSE at α, output MSE of plain round-to-nearest) for linears of
-    `weights` reading `inputs` `(n, in)` whose per-channel mean |activation| is `magnitude`.
-    `fake_quantize` maps a weight to its quantized-then-dequantized value."""
-    references = [inputs @ weight.T for weight in weights]
+    `weights` reading inputs X with second moment `gram` = XᵀX / n and per-channel mean
+    |activation| `magnitude`. `fake_quantize` maps a weight to its quantized-then-dequantized
+    value. The output MSE of a weight error Δ is mean((XΔᵀ)²) = Σ (ΔG ∘ Δ) / out, which
+    needs G once instead of every calibration row per trial."""
+    gram = gram.float()
 
     def error(scales: torch.Tensor) -> float:
         total = 0.0
-        for weight, reference in zip(weights, references):
-            effective = fake_quantize(weight * scales) / scales
-            total += (inputs @ effective.T - reference).pow(2).mean().item()
+        for weight in weights:
+            delta = fake_quantize(weight * scales) / scales - weight
+            total += ((delta @ gram) * delta).sum().item() / weight.shape[0]
         return total
 
     trials = [(error(normalized_scales(magnitude, alpha)), alpha) for alpha in torch.linspace(0, 1, grid + 1).tolist()]

@@ -243,8 +243,7 @@ class Quantize(LossyPass):
         calibrated = {name: nodes[0] for name, nodes in readers.items() if len(nodes) == 1}
         statistics: dict[str, InputStatistics] = {}
         if config.method != "rtn" and calibrated:
-            statistics = input_statistics(program, data, list({node.args[0] for node in calibrated.values()}),
-                                          with_hessian=config.method == "gptq")
+            statistics = input_statistics(program, data, list({node.args[0] for node in calibrated.values()}))
         awq = self._apply_awq(program, calibrated, statistics) if config.method == "awq" else []
         levels = [config.weights] + (["int8"] if config.weights == "int4" and config.mixed_precision else [])
         candidates = {name: {level: self._quantize(program, name, level, calibrated.get(name), statistics)
@@ -315,7 +314,7 @@ class Quantize(LossyPass):
             stats = statistics[source.name]
             weights = [getattr(module, linear.args[1].target) for linear in linears]
             scales, alpha, error, rtn_error = search_scales(
-                weights, stats.sample, stats.magnitude,
+                weights, stats.second_moment, stats.magnitude,
                 lambda w: round_to_nearest(w, config.weights, config.group_size, config.outliers).dequantize(),
                 config.awq_grid)
             folded = fold_input_scales(program, source, linears, scales) if alpha > 0 else "none"

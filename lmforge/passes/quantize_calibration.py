@@ -3,8 +3,8 @@ AWQ and GPTQ) and each layer's sensitivity to quantization (for mixed precision)
 
 Statistics come from the unmodified program's forward on the calibration windows (not
 layer by layer through already-quantized layers), one window batch at a time so that only
-sums stay in memory: per input node, the mean |activation| per channel, XᵀX (GPTQ's
-Hessian) and a sample of rows (the activations AWQ's scale search multiplies by).
+sums stay in memory: per input node, the mean |activation| per channel and XᵀX (GPTQ's
+Hessian up to a factor, and the second moment AWQ's scale search measures output error with).
 """
 
 from __future__ import annotations
@@ -18,29 +18,31 @@ from torch import fx
 from lmforge.compiler.program import Program
 from lmforge.passes.calibrate import CalibrationData, Quality, QualityBudget, node_values
 
-SAMPLE_ROWS = 1024  # activations kept per input for AWQ's search: enough for a stable MSE
-
-
 @dataclass
 class InputStatistics:
     """Running statistics of one linear input over the calibration windows."""
 
     abs_sum: torch.Tensor
-    gram: torch.Tensor | None
-    sample: torch.Tensor
+    gram: torch.Tensor
     rows: int = 0
 
     @property
     def magnitude(self) -> torch.Tensor:
+        """Mean |activation| per channel."""
         return self.abs_sum / max(self.rows, 1)
 
     @property
+    def second_moment(self) -> torch.Tensor:
+        """XᵀX / n."""
+        return (self.gram / max(self.rows, 1)).float()
+
+    @property
     def hessian(self) -> torch.Tensor:
-        return 2 * self.gram / max(self.rows, 1)
+        """GPTQ's H = 2·XᵀX (per row, which leaves its relative dampening unchanged)."""
+        return 2 * self.second_moment
 
 
-def input_statistics(program: Program, data: CalibrationData, sources: list[fx.Node],
-                     with_hessian: bool) -> dict[str, InputStatistics]:
+def input_statistics(program: Program, data: CalibrationData, sources: list[fx.Node]) -> dict[str, InputStatistics]:
     """Statistics of the values `sources` compute on the calibration windows, by node name."""
     stats: dict[str, InputStatistics] = {}
     for chunk in data.ids("calibration").split(data.batch):
@@ -48,13 +50,10 @@ def input_statistics(program: Program, data: CalibrationData, sources: list[fx.N
             rows = value.reshape(-1, value.shape[-1]).float()
             if name not in stats:
                 width = rows.shape[1]
-                stats[name] = InputStatistics(torch.zeros(width), torch.zeros(width, width, dtype=torch.float64)
-                                              if with_hessian else None, rows[:0])
+                stats[name] = InputStatistics(torch.zeros(width), torch.zeros(width, width, dtype=torch.float64))
             entry = stats[name]
             entry.abs_sum += rows.abs().sum(0)
-            if entry.gram is not None:
-                entry.gram += rows.double().T @ rows.double()
-            entry.sample = torch.cat([entry.sample, rows[: SAMPLE_ROWS - entry.sample.shape[0]]])
+            entry.gram += rows.double().T @ rows.double()
             entry.rows += rows.shape[0]
     return stats
 

@@ -53,10 +53,10 @@ def test_awq_search_finds_a_scale_that_beats_round_to_nearest_on_salient_channel
     inputs[:, :4] *= 20  # a few channels with large activations
     magnitude = inputs.abs().mean(0)
     scales, alpha, error, rtn_error = search_scales(
-        [weight], inputs, magnitude, lambda w: quantize_int4(w, 32).dequantize())
+        [weight], inputs.T @ inputs / len(inputs), magnitude, lambda w: quantize_int4(w, 32).dequantize())
     assert 0 < alpha <= 1 and error < rtn_error
     effective = quantize_int4(weight * scales, 32).dequantize() / scales
-    assert _output_error(inputs, weight, effective) == pytest.approx(error, rel=1e-4)
+    assert _output_error(inputs, weight, effective) == pytest.approx(error, rel=1e-3)
 
 
 def test_awq_folding_equals_the_unfolded_computation_before_rounding():
