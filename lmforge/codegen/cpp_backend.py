@@ -11,18 +11,36 @@ program's graph so each `attention` node becomes plain aten on graph inputs: `in
 of the new keys/values into the static cache buffers (mutated inputs), a GQA matmul-softmax
 over the first `len(key_slots)` cache slots, and a mask computed from tensors — the slots
 written (`write_slots`), the key slots and the per-row left padding (`pad`) — instead of
-Python objects. Ops whose state is a Python object (rings, merged and evicting slots),
-data-dependent branches (dynamic `ffn_skip`), draft trees and block-sparse prefill are
-refused by `check_supported` with the pass that put them there.
+Python objects. `tree_attention` (draft trees) is the same with the tree's
+ancestor mask as one more input (a causal mask for chains and prefills). Ops whose state is
+a Python object (rings, merged and evicting slots), data-dependent branches (dynamic
+`ffn_skip`) and block-sparse prefill are refused by `check_supported`
+(`codegen/cpp/step_graph.py`) with the pass that put them there. Keys and values are
+gathered with `index_select` over the key slots rather than sliced: a slice of the cache is
+contiguous only when it is the whole cache, a guard that export cannot prove for a
+dynamic key length.
 
-Buckets. A compiled step is static in batch, token count, whether only the last position's
-logits are wanted, and the thread count (Inductor bakes `omp num_threads` into its kernels);
-the key length is the one dynamic dimension, so a decode step compiles once, not once per
-context length. Prefill lengths are already bucketed by the runtime (`runtime.buckets`);
-verify widths of speculation are padded up to a power of two with dummy tokens whose cache
-writes land beyond the verified slots (later steps overwrite them before any query sees
-them). Weights are frozen (`freezing`), so Inductor constant-folds them and packs the linear
+Buckets. A compiled step is static in batch (padded up to a power of two, `batch_bucket`:
+a batch of 3 runs in the batch-4 bucket, its padding row's output dropped; the engine sizes
+its cache to the bucket) and the thread count (Inductor bakes `omp num_threads` into its
+kernels). The key length and the cache length are dynamic, so a decode step compiles once,
+not once per context length or `max_seq_len`. Decode (1 token) and each verify width of
+speculation are static token counts — verify widths padded up to a power of two with dummy
+tokens whose cache writes land beyond the verified slots (later steps overwrite them before
+any query sees them). Prefills and cache-free forwards share one step of dynamic token
+count that returns every position (the engine keeps the last): so a generate compiles two
+buckets, where it compiled a prefill bucket per prompt length and last-only flag before.
+Weights are frozen (`freezing`), so Inductor constant-folds them and packs the linear
 weights for oneDNN.
+
+Where first-compile time goes (ref-llama-py, one static decode bucket, 1 thread, a machine
+loaded to ~5 on 2 cores; Inductor's own timers): export 7 s; AOTInductor 101 s, of which
+AOT dispatch and freezing 18 s, lowering 6 s, code generation 19 s, the C++ build 45 s.
+The `torch.compile` path this replaces spent the same kinds of time and could not keep any
+of it but the C++ build across processes: Inductor's graph cache refuses graphs with frozen
+weights ("mkldnn tensors unpickleable"), so every load re-ran everything before the build.
+Each bucket's compile seconds and phases are logged at INFO, kept in `compile_records`,
+and shown by `lmforge info` for the buckets cached on this machine.
 
 The in-loop slowdown of the `inductor` backend (3.6 ms/step alone, 7–9 ms inside the
 speculative loop). Measured on ref-llama-py with prompt lookup (three 128-token generates,
@@ -35,25 +53,23 @@ count. No recompiles or graph breaks after that (3 frames, 3 unique graphs in ev
 but the verify forwards run that symbolic-shape graph, whose kernels cost about twice the
 static decode graph's per call (medians on a machine loaded to 6× its cores, so only the
 ratio is meaningful), and the first generate pays two compiles inside its loop. Here inputs
-are made contiguous before the call, and each bucket is its own `torch.compile` of its own
-graph with static token count (`dynamic=False`; `fullgraph=True`, so a graph break is an
-error, not a silent fallback to Python): after a bucket's first call the loop compiles
-nothing (the tests check Dynamo's counters).
+are made contiguous before the call and each bucket is its own exported step, compiled
+ahead of time with every shape but the key and cache lengths (and a prefill's token count)
+static: after a bucket's first call the loop compiles nothing (the tests count compiles).
 
-Trust. Nothing compiled is read from an artifact: the runtime rebuilds the step graph from
-the program and Inductor compiles it on this machine into a lmforge-owned cache
-(`compile_cache_dir`), where its C++ sources and shared objects are keyed by a hash of the
-generated source, the compiler command line and the torch version.
+Trust and reload. Each bucket is exported (`torch.export`) and compiled by AOTInductor into
+a package kept in this machine's cache (`codegen/cpp/package_cache.py`), keyed by a hash of
+the generated graph source, the weights, the bucket, the torch version, the CPU's flags and
+the C++ compiler: a second load loads the package (a fraction of a second) and compiles
+nothing. Nothing compiled is read from an artifact: the runtime rebuilds the step graph
+from the program, and packages are only ever made on this machine.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import math
 import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,52 +77,41 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from lmforge.compiler.ops import (
+from lmforge.codegen.cpp.package_cache import (
+    PackageCache,
+    compile_cache_dir,
+    compile_seconds_on_this_machine,
+    program_digest,
+)
+from lmforge.codegen.cpp.step_graph import (
     ATTENTION_OPS,
-    attention,
-    current_context,
-    ffn_skip_gate,
-    last_position,
-    slot_mask,
+    COND,
+    LOWERED_ATTENTION,
+    cache_indices,
+    check_supported,
+    has_tree,
+    step_graph,
 )
 from lmforge.compiler.kv_layout import allocate_kv_buffers
-from lmforge.compiler.pipeline import provenance
+from lmforge.compiler.ops import current_context, ffn_skip_gate
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 
 log = logging.getLogger(__name__)
 
-# Set around the compile, not passed as `torch.compile(options=...)`: Dynamo decides whether
-# to freeze before those options reach Inductor, and without freezing the weights stay graph
-# inputs multiplied by plain `mm` instead of MKL-packed constants.
-INDUCTOR_CONFIG = {"cpp_wrapper": True, "freezing": True}
-
-_WHY_UNSUPPORTED = {
-    "tree_attention": "the ancestor mask of a draft tree is not lowered to the compiled step yet",
-    "merged_attention": "merged cache slots are Python objects the compiled step cannot hold",
-    "streaming_attention": "ring cache slots are Python objects the compiled step cannot hold",
-    "evicting_attention": "evicting cache slots are Python objects the compiled step cannot hold",
-    "sparse_attention": "block-sparse prefill chooses its blocks in Python",
-    "ffn_skip_gate": "skipping an FFN is a data-dependent branch taken in Python between operators",
-    "cond": "a data-dependent branch runs in Python between operators",
-}
-
-
-def compile_cache_dir() -> Path:
-    """Where Inductor keeps what it compiles for lmforge: `LMFORGE_CACHE_DIR`/inductor, else
-    ~/.cache/lmforge/inductor."""
-    root = Path(os.environ.get("LMFORGE_CACHE_DIR") or Path.home() / ".cache" / "lmforge")
-    return root / "inductor"
+# Frozen weights: Inductor constant-folds them and packs the linear weights for oneDNN.
+INDUCTOR_CONFIG = {"freezing": True}
 
 
 @contextlib.contextmanager
 def lmforge_inductor_cache() -> Iterator[Path]:
-    """Point Inductor's cache (read from the environment at every lookup) at lmforge's own
-    directory while a step compiles, and give the process its own setting back after."""
+    """Point Inductor's scratch files (read from the environment at every lookup) at lmforge's
+    own directory while a step compiles, and give the process its own setting back after."""
+    directory = compile_cache_dir().parent / "inductor"
     previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
     try:
-        yield compile_cache_dir()
+        yield directory
     finally:
         if previous is None:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
@@ -114,110 +119,20 @@ def lmforge_inductor_cache() -> Iterator[Path]:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
-def check_supported(graph_module: fx.GraphModule) -> None:
-    """Refuse, in one line naming the op and the pass that put it there, a graph the compiled
-    step cannot express."""
-    for node in graph_module.graph.nodes:
-        if node.op != "call_function" or node.target in (attention, last_position):
-            continue
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if node.target in ATTENTION_OPS or node.target is ffn_skip_gate or node.target is torch.ops.higher_order.cond:
-            raise LmforgeError(f"codegen backend cpp cannot compile lmforge::{name} from pass {provenance(node)}: "
-                               f"{_WHY_UNSUPPORTED.get(name, 'no lowering')}; use backend aten for this recipe")
-        namespace = getattr(node.target, "namespace", None)
-        if namespace == "lmforge":
-            raise LmforgeError(f"codegen backend cpp cannot compile lmforge::{name} from pass {provenance(node)}: "
-                               "no lowering; use backend aten for this recipe")
-
-
-def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    write_slots: torch.Tensor,
-    key_slots: torch.Tensor,
-    pad: torch.Tensor,
-    scale: float,
-    window: int,
-    softcap: float,
-) -> torch.Tensor:
-    """`lmforge::attention` with its cache and mask as tensors: writes k, v (B, Hkv, T, D) at
-    `write_slots` (T,), attends q (B, Hq, T, D) to cache slots `key_slots` (S,) = 0..S-1 with
-    the same mask as `AttentionContext.mask` (causal by slot, window, left padding hidden, a
-    padding query sees itself). Returns (B, T, Hq, D)."""
-    key_cache.index_copy_(2, write_slots, k)
-    value_cache.index_copy_(2, write_slots, v)
-    length = key_slots.shape[0]
-    keys, values = key_cache[:, :, :length], value_cache[:, :, :length]
-    batch, heads, tokens, head_dim = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    allowed = slot_mask(write_slots, key_slots, pad, window)  # (B, T, S)
-    scores = torch.matmul(q.reshape(batch, kv_heads, groups * tokens, head_dim), keys.transpose(2, 3)) * scale
-    if softcap > 0.0:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(batch, kv_heads, groups, tokens, length).masked_fill(~allowed[:, None, None], -math.inf)
-    probabilities = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probabilities.view(batch, kv_heads, groups * tokens, length), values)
-    return out.view(batch, heads, tokens, head_dim).transpose(1, 2).contiguous()
-
-
-def last_row(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden[:, -1:]
-
-
-def every_row(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
-
-
-def cache_indices(graph_module: fx.GraphModule) -> list[int]:
-    """The cache slots the program's attention nodes use, in order."""
-    return sorted({node.args[3] for node in graph_module.graph.nodes if node.target is attention})
-
-
-def step_graph(graph_module: fx.GraphModule, last_only: bool) -> fx.GraphModule:
-    """A copy of the program's graph with signature `(input_ids, position_ids, write_slots,
-    key_slots, pad, key_0, value_0, key_1, …) -> output` for the cache slots of
-    `cache_indices`, every `attention` node replaced by `cached_attention`."""
-    graph = copy.deepcopy(graph_module.graph)
-    indices = cache_indices(graph_module)
-    anchor = [node for node in graph.nodes if node.op == "placeholder"][-1]
-    inputs: dict[str, fx.Node] = {}
-    names = ["write_slots", "key_slots", "pad"] + [f"{kind}_{i}" for i in indices for kind in ("key", "value")]
-    for name in names:
-        with graph.inserting_after(anchor):
-            anchor = inputs[name] = graph.placeholder(name)
-    for node in list(graph.nodes):
-        if node.target is attention:
-            q, k, v, index, scale, window, softcap = node.args
-            arguments = (q, k, v, inputs[f"key_{index}"], inputs[f"value_{index}"], inputs["write_slots"],
-                         inputs["key_slots"], inputs["pad"], scale, window, softcap)
-            with graph.inserting_before(node):
-                replacement = graph.call_function(cached_attention, arguments)
-        elif node.target is last_position:
-            with graph.inserting_before(node):
-                replacement = graph.call_function(last_row if last_only else every_row, node.args)
-        else:
-            continue
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
-    graph.lint()
-    return fx.GraphModule(graph_module, graph)
-
-
 @dataclass(frozen=True)
 class Bucket:
     """What a compiled step is specialised to."""
 
     batch: int
-    tokens: int
-    last_only: bool
+    tokens: int | None  # None: any token count (prefills and cache-free forwards)
     threads: int
 
     def __str__(self) -> str:
-        return f"batch={self.batch} tokens={self.tokens} {'last' if self.last_only else 'all'} threads={self.threads}"
+        return f"batch={self.batch} tokens={self.tokens or 'any'} threads={self.threads}"
+
+    @property
+    def file_name(self) -> str:
+        return f"b{self.batch}-t{self.tokens or 'any'}-th{self.threads}"
 
 
 def verify_width(tokens: int, room: int) -> int:
@@ -227,11 +142,28 @@ def verify_width(tokens: int, room: int) -> int:
     return width if width <= room else tokens
 
 
-class CppRunner:
-    """The program's forward as compiled C++ steps, one per `Bucket`, compiled on first use.
+def batch_bucket(batch: int) -> int:
+    """Rows of the bucket a batch runs in: the next power of two (a batch of 3 runs as 4, its
+    extra row padding whose output is dropped), so few batch shapes are ever compiled."""
+    return 1 << (batch - 1).bit_length()
 
-    Called like every runner (`(input_ids, position_ids)` inside an `AttentionContext`);
-    `compile_seconds` holds each bucket's first-compile time."""
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows appended up to `rows` (padding rows of a batch bucket)."""
+    if tensor.shape[0] == rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))])
+
+
+class CppRunner:
+    """The program's forward as compiled C++ steps, one per `Bucket`, compiled on first use
+    (or loaded from this machine's cache, `codegen/cpp/package_cache.py`).
+
+    Called like every runner (`(input_ids, position_ids)` inside an `AttentionContext`).
+    The engine allocates its cache with `cache_rows(batch)` rows and hands the runner the
+    whole cache, so a batch runs in its batch bucket without copying the cache.
+    `compile_records` holds, per bucket, its first-compile seconds (export, then AOTInductor)
+    and whether this process compiled it or loaded it from the cache."""
 
     def __init__(self, program: Program) -> None:
         check_supported(program.graph_module)
@@ -239,17 +171,39 @@ class CppRunner:
         self.indices = cache_indices(program.graph_module)
         self.layout = program.meta["kv_cache"]
         self.dtype = getattr(torch, program.meta.get("dtype", "float32"))
+        self.tree = has_tree(program.graph_module)
+        self.windowed = any(node.args[5] > 0 for node in program.graph_module.graph.nodes
+                            if node.target in LOWERED_ATTENTION)
         self.steps: dict[Bucket, Callable] = {}
-        self.compile_seconds: dict[str, float] = {}
+        self.compile_records: dict[str, dict] = {}
+        self._packages: PackageCache | None = None
+
+    @property
+    def compile_seconds(self) -> dict[str, float]:
+        """Each bucket's first-compile seconds on this machine (also for buckets loaded from the cache)."""
+        return {bucket: record["compile_seconds"] for bucket, record in self.compile_records.items()}
+
+    @property
+    def packages(self) -> PackageCache:
+        """This program's packages; made on first use, as its digest reads every weight."""
+        if self._packages is None:
+            self._packages = PackageCache(program_digest(self.graph_module))
+        return self._packages
+
+    @staticmethod
+    def cache_rows(batch: int) -> int:
+        """Rows the engine's KV cache needs for a batch of `batch`: its batch bucket."""
+        return batch_bucket(batch)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         context = current_context()
-        if context.tree is not None:
-            raise LmforgeError("codegen backend cpp cannot verify draft trees yet; draft a chain or use backend aten")
         batch, tokens = input_ids.shape
-        kv, start, last_only = context.kv, context.start, context.last_only
+        kv, start = context.kv, context.start
         if kv is None:  # a cache-free forward is a prefill into a scratch cache of its own length
-            kv = allocate_kv_buffers(self.layout, batch, tokens, self.dtype, input_ids.device)
+            kv = allocate_kv_buffers(self.layout, batch_bucket(batch), tokens, self.dtype, input_ids.device)
+        rows = kv[self.indices[0]][0].shape[0]
+        if rows < batch:
+            raise LmforgeError(f"the KV cache has {rows} rows for a batch of {batch}")
         width = tokens
         if start > 0 and tokens > 1:
             width = verify_width(tokens, kv[self.indices[0]][0].shape[2] - start)
@@ -263,36 +217,85 @@ class CppRunner:
         key_slots = torch.arange(start + width, device=device)
         pad = context.pad if context.pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
         # contiguous: the engine feeds a decode step a column of its token buffer, whose row
-        # stride changes with every call's length, and Dynamo guards on strides (a recompile each)
-        input_ids, position_ids, pad = input_ids.contiguous(), position_ids.contiguous(), pad.contiguous()
+        # stride changes with every call's length; rows padding the batch to its bucket are
+        # token 0 at position 0, computed in their own cache rows and dropped
+        input_ids, position_ids, pad = (_pad_rows(tensor.contiguous(), rows)
+                                        for tensor in (input_ids, position_ids, pad))
         caches = [tensor for index in self.indices for tensor in kv[index]]
-        step = self._step(Bucket(batch, width, last_only and width == tokens, torch.get_num_threads()), key_slots)
-        output = step(input_ids, position_ids, write_slots, key_slots, pad, *caches)
-        return _cut(output, tokens) if width > tokens else output
+        tree = (self._tree_mask(context.tree, tokens, width, device),) if self.tree else ()
+        inputs = (input_ids, position_ids, write_slots, key_slots, pad, *tree, *caches)
+        bucket = Bucket(rows, None if start == 0 and width > 1 else width, torch.get_num_threads())
+        output = self._step(bucket, inputs)(*inputs)
+        return _cut(output, batch, tokens)
 
-    def _step(self, bucket: Bucket, key_slots: torch.Tensor) -> Callable:
-        """The bucket's compiled step; a bucket seen for the first time is compiled by its
-        first call, which is timed into `compile_seconds`."""
-        torch._dynamo.maybe_mark_dynamic(key_slots, 0)
-        if bucket in self.steps:
-            return self.steps[bucket]
-        graph = step_graph(self.graph_module, bucket.last_only)
-        compiled = torch.compile(graph, dynamic=False, fullgraph=True)
+    def _tree_mask(self, tree: torch.Tensor | None, tokens: int, width: int, device: torch.device) -> torch.Tensor:
+        """The (width, width) ancestor mask the step takes: the draft tree's (causal for a
+        chain), its padding tokens seeing only themselves."""
+        if tree is not None and self.windowed:
+            raise LmforgeError("tree verification with sliding-window attention is not supported; "
+                               "draft a chain instead")
+        mask = torch.eye(width, dtype=torch.bool, device=device)
+        mask[:tokens, :tokens] = tree if tree is not None else torch.ones(tokens, tokens, dtype=torch.bool,
+                                                                           device=device).tril()
+        return mask
 
-        def first_call(*inputs):
-            started = time.perf_counter()
-            with lmforge_inductor_cache(), torch._inductor.config.patch(INDUCTOR_CONFIG):
-                output = compiled(*inputs)
-            self.compile_seconds[str(bucket)] = time.perf_counter() - started
-            self.steps[bucket] = compiled
-            log.info("[codegen=cpp] compiled bucket %s in %.1f s", bucket, self.compile_seconds[str(bucket)])
-            return output
+    def _step(self, bucket: Bucket, inputs: tuple) -> Callable:
+        """The bucket's compiled step: compiled (or loaded from the cache) on first use."""
+        if bucket not in self.steps:
+            with lmforge_inductor_cache():
+                step, record = self.packages.load_or_compile(bucket.file_name, lambda: self._export(bucket, inputs),
+                                                             INDUCTOR_CONFIG)
+            self.steps[bucket], self.compile_records[str(bucket)] = step, record
+            log.info("[codegen=cpp] bucket %s: %s", bucket, describe_record(record))
+        return self.steps[bucket]
 
-        return first_call
+    def _export(self, bucket: Bucket, inputs: tuple) -> torch.export.ExportedProgram:
+        """The bucket's step graph exported with the key length and the cache length dynamic,
+        so one package serves every context length and every cache size, and with the token
+        count dynamic too for a bucket of any length."""
+        graph = step_graph(self.graph_module)
+        dynamic_size = torch.export.Dim.DYNAMIC  # a size export may bound by what the graph needs of it
+        tokens = {} if bucket.tokens else {1: dynamic_size}
+        dynamic = [tokens, tokens, {0: dynamic_size} if tokens else None, {0: dynamic_size}, None]
+        if self.tree:
+            dynamic.append({0: dynamic_size, 1: dynamic_size} if tokens else None)
+        dynamic += [{2: dynamic_size}] * (len(inputs) - len(dynamic))
+        with torch.no_grad():
+            return torch.export.export(graph, inputs, dynamic_shapes=dynamic, strict=False)
 
 
-def _cut(output, tokens: int):
-    """The first `tokens` positions of every output (logits, and draft-head inputs)."""
+def describe_record(record: dict) -> str:
+    """One line: how long the bucket's first compile took and where this process got it."""
+    first = f"first compile {record['compile_seconds']:.1f} s (export {record['export_seconds']:.1f} s"
+    phases = "".join(f", {name} {seconds:.1f} s" for name, seconds in record.get("phases", {}).items())
+    return f"{first}{phases}); {record['source']} in {record['load_seconds']:.2f} s"
+
+
+def _cut(output, batch: int, tokens: int):
+    """The first `batch` rows and `tokens` positions of every output (logits, and draft-head inputs)."""
     if isinstance(output, torch.Tensor):
-        return output[:, :tokens]
-    return type(output)(_cut(item, tokens) for item in output)
+        return output[:batch, :tokens]
+    return type(output)(_cut(item, batch, tokens) for item in output)
+
+
+def op_placement(graph_module: fx.GraphModule) -> dict[str, dict[str, int]]:
+    """Where the `cpp` backend runs each op of a program's graph, by op name and node count:
+    `compiled` (inside the step; lmforge's `attention` lowered to aten, `last_position`
+    dropped) or `refused` (what `check_supported` rejects). No graph op runs in Python: the
+    runner's own Python per step only builds the slot tensors and pads the batch."""
+    placement: dict[str, dict[str, int]] = {"compiled": {}, "refused": {}}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        name = str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+        refused = (target in ATTENTION_OPS and target not in LOWERED_ATTENTION) or target in (ffn_skip_gate, COND)
+        where = placement["refused" if refused else "compiled"]
+        where[name] = where.get(name, 0) + 1
+    return placement
+
+
+def cached_compile_records(graph_module: fx.GraphModule) -> dict[str, dict]:
+    """Per bucket compiled on this machine for this program: its first-compile seconds and
+    phases (`lmforge info`)."""
+    return compile_seconds_on_this_machine(program_digest(graph_module))

@@ -154,9 +154,12 @@ class Engine:
 
     def _ensure_cache(self, batch: int, length: int) -> StaticKVCache:
         """The cache for `batch` rows; with CUDA graphs on, it has the rows of the batch's
-        bucket, so every batch of one bucket replays the graphs recorded on it."""
+        bucket, so every batch of one bucket replays the graphs recorded on it; so it has when
+        the runner pads batches to buckets (a `cache_rows` method: the `cpp` backend)."""
         self._check_length(length)
         rows = self.graphs.cache_rows(batch) if self.graphs is not None else batch
+        runner_rows = getattr(self.runner, "cache_rows", None)
+        rows = max(rows, runner_rows(batch)) if runner_rows else rows
         if self.cache is None or not self.cache.fits(rows, length):
             self.cache = None  # release the old buffers before allocating the new ones
             with torch.device(self.device):
@@ -206,7 +209,8 @@ class Engine:
         of a tree of drafts fed at once. Decode and verify steps replay a CUDA graph when
         `graphs` can (`GraphedStep.eager_reason`)."""
         batch, width = input_ids.shape
-        kv = self._cache_rows(batch)
+        # a runner that pads batches to buckets takes the whole cache, its padding rows included
+        kv = self.cache.buffers if hasattr(self.runner, "cache_rows") else self._cache_rows(batch)
         if start > 0 and self.graphs is not None and self.graphs.eager_reason(batch, width, kv) is None:
             output = self.graphs.run(self.cache.buffers, input_ids, positions, start, pad, tree)
         else:

@@ -1,0 +1,146 @@
+"""The cache of compiled steps on this machine: AOTInductor packages keyed by what made them.
+
+Why. `torch.compile` with frozen weights cannot use Inductor's own graph cache (it bypasses
+it: "mkldnn tensors unpickleable", the packed weights), so every load re-ran Dynamo, AOT
+autograd, freezing and code generation — only the C++ build was cached. Here each bucket's
+step is exported once (`torch.export`) and compiled by AOTInductor into a package (a
+shared object plus its frozen constants) that is kept under `compile_cache_dir()` and loaded
+with `aoti_load_package` on every later load: no trace, no Inductor, no compiler.
+
+Key. A package is reused only when everything that went into it is the same: the sha256 of
+the step's generated graph source and of every weight (`program_digest`), the bucket, and
+the machine (`machine_fingerprint`: torch version, the CPU's ISA level and flags, the C++
+compiler's version). Entries sit in `<cache>/<program digest>/<bucket>.pt2`, each with a
+`.json` record of how long its first compile took, which `lmforge info` reads.
+
+Trust. The cache lives in the user's own directory and is filled only by compiles run on
+this machine from source lmforge generated; nothing in it comes from an artifact, and an
+artifact never carries a package (DESIGN.md: nothing executable is taken from an artifact).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import fx
+
+FORMAT = 1  # bump when what a package holds, or how its key is made, changes
+
+
+def compile_cache_dir() -> Path:
+    """Where lmforge keeps what it compiles: `LMFORGE_CACHE_DIR`/aoti, else ~/.cache/lmforge/aoti."""
+    root = Path(os.environ.get("LMFORGE_CACHE_DIR") or Path.home() / ".cache" / "lmforge")
+    return root / "aoti"
+
+
+@functools.cache
+def machine_fingerprint() -> str:
+    """What a compiled package depends on besides its source: torch, the CPU, the compiler."""
+    flags = ""
+    if Path("/proc/cpuinfo").exists():
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    from torch._inductor import cpp_builder
+
+    compiler = cpp_builder.get_cpp_compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    parts = [f"format {FORMAT}", torch.__version__, capability, flags, compiler, version]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def program_digest(graph_module: fx.GraphModule) -> str:
+    """sha256 of the program's graph source, its weights (names, shapes, dtypes, bytes) and
+    `machine_fingerprint`: the directory under which its buckets' packages are kept.
+
+    A program saved to an artifact and loaded back has the same weights but not the same
+    source (placeholders first, nodes renamed, measured on a tiny llama), so the first load
+    of an artifact compiles its own packages once, and every later load reuses them."""
+    digest = hashlib.sha256(graph_module.code.encode())
+    for name, tensor in sorted({**dict(graph_module.named_parameters()), **dict(graph_module.named_buffers())}.items()):
+        digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+        digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(machine_fingerprint().encode())
+    return digest.hexdigest()[:32]
+
+
+def compile_seconds_on_this_machine(digest: str) -> dict[str, dict]:
+    """The first-compile record of every bucket cached for the program with `digest`."""
+    directory = compile_cache_dir() / digest
+    if not directory.is_dir():
+        return {}
+    records = {}
+    for path in sorted(directory.glob("*.json")):
+        record = json.loads(path.read_text())
+        records[record["bucket"]] = record
+    return records
+
+
+class PackageCache:
+    """Compiled steps of one program: `load_or_compile(bucket, export)` returns the step and
+    says whether it came from the cache; `compiled` and `loaded` count both kinds."""
+
+    def __init__(self, digest: str) -> None:
+        self.directory = compile_cache_dir() / digest
+        self.compiled = 0
+        self.loaded = 0
+
+    def load_or_compile(self, name: str, export: Callable[[], torch.export.ExportedProgram],
+                        inductor_config: dict) -> tuple[Callable, dict]:
+        """The package for bucket `name` (a file-safe string): loaded when cached, else built
+        from `export()` and stored (written to a temporary file and renamed, so a process
+        that reads it at the same time never sees half a package). Returns it with its record."""
+        package = self.directory / f"{name}.pt2"
+        record_path = package.with_suffix(".json")
+        started = time.perf_counter()
+        if package.exists() and record_path.exists():
+            step = torch._inductor.aoti_load_package(str(package))
+            record = json.loads(record_path.read_text())
+            record["load_seconds"], record["source"] = time.perf_counter() - started, "cache"
+            self.loaded += 1
+            return step, record
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        exported = export()
+        exported_at = time.perf_counter()
+        handle, temporary = tempfile.mkstemp(suffix=".pt2", dir=self.directory)
+        os.close(handle)
+        before = _inductor_seconds()
+        try:
+            torch._inductor.aoti_compile_and_package(exported, package_path=temporary, inductor_configs=inductor_config)
+            os.replace(temporary, package)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        phases = {phase: round(seconds - before[phase], 2) for phase, seconds in _inductor_seconds().items()}
+        record = {"bucket": name, "export_seconds": round(exported_at - started, 2),
+                  "compile_seconds": round(time.perf_counter() - started, 2), "phases": phases}
+        record_path.write_text(json.dumps(record))
+        loading = time.perf_counter()
+        step = torch._inductor.aoti_load_package(str(package))
+        record["load_seconds"], record["source"] = time.perf_counter() - loading, "compiled"
+        self.compiled += 1
+        return step, record
+
+
+# Inductor's own timers (`torch._dynamo.utils.compilation_time_metrics`) for the phases of a
+# compile, under the names this module reports them by.
+_PHASES = {
+    "lowering": "GraphLowering.run",
+    "codegen": "GraphLowering.codegen",
+    "c++ build": "compile_file",
+}
+
+
+def _inductor_seconds() -> dict[str, float]:
+    """Seconds Inductor has spent so far in this process in each phase of `_PHASES`."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return {name: sum(compilation_time_metrics.get(key, ())) for name, key in _PHASES.items()}
