@@ -194,8 +194,9 @@ class SchedulerBase:
             self.wakeup.notify()
 
     def cancel(self, request: Request) -> None:
-        """Stop `request` (its client went away): a queued one is dropped when the next batch
-        is formed, a running row stops at the next step; a finished request is left alone."""
+        """Stop `request` (its client went away): the worker drops a queued one when it next
+        looks at the queue and stops a running one before its next step (continuous batching
+        frees its blocks then); a finished request is left alone."""
         request.cancelled.set()
         with self.wakeup:
             self.wakeup.notify()
