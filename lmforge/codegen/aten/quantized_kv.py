@@ -13,6 +13,7 @@ under one mask for scaled-dot-product attention.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -39,11 +40,12 @@ def refuse_on_backend(graph_module: torch.fx.GraphModule, backend: str) -> None:
                            f"kv_cache): {_WHY_NOT}; use backend aten for this recipe")
 
 
-def _allowed(ctx: AttentionContext, window: int, start: int, queries: int, device: torch.device) -> torch.Tensor:
+def _allowed(ctx: AttentionContext, window: int, start: int, queries: int,
+             device: torch.device) -> torch.Tensor | None:
     """Which slots `0 .. start + queries` each query may see, (B or 1, 1, T, S): the
-    context's mask, or the causal mask it leaves implicit."""
+    context's mask, or the causal mask it leaves implicit; None when one query sees them all."""
     mask = ctx.mask(window)
-    if mask is not None:
+    if mask is not None or queries == 1:
         return mask
     query_slots = torch.arange(start, start + queries, device=device)[:, None]
     return (torch.arange(start + queries, device=device)[None, :] <= query_slots)[None, None]
@@ -58,22 +60,23 @@ def _valid(pad: torch.Tensor | None, first: int, last: int, device: torch.device
 
 def _online_softmax(q: torch.Tensor, parts, scale: float, softcap: float) -> torch.Tensor:
     """Attention of q (B, Hq, T, D) over `parts`, an iterable of (keys, values, allowed) with
-    keys and values (B, Hkv, S, D) and allowed (B or 1, 1, T, S), one part at a time (flash
-    style: running maximum, normaliser and output). Returns (B, Hq, T, D)."""
+    keys and values (B, Hkv, S, D) and allowed (B or 1, 1, T, S) or None (all), one part at a
+    time (flash style: running maximum, normaliser and output). Returns (B, Hq, T, D)."""
     batch, heads, queries, dim = q.shape
     kv_heads = None
     maximum = normaliser = output = None
     for keys, values, allowed in parts:
         if kv_heads is None:
             kv_heads = keys.shape[1]
-            grouped = q.view(batch, kv_heads, heads // kv_heads, queries, dim)
+            grouped = q.reshape(batch, kv_heads, heads // kv_heads, queries, dim)
             maximum = torch.full((batch, kv_heads, heads // kv_heads, queries, 1), -math.inf, device=q.device)
             normaliser = torch.zeros_like(maximum)
             output = torch.zeros(grouped.shape, dtype=torch.float32, device=q.device)
         scores = torch.matmul(grouped, keys.unsqueeze(2).transpose(-1, -2)).float() * scale
         if softcap > 0.0:
             scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.masked_fill(~allowed.unsqueeze(2), -math.inf)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed.unsqueeze(2), -math.inf)
         new_maximum = torch.maximum(maximum, scores.amax(-1, keepdim=True))
         shift = new_maximum.masked_fill(new_maximum == -math.inf, 0.0)
         weights = torch.exp(scores - shift)
@@ -84,7 +87,7 @@ def _online_softmax(q: torch.Tensor, parts, scale: float, softcap: float) -> tor
     return (output / normaliser).to(q.dtype).view(batch, heads, queries, dim)
 
 
-def _committed_blocks(slot: QuantizedSlot, frontier: int, allowed: torch.Tensor, window: int, start: int,
+def _committed_blocks(slot: QuantizedSlot, frontier: int, allowed: torch.Tensor | None, window: int, start: int,
                       dtype: torch.dtype):
     """The committed slots `0 .. frontier` dequantized one block at a time, skipping blocks
     a sliding window hides from every query."""
@@ -95,7 +98,7 @@ def _committed_blocks(slot: QuantizedSlot, frontier: int, allowed: torch.Tensor,
         if window > 0 and last <= start - window + 1:
             continue
         keys, values = slot.committed(first, last, dtype)
-        yield keys, values, allowed[..., first:last]
+        yield keys, values, None if allowed is None else allowed[..., first:last]
 
 
 def aten_quantized_attention(
@@ -142,21 +145,25 @@ def aten_quantized_attention(
     else:
         exact_keys, exact_values = k, v
     allowed = _allowed(ctx, window, start, queries, device)
-    query_groups = torch.arange(start, end, device=device)[:, None] // group
-    key_groups = torch.arange(frontier, end, device=device)[None, :] // group
     complete = spec.group_start(end - 1) - frontier  # exact slots whose group ends before the last query's
-    parts = [(exact_keys, exact_values, allowed[..., frontier:end] & (key_groups == query_groups))]
+    if allowed is None:  # one query seeing every slot: its own group exact, the rest read back
+        parts = [(exact_keys[:, :, complete:], exact_values[:, :, complete:], None)]
+    else:
+        query_groups = torch.arange(start, end, device=device)[:, None] // group
+        key_groups = torch.arange(frontier, end, device=device)[None, :] // group
+        parts = [(exact_keys, exact_values, allowed[..., frontier:end] & (key_groups == query_groups))]
     if complete > 0:
         read_back = fake_quantize(exact_keys[:, :, :complete], exact_values[:, :, :complete], spec,
                                   _valid(ctx.pad, frontier, frontier + complete, device))
-        parts.insert(0, (*read_back, allowed[..., frontier : frontier + complete]
-                         & (key_groups[:, :complete] < query_groups)))
+        earlier = None if allowed is None else (allowed[..., frontier : frontier + complete]
+                                                & (key_groups[:, :complete] < query_groups))
+        parts.insert(0, (*read_back, earlier))
     if slot is not None and frontier > 0:
         committed = _committed_blocks(slot, frontier, allowed, window, start, q.dtype)
     else:
         committed = iter(())
     if queries <= BLOCKED_QUERIES:
-        out = _online_softmax(q, [*committed, *parts], scale, softcap)
+        out = _online_softmax(q, itertools.chain(committed, parts), scale, softcap)
     else:
         chunks = [*committed, *parts]
         keys, values, mask = (torch.cat([chunk[i] for chunk in chunks], dim=-1 if i == 2 else 2) for i in range(3))
