@@ -1,13 +1,14 @@
 """Quantized KV cache (`quantize` with `kv_cache:`, KIVI): the codes' round trip, the kernel
 against a per-query PyTorch reference, programs on a tiny Llama, bytes, and refusals."""
 
+import json
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tiny_models import tiny_model
 
+import lmforge
 import lmforge.codegen.aten.quantized_kv as quantized_kv
 from lmforge.api import CompiledModel
 from lmforge.compiler.capture import capture
@@ -284,3 +285,13 @@ def test_layers_another_pass_rewrote_and_too_little_slack_are_refused(tiny_llama
     PASSES["prompt_lookup"](PASSES["prompt_lookup"].Config(num_draft=12))(drafting, context(tiny_llama, data))
     with pytest.raises(LmforgeError, match="drafts 12 tokens .* slack >= 12"):
         Quantize(QuantizeConfig.model_validate({"kv_cache": {"slack": 8}}))(drafting, context(tiny_llama, data))
+
+
+def test_an_artifact_round_trip_decodes_the_same_tokens(tiny_programs, tmp_path):
+    compiled = CompiledModel(tiny_programs["int8"].clone(), parse_recipe("runtime:\n  max_seq_len: 96\n"), GENERATION)
+    prompt = torch.randint(3, 256, (1, 16), generator=torch.Generator().manual_seed(4))
+    tokens = compiled.generate(prompt, max_new_tokens=20)
+    compiled.save(tmp_path / "artifact")
+    layout = json.loads((tmp_path / "artifact" / "manifest.json").read_text())["meta"]["kv_cache"]
+    assert kv_cache_bytes(layout, 96) == compiled.engine.cache.nbytes()  # what `lmforge info` reports is allocated
+    assert torch.equal(lmforge.load(tmp_path / "artifact").generate(prompt, max_new_tokens=20), tokens)
