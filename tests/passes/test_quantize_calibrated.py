@@ -9,6 +9,7 @@ from tiny_models import tiny_model
 
 from lmforge.codegen.cpu import compile_aten
 from lmforge.codegen.cpu_quantized import kernel_operands
+from lmforge.compiler.artifact import load_artifact, save_artifact
 from lmforge.compiler.awq import fold_input_scales, search_scales
 from lmforge.compiler.capture import capture
 from lmforge.compiler.gptq import gptq_quantize, hessian
@@ -123,7 +124,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_calibrated_program_with_outliers_decodes_like_its_lowering(tiny, method):
+def test_calibrated_program_with_outliers_decodes_like_its_lowering(tiny, method, tmp_path):
     model, data = tiny
     program = capture(model)
     options = {"act_order": True} if method == "gptq" else {}
@@ -139,6 +140,12 @@ def test_calibrated_program_with_outliers_decodes_like_its_lowering(tiny, method
     with attention_context(AttentionContext(kv=None, start=0, q_len=ids.shape[1])):
         lowered = runner(ids, torch.arange(ids.shape[1]).expand_as(ids))
     assert (lowered - expected).abs().max() <= 4e-2 * expected.abs().max()  # bf16 activations in the kernels
+    saved = save_artifact(tmp_path / "artifact", program, recipe_yaml="passes: []\n",
+                          generation={"eos_token_ids": [], "pad_token_id": None})
+    loaded = load_artifact(saved)[0]
+    outliers = {name: tensor for name, tensor in program.state_dict().items() if OUTLIER_INDEX in name}
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in outliers.items())
+    torch.testing.assert_close(full_logits(loaded, ids), expected, rtol=0, atol=0)
 
 
 def test_skip_first_and_last_layers(tiny):
