@@ -1,15 +1,20 @@
 """Decode speed: Hugging Face `generate` vs lmforge, one process, same held-out prompts.
 
 Prints tokens/s (HF and every lmforge variant timed alternately, run by run), the ratio to
-HF, whether greedy tokens are identical, and a per-token
-time breakdown of one lmforge decode step (torch.profiler). Also measures each codegen
+HF, whether greedy tokens are identical, and each lmforge row's physical limit: the weight
+bytes a decode step reads divided by the memory bandwidth measured here (a streaming read of
+a buffer far larger than the caches, median of several runs). Beside it, every lmforge
+engine's decode step at each batch split into matrix products, attention and the rest
+(torch.profiler on a few steps after warm-up; `lmforge.benchmarking_breakdown`), and the
+operators that take most of one step. Also measures each codegen
 backend, the recipe with and without `fuse_projections` and without packed weights, so
 every lever is measured; and the model's matrix products alone, one after another as a
 forward runs them, with plain and with oneDNN-packed weights at 1, 4 and 11 rows (what a
 decode step and a verify forward of drafted tokens multiply), with the weight bytes they
 read per second.
 
-    python benchmarks/decode.py [--checkpoint DIR] [--new-tokens 64] [--inductor] [--cpp] [--threads N] [--json]
+    python benchmarks/decode.py [--checkpoint DIR] [--new-tokens 64] [--inductor] [--cpp] [--threads N]
+                                [--bandwidth-mb 512] [--json]
 
 `--cpp` adds the compiled backend (its buckets compile during warm-up, reported as first-call
 seconds); `--threads` sets torch's intra-op threads for every engine, HF included.
@@ -25,12 +30,21 @@ import time
 from pathlib import Path
 
 import torch
+from rich.columns import Columns
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmforge
 from lmforge.benchmarking import heldout_prompts, prompt_text_for, run_alternately, time_alternating
+from lmforge.benchmarking_breakdown import (
+    breakdown_table,
+    limit_tokens_per_second,
+    outside_compiled_table,
+    profile_decode_steps,
+    read_bandwidth,
+    step_weight_bytes,
+)
 from lmforge.codegen.cpu_kernels import packed_linear
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
@@ -76,22 +90,6 @@ def _weight_products(model, rounds: int = 5) -> list[dict]:
     return rows
 
 
-def _profile_step(model, ids: torch.Tensor, steps: int = 30) -> list[tuple[str, float, int]]:
-    """Self CPU time per operator for one decode step, averaged over `steps` steps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    engine = model.engine
-    engine._ensure_cache(1, ids.shape[1] + steps + 1)
-    engine.step(ids, torch.arange(ids.shape[1])[None], 0, None)
-    token = ids[:, -1:]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(steps):
-            position = ids.shape[1] + i
-            engine.step(token, torch.tensor([[position]]), position, None)
-    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.self_cpu_time_total / steps, e.count // steps) for e in rows[:12]]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -101,6 +99,8 @@ def main() -> None:
     parser.add_argument("--inductor", action="store_true", help="also measure codegen backend inductor (slow compile)")
     parser.add_argument("--cpp", action="store_true", help="also measure codegen backend cpp (compiles per bucket)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every engine")
+    parser.add_argument("--bandwidth-mb", type=int, default=512, help="buffer streamed to measure memory bandwidth")
+    parser.add_argument("--profile-steps", type=int, default=8, help="decode steps timed, then profiled, per row")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads is not None:
@@ -123,7 +123,8 @@ def main() -> None:
         for batch in (1, 4):
             model.generate(probe.expand(batch, -1), max_new_tokens=4, eos_token_id=[])
         warmup_seconds[name] = time.perf_counter() - start
-    rows = []
+    gigabytes_per_second = read_bandwidth(args.bandwidth_mb)
+    rows, breakdowns = [], []
     for batch in (1, 4):
         prompts = heldout_prompts(text, tokenizer, batch, args.prompt_len)
         ids = torch.tensor([p[: args.prompt_len] for p in prompts])
@@ -137,31 +138,48 @@ def main() -> None:
         hf_timing = timings["hf"]
         rows.append({"batch": batch, "engine": "HF generate (eager PyTorch, sdpa)",
                      "tokens_per_second": hf_timing.tokens_per_second, "ratio": 1.0, "identical": None})
-        for name in models:
+        for name, model in models.items():
             timing = timings[name]
+            weight_bytes = step_weight_bytes(model.program)
+            limit = limit_tokens_per_second(weight_bytes, gigabytes_per_second, batch)
+            breakdown = profile_decode_steps(model.engine, batch, context=args.prompt_len, steps=args.profile_steps)
+            breakdowns.append((name, breakdown))
             rows.append({"batch": batch, "engine": name, "tokens_per_second": timing.tokens_per_second,
                          "first_call_seconds": warmup_seconds[name],
                          "ratio": timing.tokens_per_second / hf_timing.tokens_per_second,
-                         "identical": bool(torch.equal(timing.output, hf_timing.output))})
-    breakdown = _profile_step(models["lmforge aten + fused"], probe)
+                         "identical": bool(torch.equal(timing.output, hf_timing.output)),
+                         "step_weight_bytes": weight_bytes, "limit_tokens_per_second": limit,
+                         "fraction_of_limit": timing.tokens_per_second / limit, "step_breakdown": breakdown.record()})
+    top_ops = next(part for name, part in breakdowns if name == "lmforge aten + fused" and part.batch == 1).top_ops
     products = _weight_products(models["lmforge aten + fused"])
     if args.json:
-        json.dump({"rows": rows, "step_breakdown_us": breakdown, "weight_products": products}, sys.stdout, indent=2)
+        json.dump({"rows": rows, "read_bandwidth_gb_per_s": gigabytes_per_second, "top_ops_us": top_ops,
+                   "weight_products": products}, sys.stdout, indent=2)
         return
     console = Console()
     table = Table(title=f"greedy decode on {args.checkpoint.name}: prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
-    for column in ("batch", "engine", "tokens/s", "ratio to HF", "identical to HF greedy", "first call s"):
+    for column in ("batch", "engine", "tokens/s", "ratio to HF", "identical to HF greedy", "first call s",
+                   "limit tok/s", "of limit"):
         table.add_column(column)
     for row in rows:
         identical = "—" if row["identical"] is None else ("yes" if row["identical"] else "NO")
         first = f"{row['first_call_seconds']:.1f}" if "first_call_seconds" in row else "—"
-        table.add_row(str(row["batch"]), row["engine"], f"{row['tokens_per_second']:.1f}", f"{row['ratio']:.2f}", identical, first)
-    console.print(table)
-    steps = Table(title="one lmforge decode step (batch 1), self CPU time per operator")
+        limit = f"{row['limit_tokens_per_second']:.0f}" if "limit_tokens_per_second" in row else "—"
+        share = f"{row['fraction_of_limit']:.0%}" if "fraction_of_limit" in row else "—"
+        table.add_row(str(row["batch"]), row["engine"], f"{row['tokens_per_second']:.1f}", f"{row['ratio']:.2f}",
+                      identical, first, limit, share)
+    table.caption = (f"limit tok/s: batch × {gigabytes_per_second:.1f} GB/s (read bandwidth measured here, "
+                     f"{args.bandwidth_mb} MB streamed) ÷ the weight bytes a decode step reads")
+    console.print(Columns([table, breakdown_table(breakdowns)]))
+    for name, part in breakdowns:
+        if part.outside_compiled:
+            console.print(name, outside_compiled_table(part))
+    steps = Table(title="one lmforge aten + fused decode step (batch 1), time per operator (products and attention "
+                        "with what they call, the rest self time)")
     for column in ("operator", "µs per token", "calls per token"):
         steps.add_column(column)
-    for key, micros, calls in breakdown:
-        steps.add_row(key, f"{micros:.0f}", str(calls))
+    for op in top_ops:
+        steps.add_row(op["op"], f"{op['us']:.0f}", f"{op['calls']:g}")
     console.print(steps)
     chain = Table(title=f"the program's {products[0]['megabytes']:.1f} MB of linear weights, multiplied one after another")
     for column in ("rows", "weights", "ms", "GB/s of weights"):

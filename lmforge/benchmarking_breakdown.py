@@ -13,9 +13,11 @@ without it too; the parts add up to the profiled step, within `TOLERANCE`.
 The `aten` backend calls lmforge's attention kernels from Python, without the dispatcher,
 so the profiler would only see their ATen pieces (cache writes, mask, sdpa) scattered
 among the rest; while profiling, `profile_decode_steps` wraps them in a labelled event.
-A `cpp` step is one compiled C++ call whose kernels the profiler does not see: its parts
-are the compiled call and what runs in Python around it (the runner's inputs, Dynamo's
-guards, the engine's own work), listed per operator in `outside_compiled`.
+A `cpp` step is one compiled C++ call whose kernels the profiler does not see (nor, once
+Inductor's cache serves it, the call itself): while profiling, each compiled bucket runs
+inside a labelled event, and a step's parts are that call (Dynamo's guards included) and
+what runs in Python around it (the runner's inputs, the engine's own work), listed per
+operator in `outside_compiled`.
 
 The physical limit of a decode step on a CPU is reading every weight once: the bytes a step
 reads (`step_weight_bytes`: all weights but embedding tables, of which a step reads one row
@@ -25,7 +27,6 @@ per token) divided by the memory bandwidth `read_bandwidth` measures on this mac
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import statistics
 import time
@@ -42,9 +43,9 @@ MATMUL_OPS = frozenset({
     "mkldnn::_linear_pointwise", "mkl::_mkl_linear", "aten::_mkl_linear", "onednn::qlinear_pointwise",
 })
 STEP_LABEL = "lmforge decode step"
-COMPILED_CALL = "## Call CompiledFxGraph"  # the event Inductor's compiled graph runs inside
-# the parts may exceed the profiled step by this fraction (the profiler's timestamps of
-# nested events are taken at slightly different moments) before the breakdown is inconsistent
+COMPILED_CALL = "lmforge compiled step"
+# the parts are sums of many events' durations, each rounded by the profiler; they may exceed
+# the profiled step by this fraction before the breakdown counts as inconsistent
 TOLERANCE = 0.02
 
 
@@ -65,7 +66,8 @@ class StepBreakdown:
 
     @property
     def rest_us(self) -> float:
-        """Everything but products and attention: other operators, Python and dispatch."""
+        """Everything but products, attention and a compiled call: other operators, Python
+        and dispatch."""
         return self.profiled_step_us - self.matmul_us - self.attention_us - self.compiled_us
 
     @property
@@ -87,28 +89,35 @@ def _category(name: str) -> str | None:
         return "attention"
     if name in MATMUL_OPS:
         return "matmul"
-    if name.startswith(COMPILED_CALL):
+    if name == COMPILED_CALL:
         return "compiled"
     return None
 
 
+def _add(table: dict[str, list[float]], name: str, micros: float) -> None:
+    entry = table.setdefault(name, [0.0, 0])
+    entry[0] += micros
+    entry[1] += 1
+
+
 def _split(step: torch.autograd.profiler_util.FunctionEvent, totals: dict[str, float],
            ops: dict[str, list[float]], outside: dict[str, list[float]] | None) -> None:
-    """Add a step event's subtree to `totals` by category; every operator's self time to
-    `ops`, and to `outside` the operators that ran outside a compiled call."""
+    """Add a step event's subtree to `totals` by category and to `ops` by operator (products
+    and attention whole, other operators their self time); to `outside`, when given, every
+    operator that ran outside the compiled call."""
     for event in step.cpu_children:
         category = _category(event.name)
+        if category == "compiled":
+            totals[category] += event.cpu_time_total
+            continue
         if category is not None:
             totals[category] += event.cpu_time_total
-            if category != "compiled":
-                ops.setdefault(event.name, [0.0, 0])[0] += event.cpu_time_total
-                ops[event.name][1] += 1
+            _add(ops, event.name, event.cpu_time_total)
             continue
         totals["other"] += event.self_cpu_time_total
-        for table in (ops, outside) if outside is not None else (ops,):
-            entry = table.setdefault(event.name, [0.0, 0])
-            entry[0] += event.self_cpu_time_total
-            entry[1] += 1
+        _add(ops, event.name, event.self_cpu_time_total)
+        if outside is not None:
+            _add(outside, event.name, event.self_cpu_time_total)
         _split(event, totals, ops, outside)
 
 
@@ -118,7 +127,6 @@ def _per_step(table: dict[str, list[float]], steps: int, count: int = 12) -> lis
 
 
 def _labelled(name: str, kernel):
-    @functools.wraps(kernel)
     def run(*args):
         with torch.profiler.record_function(name):
             return kernel(*args)
@@ -126,18 +134,29 @@ def _labelled(name: str, kernel):
 
 
 @contextlib.contextmanager
-def labelled_attention_kernels(runner) -> Iterator[None]:
-    """While profiling an `aten` runner, its attention kernels run inside an event named
-    after their op, so their cache writes and masks count as attention; other runners are
-    left alone (their attention ops go through the dispatcher, or are compiled)."""
+def labelled_kernels(runner) -> Iterator[None]:
+    """While profiling, a `cpp` runner's compiled steps run inside a `COMPILED_CALL` event,
+    and an `aten` runner's attention kernels inside an event named after their op (so their
+    cache writes and masks count as attention); the `fx` runner's attention ops go through
+    the dispatcher, which names them already."""
+    compiled = getattr(runner, "steps", None)
+    if isinstance(compiled, dict):
+        originals = dict(compiled)
+        compiled.update({bucket: _labelled(COMPILED_CALL, step) for bucket, step in originals.items()})
+        try:
+            yield
+        finally:
+            compiled.update(originals)
+        return
     from lmforge.codegen.aten import PYTHON_KERNELS
     from lmforge.compiler.ops import ATTENTION_OPS
 
-    names = {PYTHON_KERNELS[op]: f"lmforge::{op._name.split('::')[-1]}" for op in ATTENTION_OPS if op in PYTHON_KERNELS}
+    names = {id(PYTHON_KERNELS[op]): f"lmforge::{op._name.split('::')[-1]}"
+             for op in ATTENTION_OPS if op in PYTHON_KERNELS}
     bound = getattr(runner, "__globals__", {})
-    originals = {key: value for key, value in bound.items() if any(value is kernel for kernel in names)}
+    originals = {key: value for key, value in bound.items() if id(value) in names}
     for key, kernel in originals.items():
-        bound[key] = _labelled(next(name for k, name in names.items() if k is kernel), kernel)
+        bound[key] = _labelled(names[id(kernel)], kernel)
     try:
         yield
     finally:
@@ -152,40 +171,43 @@ def _quicker_half(steps: list) -> list:
 
 
 def profile_decode_steps(engine, batch: int = 1, context: int = 64, steps: int = 8) -> StepBreakdown:
-    """Decode `context` steps from an empty cache (warm-up: a compiled backend compiles its
+    """Decode into cache slots 1 .. `context` - 1 (warm-up: a compiled backend compiles its
     decode bucket here), time `steps` more (median), then profile `steps` more (after one
-    unlabelled) and split the quicker half of them, averaged (`StepBreakdown`). Each step feeds the greedy token of the one before."""
+    unlabelled) and split the quicker half of them, averaged (`StepBreakdown`). Each step
+    feeds the greedy token of the one before. Slot 0 is left empty instead of prefilled: a
+    prefill would compile another bucket, and a first step over one key would have a compiled
+    backend specialise its dynamic key length to 1."""
     from torch.profiler import ProfilerActivity, profile
 
-    if batch < 1 or context < 1 or steps < 1:
-        raise LmforgeError(f"profiling needs batch, context and steps >= 1, got {batch}, {context}, {steps}")
+    if batch < 1 or context < 2 or steps < 1:
+        raise LmforgeError(f"profiling needs batch >= 1, context >= 2 and steps >= 1, got {batch}, {context}, {steps}")
     engine._ensure_cache(batch, context + 2 * steps + 2)
     token = torch.ones(batch, 1, dtype=torch.long, device=engine.device)
-    position = 0
+    position = 1
 
-    def step() -> None:
+    def step(label: str | None = None) -> float:
+        """One engine step (inside an event named `label`, when given); its wall seconds."""
         nonlocal token, position
         positions = torch.full((batch, 1), position, device=engine.device)
-        token = engine.step(token, positions, position, None).argmax(-1, keepdim=True)
-        position += 1
+        with torch.profiler.record_function(label) if label else contextlib.nullcontext():
+            started = time.perf_counter()
+            logits = engine.step(token, positions, position, None)
+            seconds = time.perf_counter() - started
+        token, position = logits.argmax(-1, keepdim=True), position + 1
+        return seconds
 
     with torch.no_grad():
-        for _ in range(context):
+        for _ in range(context - 1):
             step()
-        seconds = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - started)
-        with labelled_attention_kernels(engine.runner), profile(activities=[ProfilerActivity.CPU]) as profiler:
+        seconds = [step() for _ in range(steps)]
+        with labelled_kernels(engine.runner), profile(activities=[ProfilerActivity.CPU]) as profiler:
             step()  # the profiler's first step pays its own set-up
             for _ in range(steps):
-                with torch.profiler.record_function(STEP_LABEL):
-                    step()
+                step(STEP_LABEL)
     labelled = _quicker_half([event for event in profiler.profiler.function_events if event.name == STEP_LABEL])
     totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0, "compiled": 0.0}
     ops: dict[str, list[float]] = {}
-    compiled = any(event.name.startswith(COMPILED_CALL) for event in profiler.profiler.function_events)
+    compiled = any(event.name == COMPILED_CALL for event in profiler.profiler.function_events)
     outside: dict[str, list[float]] | None = {} if compiled else None
     for event in labelled:
         _split(event, totals, ops, outside)
@@ -199,22 +221,23 @@ def profile_decode_steps(engine, batch: int = 1, context: int = 64, steps: int =
     )
 
 
-def breakdown_table(rows: list[tuple[str, StepBreakdown]], title: str = "where a decode step's time goes (µs)") -> Table:
+def breakdown_table(rows: list[tuple[str, StepBreakdown]],
+                    title: str = "where a decode step's time goes (µs)") -> Table:
     """One row per (engine, breakdown): the step with and without the profiler, and the
     profiled step's parts."""
     table = Table(title=title)
     for column in ("engine", "batch", "step", "profiled step", "matmuls", "attention", "compiled call",
                    "rest", "of which Python"):
-        table.add_column(column, justify="right" if column not in ("engine",) else "left")
+        table.add_column(column, justify="left" if column == "engine" else "right")
     for name, part in rows:
         compiled = part.compiled_us > 0
         table.add_row(name, str(part.batch), f"{part.step_us:.0f}", f"{part.profiled_step_us:.0f}",
-                      "in compiled call" if compiled else f"{part.matmul_us:.0f}",
-                      "in compiled call" if compiled else f"{part.attention_us:.0f}",
+                      "inside" if compiled else f"{part.matmul_us:.0f}",
+                      "inside" if compiled else f"{part.attention_us:.0f}",
                       f"{part.compiled_us:.0f}" if compiled else "—",
                       f"{part.rest_us:.0f}", f"{part.python_us:.0f}" + ("" if part.consistent else " (inconsistent)"))
     table.caption = ("profiled step = matmuls + attention + compiled call + rest; rest = other operators + Python "
-                     "and dispatch; step is the same step without the profiler")
+                     "and dispatch; step: the same step without the profiler; inside: part of the compiled call")
     return table
 
 
@@ -281,7 +304,7 @@ def profile_artifact(artifact, context: int = 64, steps: int = 8) -> dict:
     import lmforge
 
     model = lmforge.load(artifact)
-    context = max(1, min(context, model.engine.max_seq_len - 2 * steps - 2))
+    context = max(2, min(context, model.engine.max_seq_len - 2 * steps - 2))
     part = profile_decode_steps(model.engine, 1, context, steps)
     weight_bytes = step_weight_bytes(model.program)
     bandwidth = read_bandwidth()
@@ -307,5 +330,5 @@ def compiled_step_note(backend: str) -> str | None:
     if backend != "cpp":
         return None
     return ("cpp: every op of the graph runs inside the compiled step (the backend refuses a recipe otherwise); "
-            "the runner's inputs, Dynamo's guards and sampling run in Python around it: --profile lists them with "
+            "the runner's inputs and the engine's sampling run in Python around it: --profile lists them with "
             "their cost per step")

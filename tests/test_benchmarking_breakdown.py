@@ -5,6 +5,7 @@ weight bytes a step reads."""
 import math
 
 import pytest
+import torch
 
 import lmforge
 from lmforge.benchmarking_breakdown import (
@@ -39,7 +40,7 @@ def test_parts_of_a_profiled_step_fit_in_it(tiny_llama):
 
 
 def test_profiling_refuses_an_empty_step(tiny_llama):
-    with pytest.raises(LmforgeError, match="steps >= 1"):
+    with pytest.raises(LmforgeError, match="steps >= 1, got 1, 64, 0"):
         profile_decode_steps(tiny_llama.engine, steps=0)
 
 
@@ -52,8 +53,9 @@ def test_a_step_reads_every_weight_but_the_embedding_table(tiny_llama):
     program = tiny_llama.program
     everything = sum(tensor.nbytes for tensor in program.state_dict().values())
     hf = tiny_model("llama")
-    assert step_weight_bytes(program) == everything - hf.model.embed_tokens.weight.nbytes
-    assert limit_tokens_per_second(step_weight_bytes(program), 10.0, 4) == pytest.approx(4 * 10e9 / step_weight_bytes(program))
+    read = step_weight_bytes(program)
+    assert read == everything - hf.model.embed_tokens.weight.nbytes
+    assert limit_tokens_per_second(read, 10.0, 4) == pytest.approx(4 * 10e9 / read)
 
 
 def test_a_weight_tied_to_the_lm_head_is_read_once():
@@ -69,9 +71,36 @@ def test_limit_refuses_what_is_not_a_measurement(weight_bytes, bandwidth):
         limit_tokens_per_second(weight_bytes, bandwidth, 1)
 
 
-def test_profiled_steps_leave_the_attention_kernels_as_they_were(tiny_llama):
+def test_profiled_steps_leave_the_runner_as_it_was(tiny_llama):
     runner = tiny_llama.engine.runner
     before = dict(getattr(runner, "__globals__", {}))
     profile_decode_steps(tiny_llama.engine, context=2, steps=1)
     after = getattr(runner, "__globals__", {})
     assert after.keys() == before.keys() and all(after[key] is value for key, value in before.items())
+
+
+class _CompiledLike:
+    """A runner shaped like the cpp backend's (`steps`: its compiled callables by bucket),
+    whose one 'compiled' step is the tiny model's own runner plus some work around it."""
+
+    def __init__(self, runner) -> None:
+        self.steps = {"decode": runner}
+
+    def __call__(self, input_ids, position_ids):
+        position_ids = position_ids.contiguous() + torch.zeros_like(position_ids)  # left in Python
+        return self.steps["decode"](input_ids, position_ids)
+
+
+def test_a_compiled_step_is_one_part_and_what_runs_around_it_is_listed(tiny_llama):
+    engine = tiny_llama.engine
+    plain, engine.runner = engine.runner, _CompiledLike(engine.runner)
+    try:
+        part = profile_decode_steps(engine, context=4, steps=2)
+        steps = dict(engine.runner.steps)
+    finally:
+        engine.runner = plain
+    assert steps == {"decode": plain}  # the labels are gone again
+    assert part.compiled_us > 0 and part.matmul_us == 0 and part.attention_us == 0 and part.consistent
+    outside = {row["op"] for row in part.outside_compiled}
+    assert {"aten::zeros_like", "aten::add"} <= outside
+    assert not outside & {"mkldnn::_linear_pointwise", "aten::linear", "lmforge::attention"}
