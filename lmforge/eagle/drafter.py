@@ -159,7 +159,8 @@ class EagleDrafter:
             self.values = torch.zeros_like(self.keys)
         self.pad, self.committed = pad, None
 
-    def _attend(self, q: torch.Tensor, start: int, end: int, tree: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, start: int, end: int,
+                tree: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Queries written at slots start..end attend to the cache's slots before them and
         themselves, never to a row's left padding (a padding slot sees itself only). With
         `tree` = (base, visible), slots base..end hold draft-tree nodes and query i sees

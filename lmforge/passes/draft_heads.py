@@ -240,7 +240,8 @@ def choose_tree(program: Program, config: dict) -> tuple[list[int], list[dict]]:
 BUDGET_CANDIDATES = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
-def choose_dynamic_tree(program: Program, options: DynamicTreeConfig, depth: int, config: dict) -> tuple[dict, list[dict]]:
+def choose_dynamic_tree(program: Program, options: DynamicTreeConfig, depth: int,
+                        config: dict) -> tuple[dict, list[dict]]:
     """The EAGLE dynamic tree's options (`runtime.eagle_tree.DynamicTree`): the threshold and
     depth given or stored with the drafter, and the node budget given or, for auto, the one
     with the most expected tokens per second of verification — expected accepted drafts per
@@ -249,7 +250,8 @@ def choose_dynamic_tree(program: Program, options: DynamicTreeConfig, depth: int
     chosen = {"top_k": options.top_k, "threshold": threshold, "max_depth": options.max_depth or depth}
     if options.budget != "auto":
         if not 1 <= options.budget <= BUDGET_CANDIDATES[-1]:
-            raise LmforgeError(f"draft_heads dynamic_tree: budget {options.budget} is outside 1..{BUDGET_CANDIDATES[-1]}")
+            raise LmforgeError(f"draft_heads dynamic_tree: budget {options.budget} is outside "
+                               f"1..{BUDGET_CANDIDATES[-1]}")
         return {**chosen, "budget": options.budget}, []
     measured = config.get("tree_accepted_per_budget")
     if not isinstance(measured, dict) or not measured:
@@ -258,7 +260,7 @@ def choose_dynamic_tree(program: Program, options: DynamicTreeConfig, depth: int
     candidates = []
     for budget, expected in sorted((int(budget), float(value)) for budget, value in measured.items()):
         seconds = verify_seconds(program, budget + 1)
-        candidates.append({"budget": budget, "expected_accepted": round(expected, 4), "verify_ms": round(seconds * 1e3, 3),
-                           "tokens_per_second": round((1 + expected) / seconds, 1)})
+        candidates.append({"budget": budget, "expected_accepted": round(expected, 4),
+                           "verify_ms": round(seconds * 1e3, 3), "tokens_per_second": round((1 + expected) / seconds, 1)})
     best = max(candidates, key=lambda candidate: candidate["tokens_per_second"])
     return {**chosen, "budget": best["budget"]}, candidates
