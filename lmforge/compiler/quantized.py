@@ -196,7 +196,8 @@ def dequantize_nodes(graph: fx.Graph, attributes: dict[str, fx.Node], weight: Qu
         groups = weight.scales.shape[1]
         low = call(aten.bitwise_and.Scalar, codes, 0xF)
         high = call(aten.bitwise_right_shift.Tensor_Scalar, codes, 4)
-        unpacked = call(aten.view.default, call(aten.stack.default, [low, high], -1), [rows, groups, 2 * half // groups])
+        stacked = call(aten.stack.default, [low, high], -1)
+        unpacked = call(aten.view.default, stacked, [rows, groups, 2 * half // groups])
         scales = call(aten.unsqueeze.default, call(aten._to_copy.default, attributes[SCALES], dtype=torch.float32), -1)
         zeros = call(aten.unsqueeze.default, call(aten._to_copy.default, attributes[ZEROS], dtype=torch.float32), -1)
         scaled = call(aten.mul.Tensor, call(aten._to_copy.default, unpacked, dtype=torch.float32), scales)

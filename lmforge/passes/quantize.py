@@ -251,7 +251,7 @@ class Quantize(LossyPass):
         units = {name: _unit(uses) for name, uses in targets.items()}
         chosen, mixed = {name: config.weights for name in targets}, {}
         if config.mixed_precision:
-            chosen, mixed, mixed_notes = self._choose_per_unit(program, data, budget, targets, units, candidates, levels)
+            chosen, mixed, mixed_notes = self._choose_per_unit(program, data, budget, units, candidates, levels)
             notes += mixed_notes
         converted = []
         for name, uses in targets.items():
@@ -297,7 +297,8 @@ class Quantize(LossyPass):
                 kept.append(name)
             elif config.weights == "int4" and columns % config.group_size:
                 kept.append(name)
-                notes.append(f"{name}: {columns} input columns are not a multiple of group_size {config.group_size}; kept")
+                notes.append(f"{name}: {columns} input columns are not a multiple of group_size "
+                             f"{config.group_size}; kept")
             else:
                 targets[name] = uses
         return targets, kept, notes
@@ -332,8 +333,7 @@ class Quantize(LossyPass):
         return gptq_quantize(weight, statistics[linear.args[0].name].hessian, fmt, config.group_size,
                              config.block_size, config.act_order, config.damp, outlier_mask(weight, config.outliers))
 
-    def _choose_per_unit(self, program: Program, data: CalibrationData, budget: QualityBudget,
-                         targets: dict[str, Uses], units: dict[str, str],
+    def _choose_per_unit(self, program: Program, data: CalibrationData, budget: QualityBudget, units: dict[str, str],
                          candidates: dict[str, dict[str, QuantizedWeight]],
                          levels: list[str]) -> tuple[dict[str, str], dict, list[str]]:
         """Per weight the format mixed precision chooses, what it measured, and notes."""
@@ -348,7 +348,7 @@ class Quantize(LossyPass):
                        sum(t.nbytes for t in candidates[name][level].tensors(name).values())
                        for name, owner in units.items() if owner == unit)
 
-        order = sorted(set(units.values()), key=lambda unit: (not unit.isdigit(), int(unit) if unit.isdigit() else 0, unit))
+        order = sorted(set(units.values()), key=lambda unit: (not unit.isdigit(), unit.zfill(6)))
         choice = choose_mixed_precision(order, [*levels, KEPT], unit_bytes, measure, budget)
         if all(fmt == KEPT for fmt in choice.formats.values()):
             raise LmforgeError(f"quantize: mixed precision keeps every layer in fp32 and still measures "

@@ -38,7 +38,7 @@ def test_gptq_has_less_output_error_than_round_to_nearest(fmt, act_order):
     inputs, weight = _correlated_layer()
     rtn = quantize_int4(weight, 32) if fmt == "int4" else quantize_int8(weight)
     gptq = gptq_quantize(weight, hessian(inputs), fmt, 32, act_order=act_order)
-    assert gptq.format == rtn.format and gptq.qweight.shape == rtn.qweight.shape and gptq.scales.shape == rtn.scales.shape
+    assert (gptq.format, gptq.qweight.shape, gptq.scales.shape) == (rtn.format, rtn.qweight.shape, rtn.scales.shape)
     assert _output_error(inputs, weight, gptq.dequantize()) < 0.9 * _output_error(inputs, weight, rtn.dequantize())
 
 
@@ -128,7 +128,8 @@ def test_calibrated_program_with_outliers_decodes_like_its_lowering(tiny, method
     model, data = tiny
     program = capture(model)
     options = {"act_order": True} if method == "gptq" else {}
-    result = Quantize(QuantizeConfig(weights="int4", method=method, outliers=1.0, **options))(program, context(model, data))
+    config = QuantizeConfig(weights="int4", method=method, outliers=1.0, **options)
+    result = Quantize(config)(program, context(model, data))
     assert result.rewrites == 16 and program.meta["quantize"]["method"] == method
     assert sum(name.endswith(OUTLIER_INDEX) for name in program.state_dict()) == 16
     if method == "awq":
