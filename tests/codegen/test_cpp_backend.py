@@ -15,6 +15,7 @@ import torch
 from tiny_models import tiny_model
 
 import lmforge
+from lmforge.codegen.cpp_backend import cached_compile_records, op_placement
 from lmforge.codegen.cpu import lower
 from lmforge.compiler.capture import capture
 from lmforge.compiler.pipeline import Provenance
@@ -128,6 +129,27 @@ def test_a_second_load_in_a_fresh_process_compiles_nothing(tiny, tmp_path):
     assert second["compiled"] == 0 and second["sources"] == ["cache", "cache"]
     expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
     assert second["tokens"] == first["tokens"] == expected.tolist()
+
+
+def test_compile_records_are_kept_beside_the_packages(tiny):
+    """What `lmforge info` shows: per bucket compiled for this program on this machine, its
+    first-compile seconds and Inductor's phases."""
+    _, compiled = tiny
+    ids, mask = _left_padded_batch()
+    compiled.generate(ids, mask, max_new_tokens=2, eos_token_id=[])
+    records = cached_compile_records(compiled.program.graph_module)
+    assert {bucket.file_name for bucket in compiled.engine.runner.steps} <= set(records)
+    for record in records.values():
+        assert record["compile_seconds"] > record["export_seconds"] > 0
+        assert set(record["phases"]) == {"lowering", "codegen", "c++ build"} and record["phases"]["c++ build"] > 0
+
+
+def test_op_placement_lists_compiled_and_refused_ops():
+    program = capture(tiny_model("qwen2"))
+    assert op_placement(program.graph_module)["refused"] == {}
+    assert op_placement(program.graph_module)["compiled"]["lmforge.attention.default"] == 2
+    make_evicting(program, [0, 1], capacity=32, recent=8, decay=0.9, observe=8)
+    assert op_placement(program.graph_module)["refused"] == {"lmforge.evicting_attention.default": 2}
 
 
 def test_unsupported_attention_is_refused_naming_the_pass():

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-FORMAT = 1  # bump when what a package holds, or how its key is made, changes
+FORMAT = 1  # bump when what a package holds, how its key is made, or the Inductor options change
 
 
 def compile_cache_dir() -> Path:
