@@ -3,8 +3,8 @@
 Keys and values are stored as 1-byte codes. Granularity `kivi` (the default) quantizes keys
 per channel over a group of `group` consecutive tokens and values per token, because keys
 have outlier channels and values do not (KIVI, Liu et al. 2024); granularity `token`
-quantizes both per token. int8 is asymmetric (a scale and a zero point, the group's
-minimum); fp8 stores `torch.float8_e4m3fn` codes with a scale only. Scales and zero points
+quantizes both per token. int8 is asymmetric (a scale and a zero point, the value of
+the middle code); fp8 stores `torch.float8_e4m3fn` codes with a scale only. Scales and zero points
 are fp16: at head_dim 32 they add 8 bytes per token and head to the 64 bytes of codes.
 
 Which tokens a query reads quantized is a function of positions only, never of how the
@@ -88,8 +88,9 @@ def _masked_extremes(x: torch.Tensor, dims: tuple[int, ...], valid: torch.Tensor
 
 def quantize_groups(x: torch.Tensor, dims: tuple[int, ...], dtype: str, valid: torch.Tensor | None = None) -> Quantized:
     """Quantize `x` with one scale (and zero point) per reduction over `dims`. int8 maps each
-    reduction's [min, max] onto 256 codes (asymmetric); fp8 scales its largest magnitude to
-    e4m3's 448. Codes are computed from the fp16-rounded scale and zero point, so that
+    reduction's [min, max] onto the 256 codes -128..127 (asymmetric; the zero point is the
+    value of code 0, so reading back is one multiply-add); fp8 scales its largest magnitude
+    to e4m3's 448. Codes are computed from the fp16-rounded scale and zero point, so that
     `dequantize_groups` reproduces what was encoded."""
     x = x.float()
     low, high = _masked_extremes(x, dims, valid)
@@ -98,8 +99,8 @@ def quantize_groups(x: torch.Tensor, dims: tuple[int, ...], dtype: str, valid: t
         codes = (x / scale.float()).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
         return Quantized(codes, scale, None)
     scale = ((high - low) / 255.0).clamp_min(_SCALE_FLOOR).half()
-    zero = low.half()
-    codes = torch.round((x - zero.float()) / scale.float()).clamp(0, 255) - 128
+    zero = (low + 128 * scale.float()).half()
+    codes = torch.round((x - zero.float()) / scale.float()).clamp(-128, 127)
     return Quantized(codes.to(torch.int8), scale, zero)
 
 
@@ -107,7 +108,7 @@ def dequantize_groups(quantized: Quantized, dtype: torch.dtype = torch.float32) 
     codes, scale = quantized.codes, quantized.scale.to(dtype)
     if quantized.zero is None:
         return codes.to(dtype) * scale
-    return (codes.to(dtype) + 128) * scale + quantized.zero.to(dtype)
+    return torch.addcmul(quantized.zero.to(dtype), codes.to(dtype), scale)
 
 
 def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from lmforge.compiler.kv_quantized import KVQuantSpec, QuantizedSlot, fake_quant
 from lmforge.compiler.ops import AttentionContext, current_context, quantized_attention
 from lmforge.errors import LmforgeError
 
-DEQUANTIZE_BLOCK = 1024  # cache slots dequantized at a time (rounded to whole groups)
+DEQUANTIZE_BLOCK = 2048  # cache slots dequantized at a time (rounded to whole groups); one layer's, not the cache's
 BLOCKED_QUERIES = 64  # forwards of at most this many queries use the blocked online softmax
 
 BACKENDS = ("aten", "fx", "inductor")
@@ -61,28 +61,30 @@ def _valid(pad: torch.Tensor | None, first: int, last: int, device: torch.device
 def _online_softmax(q: torch.Tensor, parts, scale: float, softcap: float) -> torch.Tensor:
     """Attention of q (B, Hq, T, D) over `parts`, an iterable of (keys, values, allowed) with
     keys and values (B, Hkv, S, D) and allowed (B or 1, 1, T, S) or None (all), one part at a
-    time (flash style: running maximum, normaliser and output). Returns (B, Hq, T, D)."""
+    time (flash style: running maximum, normaliser and output). The query heads of a KV head
+    are stacked as rows of one matrix, so each part is two batched matrix products without
+    copies of its keys. Returns (B, Hq, T, D)."""
     batch, heads, queries, dim = q.shape
-    kv_heads = None
-    maximum = normaliser = output = None
+    rows = maximum = normaliser = output = None
     for keys, values, allowed in parts:
-        if kv_heads is None:
-            kv_heads = keys.shape[1]
-            grouped = q.reshape(batch, kv_heads, heads // kv_heads, queries, dim)
-            maximum = torch.full((batch, kv_heads, heads // kv_heads, queries, 1), -math.inf, device=q.device)
+        kv_heads = keys.shape[1]
+        if rows is None:
+            rows = q.reshape(batch, kv_heads, heads // kv_heads * queries, dim)
+            maximum = torch.full((*rows.shape[:3], 1), -math.inf, device=q.device)
             normaliser = torch.zeros_like(maximum)
-            output = torch.zeros(grouped.shape, dtype=torch.float32, device=q.device)
-        scores = torch.matmul(grouped, keys.unsqueeze(2).transpose(-1, -2)).float() * scale
+            output = torch.zeros(rows.shape, dtype=torch.float32, device=q.device)
+        scores = torch.matmul(rows, keys.transpose(-1, -2)).float() * scale
         if softcap > 0.0:
             scores = torch.tanh(scores / softcap) * softcap
         if allowed is not None:
-            scores = scores.masked_fill(~allowed.unsqueeze(2), -math.inf)
+            grouped = scores.view(batch, kv_heads, heads // kv_heads, queries, -1)
+            scores = grouped.masked_fill(~allowed.unsqueeze(2), -math.inf).view(scores.shape)
         new_maximum = torch.maximum(maximum, scores.amax(-1, keepdim=True))
         shift = new_maximum.masked_fill(new_maximum == -math.inf, 0.0)
         weights = torch.exp(scores - shift)
         decay = torch.exp(maximum - shift)
         normaliser = normaliser * decay + weights.sum(-1, keepdim=True)
-        output = output * decay + torch.matmul(weights.to(values.dtype), values.unsqueeze(2)).float()
+        output = output * decay + torch.matmul(weights.to(values.dtype), values).float()
         maximum = new_maximum
     return (output / normaliser).to(q.dtype).view(batch, heads, queries, dim)
 
