@@ -141,6 +141,8 @@ def test_calibrated_program_with_outliers_decodes_like_its_lowering(tiny, method
     with attention_context(AttentionContext(kv=None, start=0, q_len=ids.shape[1])):
         lowered = runner(ids, torch.arange(ids.shape[1]).expand_as(ids))
     assert (lowered - expected).abs().max() <= 4e-2 * expected.abs().max()  # bf16 activations in the kernels
+    if method == "gptq":
+        return  # the artifact round trip runs once, for awq: its program also multiplies by input-scale constants
     saved = save_artifact(tmp_path / "artifact", program, recipe_yaml="passes: []\n",
                           generation={"eos_token_ids": [], "pad_token_id": None})
     loaded = load_artifact(saved)[0]
