@@ -14,7 +14,7 @@ decode step and a verify forward of drafted tokens multiply), with the weight by
 read per second.
 
     python benchmarks/decode.py [--checkpoint DIR] [--new-tokens 64] [--inductor] [--cpp] [--threads N]
-                                [--bandwidth-mb 512] [--json]
+                                [--bandwidth-mb 512] [--profile-steps 8] [--json]
 
 `--cpp` adds the compiled backend (its buckets compile during warm-up, reported as first-call
 seconds); `--threads` sets torch's intra-op threads for every engine, HF included.
