@@ -174,6 +174,8 @@ def serve(
                                             help="tokens one step may process (decode tokens + prompt chunks)"),
     kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", min=1,
                                             help="16-token blocks of the paged KV cache (default: max-batch full contexts)"),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache",
+                                         help="compute every prompt whole instead of reusing cached prefix blocks"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the artifact's runtime.device, else cpu)"),
 ) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
@@ -186,7 +188,8 @@ def serve(
     if model.tokenizer is None:
         raise typer.BadParameter("the artifact has no tokenizer files")
     name = artifact.resolve().name
-    server = create_app(model, name, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step, kv_blocks=kv_blocks)
+    server = create_app(model, name, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step, kv_blocks=kv_blocks,
+                        prefix_caching=not no_prefix_cache)
     errors.print(f"serving '{name}' on http://{host}:{port}/v1: {server.state.scheduling}", highlight=False)
     uvicorn.run(server, host=host, port=port, log_level="warning")
 

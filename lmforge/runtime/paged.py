@@ -9,15 +9,20 @@ requests with a common prefix); a request that finishes or is cancelled gives it
 back at once. `paged_rows` turns the pieces of one ragged forward into the `PagedRows` the
 attention kernel reads (`codegen/aten/paged.py`).
 
-`block_key` chains a hash over a full block's tokens and everything before it: the key a
-prefix cache looks blocks up by. Nothing looks blocks up by it yet.
+Prefix caching: `block_key` chains a hash over a full block's tokens and everything before
+it, so equal keys mean equal prefixes. A block is registered under its key once it is full
+and written (`BlockAllocator.register`); a later request whose tokens start with the same
+blocks takes them (`BlockAllocator.lookup`, one more reference each) instead of computing
+them again. A cached block whose last reference is released keeps its keys and values and
+waits, least recently used first, until the allocator runs out of never-cached blocks and
+evicts it; a block that is still referenced is never evicted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,37 +67,96 @@ def block_key(previous: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
+def block_keys(tokens: Sequence[int], block_size: int, previous: int | None = None) -> list[int]:
+    """The chained keys of the full blocks of `tokens` (a partial last block has none),
+    continuing from the key `previous` of the block before them."""
+    keys = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        previous = block_key(previous, tokens[start : start + block_size])
+        keys.append(previous)
+    return keys
+
+
 class BlockAllocator:
-    """A free list of `count` blocks with a reference count per block; a block goes back on
-    the free list when its last reference is released."""
+    """`count` blocks with a reference count each. A released block with no key goes back on
+    the free list; one registered under a key stays cached, evictable in least-recently-used
+    order, and is handed out again (its key dropped) only once the free list is empty."""
 
     def __init__(self, count: int) -> None:
         if count < 1:
             raise LmforgeError(f"a paged KV cache needs at least one block (got {count})")
         self.count = count
         self.free_blocks: deque[int] = deque(range(count))
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self.references = [0] * count
+        self.block_of_key: dict[int, int] = {}
+        self.key_of_block: dict[int, int] = {}
 
     @property
     def free(self) -> int:
-        return len(self.free_blocks)
+        """Blocks `allocate` can hand out: never-cached ones and evictable cached ones."""
+        return len(self.free_blocks) + len(self.evictable)
+
+    @property
+    def cached(self) -> int:
+        """Blocks registered under a key, referenced or not."""
+        return len(self.key_of_block)
 
     def allocate(self, count: int) -> list[int] | None:
-        """`count` blocks, or None (and nothing taken) when fewer are free."""
-        if count > len(self.free_blocks):
+        """`count` blocks, or None (and nothing taken) when fewer are free; cached blocks
+        are evicted least recently used first, after the free list."""
+        if count > self.free:
             return None
-        blocks = [self.free_blocks.popleft() for _ in range(count)]
+        blocks = [self._take() for _ in range(count)]
         for block in blocks:
             self.references[block] = 1
         return blocks
 
+    def _take(self) -> int:
+        if self.free_blocks:
+            return self.free_blocks.popleft()
+        block, _ = self.evictable.popitem(last=False)
+        del self.block_of_key[self.key_of_block.pop(block)]
+        return block
+
     def release(self, blocks: Sequence[int]) -> None:
-        for block in blocks:
+        """Drop one reference to each block; the last one frees it (a cached block is kept
+        as the most recently used evictable one). Blocks are given in position order, so
+        releasing them last first makes a prefix's tail evicted before its head."""
+        for block in reversed(blocks):
             if self.references[block] < 1:
                 raise LmforgeError(f"block {block} was released more often than it was taken")
             self.references[block] -= 1
             if self.references[block] == 0:
-                self.free_blocks.append(block)
+                if block in self.key_of_block:
+                    self.evictable[block] = None
+                else:
+                    self.free_blocks.append(block)
+
+    def register(self, block: int, key: int) -> None:
+        """Cache `block` (full and written, referenced) under `key`; a no-op when the block
+        already has a key or another block holds the same key (the same prefix computed
+        twice at once: the copy stays private and is freed as usual)."""
+        if self.references[block] < 1:
+            raise LmforgeError(f"block {block} is not in use and cannot be cached")
+        if block in self.key_of_block or key in self.block_of_key:
+            return
+        self.block_of_key[key] = block
+        self.key_of_block[block] = key
+
+    def lookup(self, keys: Sequence[int]) -> list[int]:
+        """The blocks of the longest run of `keys` cached from the first, each now referenced
+        once more (an evictable one stops being evictable)."""
+        blocks = []
+        for key in keys:
+            block = self.block_of_key.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        for block in blocks:
+            self.references[block] += 1
+            self.evictable.pop(block, None)
+        return blocks
 
 
 @dataclass

@@ -97,24 +97,26 @@ def paging_reason(model: Any) -> str | None:
 
 
 def make_scheduler(model: Any, metrics: ServeMetrics, *, max_batch: int, max_tokens_per_step: int,
-                   kv_blocks: int | None = None) -> SchedulerBase:
-    """Continuous batching over a paged cache when the program's attention can be paged;
-    else one batch at a time, with the reason logged (never a paged run that would be wrong)."""
+                   kv_blocks: int | None = None, prefix_caching: bool = True) -> SchedulerBase:
+    """Continuous batching over a paged cache (with prefix caching unless turned off) when
+    the program's attention can be paged; else one batch at a time, with the reason logged
+    (never a paged run that would be wrong)."""
     options = dict(max_batch=max_batch, max_tokens_per_step=max_tokens_per_step, metrics=metrics)
     reason = paging_reason(model)
     if reason is None:
-        return ContinuousScheduler(model.engine, model.tokenizer, kv_blocks=kv_blocks, **options)
+        return ContinuousScheduler(model.engine, model.tokenizer, kv_blocks=kv_blocks, prefix_caching=prefix_caching,
+                                   **options)
     logger.warning("serving one batch at a time: %s", reason)
     return Scheduler(model.engine, model.tokenizer, reason=reason, **options)
 
 
 def create_app(model: Any, name: str, *, max_batch: int = 8, max_tokens_per_step: int = 4096,
-               kv_blocks: int | None = None) -> FastAPI:
+               kv_blocks: int | None = None, prefix_caching: bool = True) -> FastAPI:
     """The server for a loaded `CompiledModel` published as `name`; the scheduler's worker
     runs from startup to shutdown. `app.state.scheduling` says how requests are batched."""
     metrics = ServeMetrics()
     scheduler = make_scheduler(model, metrics, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
-                               kv_blocks=kv_blocks)
+                               kv_blocks=kv_blocks, prefix_caching=prefix_caching)
     served = _Served(model, name, scheduler)
 
     @asynccontextmanager

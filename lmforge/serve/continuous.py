@@ -16,6 +16,13 @@ chunked prefill). When the pool runs out of blocks, the most recently admitted r
 preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed from its tokens; nothing is dropped. A finished or cancelled request frees its
 blocks before the next step.
+
+With prefix caching (the default), every block a request fills is registered under the
+hash of its tokens and everything before them (`runtime.paged`), and a request being
+admitted — new, or recomputed after preemption — first takes the longest run of its
+leading full blocks already cached (shared, reference counted) and computes only the rest.
+Its last token is always computed, so there are logits to sample from; blocks it takes are
+full and never written again, so requests sharing them cannot disturb each other.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.runtime.engine import Engine
-from lmforge.runtime.paged import DEFAULT_BLOCK_SIZE, BlockTable, PagedKVCache, paged_rows
+from lmforge.runtime.paged import DEFAULT_BLOCK_SIZE, BlockTable, PagedKVCache, block_keys, paged_rows
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.scheduler import Request, SchedulerBase
 
@@ -37,11 +44,14 @@ from lmforge.serve.scheduler import Request, SchedulerBase
 @dataclass(eq=False)
 class Sequence:
     """A running request: its tokens (prompt, then generated), how many of them have keys
-    and values in the cache, and the blocks holding them."""
+    and values in the cache, the blocks holding them, the chained keys of its leading full
+    blocks (as far as computed) and how many of those blocks are registered in the cache."""
 
     request: Request
     table: BlockTable = field(default_factory=BlockTable)
     computed: int = 0
+    keys: list[int] = field(default_factory=list)
+    registered: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -73,17 +83,21 @@ class Piece:
 
 class ContinuousScheduler(SchedulerBase):
     """Requests join and leave between steps; see the module docstring. `kv_blocks` blocks
-    of `block_size` tokens make the pool (default: `max_batch` full-length requests)."""
+    of `block_size` tokens make the pool (default: `max_batch` full-length requests);
+    `prefix_caching` reuses the cached blocks of a common prompt prefix."""
 
     def __init__(self, engine: Engine, tokenizer: Any, *, max_batch: int = 8, max_tokens_per_step: int = 4096,
                  metrics: ServeMetrics | None = None, kv_blocks: int | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, prefix_caching: bool = True) -> None:
         super().__init__(engine, tokenizer, max_batch=max_batch, max_tokens_per_step=max_tokens_per_step,
                          metrics=metrics)
         blocks = kv_blocks if kv_blocks is not None else math.ceil(max_batch * engine.max_seq_len / max(block_size, 1))
         self.cache = PagedKVCache(engine.kv_layout, blocks, block_size, engine.dtype, engine.device)
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.prefix_caching = prefix_caching
+        self.prefix_hit_tokens = 0  # tokens admitted requests found cached instead of computing
+        self.prefix_query_tokens = 0  # tokens of admitted requests, cached or not
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len < 1:
@@ -95,7 +109,8 @@ class ContinuousScheduler(SchedulerBase):
 
     def describe(self) -> str:
         return (f"continuous batching over a paged KV cache ({self.cache.allocator.count} blocks of "
-                f"{self.cache.block_size} tokens), chunked prefill of up to {self.max_tokens_per_step} tokens per step")
+                f"{self.cache.block_size} tokens), chunked prefill of up to {self.max_tokens_per_step} tokens per step, "
+                f"prefix caching {'on' if self.prefix_caching else 'off'}")
 
     def step(self) -> bool:
         """One iteration: release what ended, plan, forward, sample. False when nothing ran."""
@@ -134,17 +149,47 @@ class ContinuousScheduler(SchedulerBase):
         with self.wakeup:
             # no request joins in a step that had to preempt: it would take the blocks back
             while budget > 0 and self.waiting and len(self.running) < self.max_batch and preempted == self.preemptions:
-                sequence = Sequence(self.waiting[0])
+                sequence = self._with_cached_prefix(self.waiting[0])
                 count = min(sequence.pending, budget)
-                if not self.cache.reserve(sequence.table, count):
+                if not self.cache.reserve(sequence.table, sequence.computed + count):
+                    self.cache.release(sequence.table)
                     break
                 self.waiting.popleft()
                 self.running.append(sequence)
-                pieces.append(Piece(sequence, 0, count))
+                pieces.append(Piece(sequence, sequence.computed, count))
+                self.prefix_hit_tokens += sequence.computed
+                self.prefix_query_tokens += sequence.length
                 budget -= count
                 admitted += 1
             self._report(new_batch=admitted > 0)
         return pieces
+
+    def _with_cached_prefix(self, request: Request) -> Sequence:
+        """A sequence for `request` holding the longest run of its leading full blocks found
+        in the prefix cache, all but its last token at most (whose logits are needed)."""
+        sequence = Sequence(request)
+        if not self.prefix_caching:
+            return sequence
+        block_size = self.cache.block_size
+        usable = (sequence.length - 1) // block_size
+        sequence.keys = block_keys(sequence.tokens[: usable * block_size], block_size)
+        sequence.table.blocks = self.cache.allocator.lookup(sequence.keys)
+        sequence.registered = len(sequence.table.blocks)
+        sequence.computed = sequence.registered * block_size
+        return sequence
+
+    def _register_full_blocks(self, sequence: Sequence) -> None:
+        """Cache every block of `sequence` that is now full and written."""
+        block_size, full = self.cache.block_size, sequence.computed // self.cache.block_size
+        if full <= sequence.registered:
+            return
+        if len(sequence.keys) < full:
+            tokens, done = sequence.tokens, len(sequence.keys)
+            previous = sequence.keys[-1] if sequence.keys else None
+            sequence.keys += block_keys(tokens[done * block_size : full * block_size], block_size, previous)
+        for index in range(sequence.registered, full):
+            self.cache.allocator.register(sequence.table.blocks[index], sequence.keys[index])
+        sequence.registered = full
 
     def _reserve(self, sequence: Sequence, count: int) -> bool:
         """Blocks for `count` more tokens of `sequence`, preempting newer requests (or, last,
@@ -190,6 +235,8 @@ class ContinuousScheduler(SchedulerBase):
         for piece in pieces:
             sequence = piece.sequence
             sequence.computed += piece.count
+            if self.prefix_caching:
+                self._register_full_blocks(sequence)
             if not piece.samples:
                 continue  # a prompt chunk: the rest comes in later steps
             request = sequence.request
@@ -203,10 +250,11 @@ class ContinuousScheduler(SchedulerBase):
             self._report()
 
     def _report(self, new_batch: bool = False) -> None:
-        """Queue, batch and block figures for /metrics (the caller holds `wakeup`)."""
+        """Queue, batch, block and prefix cache figures for /metrics (the caller holds `wakeup`)."""
         self.metrics.occupancy(len(self.waiting), len(self.running), new_batch=new_batch)
         allocator = self.cache.allocator
         self.metrics.blocks(allocator.count - allocator.free, allocator.count, self.preemptions)
+        self.metrics.prefix_cache(self.prefix_hit_tokens, self.prefix_query_tokens, allocator.cached)
 
     def _release_cancelled(self) -> None:
         """Cancelled requests end and free their blocks; so do queued ones."""

@@ -38,8 +38,8 @@ class Histogram:
 
 class ServeMetrics:
     """What `/metrics` reports: requests by outcome, prompt and generated tokens, the
-    waiting queue, the running batch, the paged cache's blocks and preemptions, time to
-    first token and inter-token latency."""
+    waiting queue, the running batch, the paged cache's blocks and preemptions, the prefix
+    cache's hits, time to first token and inter-token latency."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -50,6 +50,7 @@ class ServeMetrics:
         self.batch_size = 0
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.kv_blocks_used, self.kv_blocks_total, self.preemptions = 0, 0, 0
+        self.prefix_hit_tokens, self.prefix_query_tokens, self.prefix_cached_blocks = 0, 0, 0
         self.time_to_first_token = Histogram(LATENCY_BUCKETS)
         self.inter_token_latency = Histogram(LATENCY_BUCKETS)
 
@@ -76,6 +77,13 @@ class ServeMetrics:
         """The paged KV cache's blocks in use and in all, and the preemptions so far."""
         with self.lock:
             self.kv_blocks_used, self.kv_blocks_total, self.preemptions = used, total, preemptions
+
+    def prefix_cache(self, hit_tokens: int, query_tokens: int, cached_blocks: int) -> None:
+        """Tokens admitted requests found in the prefix cache, their tokens in all (so that
+        hits / queries is the hit rate), and the blocks the cache holds now."""
+        with self.lock:
+            self.prefix_hit_tokens, self.prefix_query_tokens = hit_tokens, query_tokens
+            self.prefix_cached_blocks = cached_blocks
 
     def render(self) -> str:
         with self.lock:
@@ -107,6 +115,15 @@ class ServeMetrics:
                 "# HELP lmforge_preemptions_total Requests preempted for blocks, to be recomputed.",
                 "# TYPE lmforge_preemptions_total counter",
                 f"lmforge_preemptions_total {self.preemptions}",
+                "# HELP lmforge_prefix_cache_hit_tokens_total Tokens of admitted requests found in the prefix cache.",
+                "# TYPE lmforge_prefix_cache_hit_tokens_total counter",
+                f"lmforge_prefix_cache_hit_tokens_total {self.prefix_hit_tokens}",
+                "# HELP lmforge_prefix_cache_query_tokens_total Tokens of admitted requests looked up in the prefix cache.",
+                "# TYPE lmforge_prefix_cache_query_tokens_total counter",
+                f"lmforge_prefix_cache_query_tokens_total {self.prefix_query_tokens}",
+                "# HELP lmforge_prefix_cache_blocks Blocks of the paged KV cache registered in the prefix cache.",
+                "# TYPE lmforge_prefix_cache_blocks gauge",
+                f"lmforge_prefix_cache_blocks {self.prefix_cached_blocks}",
                 "# HELP lmforge_time_to_first_token_seconds From arrival to the first generated token.",
                 "# TYPE lmforge_time_to_first_token_seconds histogram",
                 *self.time_to_first_token.lines("lmforge_time_to_first_token_seconds"),

@@ -1,7 +1,9 @@
 """The paged KV cache: the attention kernel's paged path against its dense path on random
-block layouts, the block allocator, and which programs may be paged."""
+block layouts, the block allocator and its prefix cache, and which programs may be paged."""
 
 from __future__ import annotations
+
+from collections import deque
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from lmforge.runtime.paged import (
     BlockTable,
     PagedKVCache,
     block_key,
+    block_keys,
     paged_rows,
     paging_unsupported_reason,
 )
@@ -97,6 +100,55 @@ def test_block_keys_chain_over_the_prefix():
     first = block_key(None, [1, 2, 3, 4])
     assert block_key(None, [1, 2, 3, 4]) == first
     assert block_key(first, [5, 6, 7, 8]) != block_key(block_key(None, [0, 2, 3, 4]), [5, 6, 7, 8])
+
+
+def test_block_keys_cover_full_blocks_only_and_continue_a_chain():
+    keys = block_keys(list(range(10)), 4)
+    assert keys == [block_key(None, [0, 1, 2, 3]), block_key(keys[0], [4, 5, 6, 7])]
+    assert block_keys([4, 5, 6, 7], 4, previous=keys[0]) == keys[1:]
+
+
+def test_cached_blocks_are_found_by_key_and_survive_release_until_evicted_least_recently_used():
+    allocator = BlockAllocator(4)
+    a, b = allocator.allocate(2), allocator.allocate(1)
+    for block, key in zip(a + b, (10, 11, 20)):
+        allocator.register(block, key)
+    allocator.release(b)
+    allocator.release(a)  # released tail first: a[1] is older than a[0]
+    assert allocator.free == 4 and allocator.cached == 3
+    assert allocator.lookup([10, 11, 12]) == a  # the longest cached run, referenced again
+    allocator.release(a)
+    assert allocator.lookup([11]) == [a[1]] and allocator.lookup([99, 10]) == []
+    allocator.release([a[1]])
+    fresh = allocator.allocate(2)  # the never-cached block, then the least recently used: b
+    assert sorted(fresh) == sorted([3, *b]) and allocator.lookup([20]) == [] and allocator.cached == 2
+    allocator.release(fresh)
+
+
+def test_a_referenced_cached_block_is_never_evicted():
+    allocator = BlockAllocator(3)
+    held = allocator.allocate(3)
+    for index, block in enumerate(held):
+        allocator.register(block, 100 + index)
+    allocator.release(held[1:])
+    shared = allocator.lookup([100])  # a second reference to the still-held block
+    assert shared == held[:1] and allocator.references[held[0]] == 2
+    assert allocator.allocate(3) is None
+    taken = allocator.allocate(2)
+    assert sorted(taken) == sorted(held[1:]) and allocator.lookup([100]) == held[:1]
+    assert allocator.free == 0 and allocator.allocate(1) is None
+
+
+def test_registering_a_key_twice_keeps_the_first_block_and_frees_the_copy():
+    allocator = BlockAllocator(2)
+    first, copy = allocator.allocate(2)
+    allocator.register(first, 7)
+    allocator.register(copy, 7)
+    allocator.release([first, copy])
+    assert allocator.cached == 1 and allocator.lookup([7]) == [first]
+    assert allocator.free_blocks == deque([copy])
+    with pytest.raises(LmforgeError, match="not in use"):
+        allocator.register(copy, 8)
 
 
 def _graph_calling(op) -> fx.GraphModule:
