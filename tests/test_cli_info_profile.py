@@ -33,7 +33,10 @@ def test_info_profile_prints_the_breakdown_and_the_limit(tiny_artifact, monkeypa
 def test_info_profile_json_holds_the_parts_and_the_limit(tiny_artifact):
     result = runner.invoke(app, ["info", str(tiny_artifact), "--profile", "--json"])
     assert result.exit_code == 0, result.output
-    profile = json.loads(result.stdout)["profile"]
+    record = json.loads(result.stdout)
+    profile = record["profile"]
+    embedding_table = 256 * 64 * 4  # tiny llama: vocabulary x hidden, fp32; a step reads one row of it
+    assert profile["step_weight_bytes"] == record["weight_bytes"] - embedding_table
     part = profile["step_breakdown"]
     assert part["matmul_us"] > 0 and part["attention_us"] > 0 and part["consistent"]
     assert part["profiled_step_us"] == pytest.approx(part["matmul_us"] + part["attention_us"] + part["rest_us"])
