@@ -10,6 +10,7 @@ checkpoint path resumes from the last saved step instead of starting over.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,13 @@ def train(
     checkpoint_every: int = 50,
     progress: ProgressFn | None = None,
     description: str = "training",
+    seconds: float | None = None,
 ) -> TrainingRun:
     """Minimise `loss_fn(step)` over `params` (leaf tensors with requires_grad) for
-    `steps` steps in total, resuming from `checkpoint` when it exists."""
+    `steps` steps in total, resuming from `checkpoint` when it exists. With `seconds`, stop
+    after the first step that ends past that wall-clock budget (checkpointed there, so the
+    next call with the same checkpoint continues)."""
+    deadline = time.monotonic() + seconds if seconds is not None else None
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
     path = Path(checkpoint) if checkpoint is not None else None
     start = _resume(path, params, optimizer) if path is not None and path.is_file() else 0
@@ -90,6 +95,9 @@ def train(
         losses.append(loss.item())
         if progress is not None:
             progress(f"{description} (loss {losses[-1]:.4f})", step + 1, steps)
-        if path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if path is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps or out_of_time):
             _save(path, params, optimizer, step + 1)
-    return TrainingRun(resumed_from=start, steps_run=max(steps - start, 0), losses=losses)
+        if out_of_time:
+            break
+    return TrainingRun(resumed_from=start, steps_run=len(losses), losses=losses)

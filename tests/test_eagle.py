@@ -9,7 +9,7 @@ from tiny_models import tiny_model
 
 import lmforge
 from lmforge.draft_heads import save_heads
-from lmforge.eagle import _base_features, eagle_loss, initial_eagle, train_eagle
+from lmforge.eagle import _base_features, eagle_loss, greedy_continuations, initial_eagle, train_eagle
 from lmforge.errors import LmforgeError
 
 PLAIN = "passes: [{name: cleanup}, {name: fuse_projections}]\nruntime: {max_seq_len: 256}"
@@ -139,3 +139,27 @@ def test_a_malformed_eagle_drafter_is_refused_in_one_line(tmp_path):
     (tmp_path / "heads.json").write_text(json.dumps(config))
     with pytest.raises(LmforgeError, match="lacks a valid shape"):
         lmforge.optimize(model, f"passes: [{{name: draft_heads, path: {tmp_path}}}]")
+
+
+def test_training_stops_at_its_wall_clock_budget_and_resumes(tmp_path):
+    model, checkpoint = tiny_model("llama"), tmp_path / "training.safetensors"
+    _, run = train_eagle(model, _windows(), depth=2, steps=5, batch=2, checkpoint=checkpoint, seconds=0)
+    assert (run.resumed_from, run.steps_run) == (0, 1)  # the first step ends past a zero budget
+    _, run = train_eagle(model, _windows(), depth=2, steps=5, batch=2, checkpoint=checkpoint)
+    assert (run.resumed_from, run.steps_run) == (1, 4)
+
+
+def test_held_out_tree_measurements_follow_the_drafter():
+    """A drafter always right: no confidence is too low (threshold 0), a budget of one node
+    accepts one draft, 32 nodes reach the whole trained depth. A random drafter: low confidence is
+    rarely accepted, so the threshold is above 0."""
+    from lmforge.eagle.calibration import BUDGETS, tree_measurements
+
+    model = _bigram(tiny_model("llama"))
+    sequences = greedy_continuations(model, _windows(rows=2, length=8)[:1], 16)  # the other row reaches the pad
+    # token, whose zero embedding ties every logit
+    exact = tree_measurements(_exact_drafter(model), model, sequences, 8)
+    assert exact["tree_threshold"] == 0.0 and list(exact["tree_accepted_per_budget"]) == [str(b) for b in BUDGETS]
+    assert exact["tree_accepted_per_budget"]["1"] == 1.0 and exact["tree_accepted_per_budget"]["32"] == 3.0
+    random = tree_measurements(_random_drafter(model), model, sequences, 8)
+    assert random["tree_threshold"] > 0.0 and random["tree_accepted_per_budget"]["32"] < 1.0

@@ -82,9 +82,11 @@ def train_eagle(
     batch: int = 4,
     checkpoint: str | Path | None = None,
     progress: ProgressFn | None = None,
+    seconds: float | None = None,
 ) -> tuple[EagleDrafter, TrainingRun]:
     """Train a drafter drafting `depth` tokens on windows `train_ids` (B, T) by self-distillation
-    (the base model, the embedding and the LM head stay frozen); resumable from `checkpoint`."""
+    (the base model, the embedding and the LM head stay frozen); resumable from `checkpoint`,
+    stopping early (checkpointed) once `seconds` of wall-clock time have passed."""
     drafter = initial_eagle(model, depth)
     params = {name: drafter.weights[name].requires_grad_(True) for name in TRAINED}
 
@@ -95,7 +97,7 @@ def train_eagle(
         return eagle_loss(drafter, hidden, logprobs, rows)
 
     run = train(params, loss_fn, steps=steps, lr=lr, checkpoint=checkpoint, progress=progress,
-                description="training eagle drafter")
+                description="training eagle drafter", seconds=seconds)
     for tensor in params.values():
         tensor.requires_grad_(False)
     return drafter, run
