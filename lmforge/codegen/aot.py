@@ -294,52 +294,119 @@ def spec_from_aot_tuple(
                       num_stages=num_stages, aligned=aligned, ops=ops)
 
 
+HEAD_MAJOR_TENSORS = ("q", "k", "v", "o", "nk", "nv", "d", "r")
+"""Tensor prefixes of the attention kernels' stride arguments (`stride_<tensor><axis>`) whose
+innermost dimension is `head_dim`, contiguous: queries, caches, outputs, a forward's new keys
+and values, a merged cache's directions (`d`) and retained rows (`r`)."""
+
+
+def _attention_spec(name: str, entry: tuple, ops: tuple[str, ...], head_dim: int,
+                    unit: tuple[str, ...] = ()) -> KernelSpec:
+    """`spec_from_aot_tuple` with what Triton's JIT adds at a launch of an attention kernel:
+    the innermost strides of head-major tensors (and the integer arguments in `unit`) are 1
+    and become constants; every pointer, and every other stride of a head-major tensor (a
+    multiple of `head_dim`, with `head_dim` itself, when divisible by 16), gets the
+    divisibility hint."""
+    fn, signature = entry[0], entry[1]
+    strides = {arg: arg[len("stride_"):] for arg in signature if arg.startswith("stride_")}
+    head_major = {arg for arg, suffix in strides.items() if suffix[:-1] in HEAD_MAJOR_TENSORS}
+    innermost = {arg for arg in head_major if arg.endswith("d")}
+    unit = tuple(arg for arg in signature if signature[arg] == "i32" and (arg in innermost or arg in unit))
+    multiples = ({"head_dim", *head_major} - set(unit)) if head_dim % 16 == 0 else set()
+    aligned = tuple(arg for arg, kind in signature.items()
+                    if kind.startswith("*") or (arg in multiples and kind == "i32"))
+    return spec_from_aot_tuple(name, entry, ops=ops, aligned=aligned, unit=unit)
+
+
 def attention_kernel_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[KernelSpec]:
-    """The attention kernels (split-K decode, both stages, and flash prefill) as their
-    launchers specialise them for a contiguous cache at these shapes: the modules'
-    `aot_specs`, plus what Triton's JIT would add on its own — innermost strides of 1 become
-    constants, and every pointer and every stride that is a multiple of `head_dim` (with
-    `head_dim` itself, when divisible by 16) gets the divisibility hint. That includes the
-    strides of the forward's new keys and values (`stride_nk*`, `stride_nv*`): the attention
-    ops hand the kernels their `k` and `v` inputs, a RoPE kernel's fresh (B, Hkv, T, D) output
-    or a head-major view of a projection's (B, T, width) output whose width is a whole number
-    of heads, so every stride but the innermost is a multiple of `head_dim`.
+    """The attention kernels of a plain decode step and prefill (split-K decode, both stages,
+    and flash prefill) as their launchers specialise them for a contiguous cache at these
+    shapes: the modules' `aot_specs`, plus what Triton's JIT would add on its own
+    (`_attention_spec`). That includes the strides of the forward's new keys and values
+    (`stride_nk*`, `stride_nv*`): the attention ops hand the kernels their `k` and `v` inputs,
+    a RoPE kernel's fresh (B, Hkv, T, D) output or a head-major view of a projection's
+    (B, T, width) output whose width is a whole number of heads, so every stride but the
+    innermost is a multiple of `head_dim`. `launchable_attention_specs` adds every other
+    variant a program can launch.
 
     The kernel modules are imported here, not at the top of this module: importing them
     defines their `@triton.jit` functions, which must happen after a test has had the
     chance to set TRITON_INTERPRET."""
     from lmforge.codegen.triton import decode_attention, prefill_attention
 
-    unit_strides = {"stride_qd", "stride_kd", "stride_vd", "stride_od"}
-    tensors = ("q", "k", "v", "o", "nk", "nv")
-    multiples = {"head_dim", *(f"stride_{tensor}{axis}" for tensor in tensors for axis in "bhst")} - unit_strides
-    if head_dim % 16:
-        multiples = set()
     entries = [*decode_attention.aot_specs(head_dim, group, dtype),
                *prefill_attention.aot_specs(head_dim, group, dtype)]
+    return [_attention_spec(entry[0].__name__, entry, ("lmforge::attention",), head_dim) for entry in entries]
+
+
+def launchable_attention_specs(ops: Iterable[str], head_dim: int, group: int, dtype: torch.dtype,
+                               softcap: bool = False, sparse_block: int | None = None,
+                               verify_tokens: int | None = None) -> list[KernelSpec]:
+    """Every attention kernel variant a program whose graph calls `ops` ("lmforge::attention",
+    …) can launch, each listing the ops that launch it: the dense decode and prefill that
+    write the step's keys (`attention_kernel_specs`), the same kernels over a forward's own
+    keys only (cache-free forwards, streaming heads' and merged or evicting caches' prefill),
+    over a streaming ring's key positions, under a draft tree's mask, over block-sparse key
+    lists of `sparse_block` tokens, and the merged-cache and evicting-cache kernels. A draft
+    tree's verify forward of `verify_tokens` tokens gets the query block its launcher picks
+    for that many (None: the largest it can pick). Constant flags that add work without
+    changing a kernel's structure are set as the program can launch them at their most
+    demanding: left padding on, soft-capping as the model caps its logits."""
+    from lmforge.codegen.triton import decode_attention, evicting_attention, merged_attention, prefill_attention
+
+    decode, combine = decode_attention.aot_specs(head_dim, group, dtype)
+    (prefill,) = prefill_attention.aot_specs(head_dim, group, dtype)
+    merged_decode, merged_chunk = merged_attention.aot_specs(head_dim, group, dtype)
+    (evicting,) = evicting_attention.aot_specs(head_dim, group, dtype)
+    dense, streaming = ("attention", "tree_attention", "sparse_attention"), ("streaming_attention",)
+    every = (*dense, *streaming, "merged_attention", "evicting_attention")
+    sparse_rows = max(16, triton.next_power_of_2(sparse_block or 64))
+    tree_rows = min(prefill[2]["BLOCK_M"], max(16, triton.next_power_of_2(verify_tokens or 1 << 16)))
+    variants = [  # name, module entry, constants changed, ops that launch it, further arguments the JIT sees as 1
+        ("decode_attention_partial", decode, {}, dense, ()),
+        ("decode_attention_partial_own_keys", decode, {"HAS_NEW": False}, (*dense, *streaming), ()),
+        ("decode_attention_partial_positions", decode, {"HAS_NEW": False, "HAS_POSITIONS": True}, streaming,
+         ("stride_ps",)),
+        ("decode_attention_combine", combine, {}, (*dense, *streaming, "merged_attention"), ()),
+        ("prefill_attention_kernel", prefill, {}, dense, ()),
+        ("prefill_attention_kernel_own_keys", prefill, {"HAS_NEW": False}, every, ()),
+        ("prefill_attention_kernel_tree", prefill, {"HAS_TREE": True, "BLOCK_M": tree_rows}, ("tree_attention",),
+         ()),
+        ("prefill_attention_kernel_positions", prefill, {"HAS_NEW": False, "HAS_POSITIONS": True}, streaming,
+         ("stride_ps",)),
+        ("prefill_attention_kernel_block_sparse", prefill, {"BLOCK_SPARSE": True, "BLOCK_M": sparse_rows},
+         ("sparse_attention",), ()),
+        ("merged_attention_kernel", merged_decode, {}, ("merged_attention",), ("q_len", "stride_nm", "stride_is")),
+        ("merged_attention_kernel_chunk", merged_chunk, {}, ("merged_attention",), ("stride_nm", "stride_is")),
+        ("evicting_decode_kernel", evicting, {}, ("evicting_attention",), ("stride_ps", "stride_as")),
+    ]
+    wanted = {op.removeprefix("lmforge::") for op in ops}
     specs = []
-    for entry in entries:
-        fn, signature = entry[0], entry[1]
-        unit = tuple(arg for arg in signature if arg in unit_strides)
-        aligned = tuple(arg for arg, kind in signature.items() if kind.startswith("*") or arg in multiples)
-        specs.append(spec_from_aot_tuple(fn.__name__, entry, ops=("lmforge::attention",), aligned=aligned, unit=unit))
+    for name, (fn, signature, constexprs, num_warps), changed, launched_by, unit in variants:
+        launching = tuple(f"lmforge::{op}" for op in launched_by if op in wanted)
+        if not launching:
+            continue
+        demanding = {flag: value for flag, value in (("HAS_PAD", True), ("HAS_SOFTCAP", softcap))
+                     if flag in constexprs}
+        entry = (fn, signature, {**constexprs, **demanding, **changed}, num_warps)
+        specs.append(_attention_spec(name, entry, launching, head_dim, unit))
     return specs
 
 
 def spec_from_emitted(kernel, rows: int, columns: int | None = None) -> KernelSpec:
     """A KernelSpec for a fused kernel from `triton_emit` (an `EmittedKernel`) as its launcher
-    would run it over `rows` rows: BLOCK_R = min(next_power_of_2(rows), MAX_TILE // BLOCK_C),
-    Triton's default 4 warps. `columns` gives the row width for a kernel whose width is not
+    would run it over `rows` rows: BLOCK_R and num_warps from `triton_emit.launch_config`.
+    `columns` gives the row width for a kernel whose width is not
     known from the graph. Every pointer gets the divisibility hint (the launcher passes
     `.contiguous()` inputs and fresh outputs); size arguments do not, as their values vary."""
-    from lmforge.codegen.triton_emit import MAX_TILE
+    from lmforge.codegen.triton_emit import launch_config
 
     block_c = kernel.constexprs.get("BLOCK_C")
     if block_c is None:
         if columns is None:
             raise LmforgeError(f"kernel {kernel.name}: its row width depends on the input; give columns")
         block_c = triton.next_power_of_2(columns)
-    block_r = min(triton.next_power_of_2(max(rows, 1)), max(1, MAX_TILE // block_c))
+    block_r, num_warps = launch_config(rows, block_c)
     aligned = tuple(arg for arg, kind in kernel.signature.items() if kind.startswith("*"))
-    return KernelSpec(name=kernel.name, fn=kernel.fn, signature=dict(kernel.signature),
+    return KernelSpec(name=kernel.name, fn=kernel.fn, signature=dict(kernel.signature), num_warps=num_warps,
                       constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c}, aligned=aligned, ops=tuple(kernel.ops))

@@ -14,8 +14,10 @@ a target fails the compile, naming kernel, configuration and target.
 
 A generated kernel is compiled at the largest tile its launcher picks (BLOCK_R = MAX_TILE //
 BLOCK_C, a long prefill): the configuration that needs the most registers. Attention kernels
-are compiled as their launchers specialise them for a plain decode step and a padded prefill
-of this model's head size, grouping and dtype (soft-capped when the model caps its logits).
+are compiled in every variant the program's attention ops can launch (`aot.launchable_attention_specs`:
+decode and prefill, over a forward's own keys, a ring's positions, a draft tree, block-sparse lists,
+merged and evicting caches) at this model's head size, grouping and dtype, padded, and soft-capped
+when the model caps its logits.
 
 Triton fixes at its first import in a process whether it interprets (TRITON_INTERPRET=1) or
 compiles. Compiling ahead of time needs the latter and counting launches on a CPU needs the
@@ -32,8 +34,8 @@ GPU, Triton compiles the regenerated source itself).
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,7 +46,7 @@ from typing import Any
 
 import torch
 
-from lmforge.codegen.aot import attention_kernel_specs, compile_for_targets, spec_from_emitted
+from lmforge.codegen.aot import compile_for_targets, launchable_attention_specs, spec_from_emitted
 from lmforge.codegen.roofline import PEAK_BANDWIDTH, decode_attention_roofline
 from lmforge.codegen.triton_backend import emit_kernels
 from lmforge.codegen.triton_emit import MAX_BLOCK_C, MAX_TILE, load_source
@@ -93,8 +95,29 @@ def aot_job(program: Program, codegen: CodegenConfig) -> dict:
                        "constexprs": kernel.constexprs, "ops": kernel.ops} for kernel in emit_kernels(program)],
         "attention": {"head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
                       "group": heads // kv_heads, "dtype": program.meta["dtype"],
-                      "softcap": bool(getattr(config, "attn_logit_softcapping", None))},
+                      "softcap": bool(getattr(config, "attn_logit_softcapping", None)),
+                      **_attention_ops(program)},
     }
+
+
+def _attention_ops(program: Program) -> dict:
+    """The lmforge ops the program's graph calls (which attention kernel variants it can
+    launch), the largest block-sparse block among its `sparse_attention` calls, and the
+    tokens of its draft tree's verify forward (root and nodes; None without a fixed tree)."""
+    ops, blocks = set(), []
+    for node in program.graph_module.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.name.startswith("lmforge::"):
+            continue
+        ops.add(schema.name)
+        if schema.name == "lmforge::sparse_attention":
+            arguments = {**dict(zip((argument.name for argument in schema.arguments), node.args)), **node.kwargs}
+            blocks.append(int(arguments["block"]))
+    widths = program.meta.get("speculation", {}).get("draft_heads", {}).get("tree")
+    verify = None
+    if isinstance(widths, list):
+        verify = 1 + sum(math.prod(widths[: depth + 1]) for depth in range(len(widths)))
+    return {"ops": sorted(ops), "sparse_block": max(blocks, default=None), "verify_tokens": verify}
 
 
 def _generated_spec(entry: dict):
@@ -104,11 +127,9 @@ def _generated_spec(entry: dict):
 
 
 def _attention_specs(attention: dict) -> list:
-    specs = attention_kernel_specs(attention["head_dim"], attention["group"], getattr(torch, attention["dtype"]))
-    if not attention["softcap"]:
-        return specs
-    return [dataclasses.replace(spec, constexprs={**spec.constexprs, "HAS_SOFTCAP": True})
-            if "HAS_SOFTCAP" in spec.constexprs else spec for spec in specs]
+    return launchable_attention_specs(attention["ops"], attention["head_dim"], attention["group"],
+                                      getattr(torch, attention["dtype"]), attention["softcap"],
+                                      attention["sparse_block"], attention["verify_tokens"])
 
 
 def _entry(spec, reports: dict, extra: dict) -> dict:

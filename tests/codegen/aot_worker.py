@@ -22,11 +22,13 @@ from lmforge.codegen.aot import (  # noqa: E402
     attention_kernel_specs,
     compile_for_target,
     compile_for_targets,
+    launchable_attention_specs,
     nvidia_tool,
     report_kernels,
     spec_from_emitted,
 )
 from lmforge.codegen.triton_backend import emit_kernels  # noqa: E402
+from lmforge.codegen.triton_emit import MAX_TILE  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -130,16 +132,31 @@ def bad_spec_checks() -> dict:
 
 def lmforge_kernel_reports() -> dict:
     """lmforge's attention kernels (fp16, head_dim 128, 4 query heads per KV head) and the
-    fused kernels generated for a one-layer tiny fp16 Llama, launched over 8 rows."""
+    fused kernels generated for a one-layer tiny fp16 Llama at their largest tile (a long
+    prefill: MAX_TILE rows)."""
     model = tiny_model("llama", num_layers=1).to(torch.float16)
     recipe = "passes: [{name: cleanup}, {name: fuse_projections}]\ncodegen: {backend: fx}\n"
     program = lmforge.optimize(model, recipe).program
     return {
         "attention": report_kernels(attention_kernel_specs(128, 4, torch.float16)),
-        "fused": report_kernels([spec_from_emitted(kernel, rows=8) for kernel in emit_kernels(program)]),
+        "fused": report_kernels([spec_from_emitted(kernel, rows=MAX_TILE) for kernel in emit_kernels(program)]),
     }
+
+
+ALL_ATTENTION_OPS = tuple(f"lmforge::{op}" for op in ("attention", "tree_attention", "sparse_attention",
+                                                      "streaming_attention", "merged_attention", "evicting_attention"))
+
+
+def attention_variant_reports() -> list[dict]:
+    """The attention kernel variants a program calling every attention op can launch that
+    `attention_kernel_specs` does not compile (fp16, head_dim 64, 2 query heads per KV head,
+    block-sparse blocks of 64 tokens, a draft tree of 15 nodes and its root)."""
+    plain = {spec.name for spec in attention_kernel_specs(64, 2, torch.float16)}
+    specs = launchable_attention_specs(ALL_ATTENTION_OPS, 64, 2, torch.float16, sparse_block=64, verify_tokens=16)
+    return report_kernels([spec for spec in specs if spec.name not in plain])
 
 
 if __name__ == "__main__":
     print(json.dumps({"rmsnorm": rmsnorm_checks(Path(sys.argv[1])), "limits": limit_checks(),
-                      "bad_specs": bad_spec_checks(), **lmforge_kernel_reports()}))
+                      "bad_specs": bad_spec_checks(), **lmforge_kernel_reports(),
+                      "attention_variants": attention_variant_reports()}))

@@ -101,14 +101,37 @@ def test_attention_kernels_compile_for_both_targets_without_spills(compiled):
         assert_fits_without_spills(kernel)
 
 
+def test_every_attention_variant_compiles_for_both_targets_without_spills(compiled):
+    """Beyond a plain decode step and prefill: the kernels over a forward's own keys, a
+    streaming ring's positions, a draft tree, block-sparse lists, and the merged-cache and
+    evicting-cache kernels, each listing the ops that launch it (fp16, head_dim 64, padded)."""
+    kernels = {kernel["name"]: kernel for kernel in compiled["attention_variants"]}
+    assert set(kernels) == {
+        "decode_attention_partial_own_keys", "decode_attention_partial_positions",
+        "prefill_attention_kernel_own_keys", "prefill_attention_kernel_tree", "prefill_attention_kernel_positions",
+        "prefill_attention_kernel_block_sparse", "merged_attention_kernel", "merged_attention_kernel_chunk",
+        "evicting_decode_kernel"}
+    assert kernels["merged_attention_kernel"]["ops"] == ["lmforge::merged_attention"]
+    assert kernels["evicting_decode_kernel"]["ops"] == ["lmforge::evicting_attention"]
+    assert kernels["prefill_attention_kernel_tree"]["ops"] == ["lmforge::tree_attention"]
+    assert len(kernels["prefill_attention_kernel_own_keys"]["ops"]) == 6  # every op's cache-free forward
+    assert "BLOCK_M=64" in kernels["prefill_attention_kernel_block_sparse"]["config"]
+    assert "BLOCK_M=16" in kernels["prefill_attention_kernel_tree"]["config"]  # a 16-token verify
+    for kernel in kernels.values():
+        assert "HAS_PAD=True" in kernel["config"] or kernel["name"] == "evicting_decode_kernel"  # slots mark padding
+        assert_fits_without_spills(kernel)
+
+
 def test_generated_fused_kernels_compile_for_both_targets_without_spills(compiled):
     kernels = compiled["fused"]
     names = [kernel["name"] for kernel in kernels]
     assert any(name.startswith("rmsnorm") for name in names) and any(name.startswith("rope") for name in names)
-    for kernel in kernels:
+    for kernel in kernels:  # at the largest tile: 2048 elements on 8 warps, 8 per thread
         assert kernel["ops"]
-        assert "BLOCK_R=8" in kernel["config"]
+        config = dict(item.split("=") for item in kernel["config"].split(", "))
+        assert int(config["BLOCK_R"]) * int(config["BLOCK_C"]) == 2048 and config["num_warps"] == "8"
         assert_fits_without_spills(kernel)
+        assert all(summary["registers"] <= 128 for summary in kernel["targets"].values()), kernel["name"]
 
 
 def test_occupancy_by_hand():

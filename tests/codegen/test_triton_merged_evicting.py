@@ -157,7 +157,8 @@ def calibrated_llama(ref_tokenizer):
 
 
 @pytest.mark.parametrize("passes, op", [
-    ("  - {name: kv_share, mode: merge, groups: [[1, 2]], retain_fraction: 0.2}\n  - name: cleanup\n", merged_attention),
+    ("  - {name: kv_share, mode: merge, groups: [[1, 2]], retain_fraction: 0.2}\n  - name: cleanup\n",
+     merged_attention),
     ("  - name: cleanup\n  - {name: kv_evict, capacity: 24, recent: 8, seq_len: 32, observe: 8}\n", evicting_attention),
 ])
 def test_recipe_gives_the_aten_backends_greedy_tokens(passes, op, calibrated_llama, ref_path, ref_tokenizer):
@@ -171,3 +172,33 @@ def test_recipe_gives_the_aten_backends_greedy_tokens(passes, op, calibrated_lla
     prompt = torch.tensor([ref_tokenizer(text[:2000]).input_ids[:28]])  # past the evicting cache's capacity
     tokens = triton.generate(prompt, max_new_tokens=6, eos_token_id=[])
     assert torch.equal(tokens, aten.generate(prompt, max_new_tokens=6, eos_token_id=[]))
+
+
+def test_ahead_of_time_specs_cover_what_each_op_can_launch():
+    """Which attention kernel variants the AOT compile lists for a program's ops, named once
+    each, with signatures that name every kernel argument (compiled in test_aot.py)."""
+    from lmforge.codegen.aot import launchable_attention_specs
+
+    plain = launchable_attention_specs(["lmforge::attention", "lmforge::last_position"], 80, 4, torch.float16)
+    assert [spec.name for spec in plain] == [
+        "decode_attention_partial", "decode_attention_partial_own_keys", "decode_attention_combine",
+        "prefill_attention_kernel", "prefill_attention_kernel_own_keys"]
+    evicting = launchable_attention_specs(["lmforge::attention", "lmforge::evicting_attention"], 80, 4, torch.float16)
+    assert [spec.name for spec in evicting][-1] == "evicting_decode_kernel"
+    assert "merged_attention_kernel" not in {spec.name for spec in evicting}
+    every = launchable_attention_specs([f"lmforge::{op}" for op in ("tree_attention", "streaming_attention",
+                                                                    "sparse_attention", "merged_attention")],
+                                       80, 4, torch.float32, softcap=True, sparse_block=32, verify_tokens=5)
+    names = [spec.name for spec in every]
+    assert len(names) == len(set(names)) == 11
+    for spec in every:
+        assert list(spec.signature) == spec.fn.arg_names
+        assert all((kind == "constexpr") == (arg in spec.constexprs) for arg, kind in spec.signature.items())
+        assert spec.constexprs.get("HAS_SOFTCAP", True) and spec.constexprs.get("HAS_PAD", True)
+        assert ("head_dim" in spec.aligned) == ("head_dim" in spec.signature)  # 80: a multiple of 16
+    odd = launchable_attention_specs(["lmforge::merged_attention"], 72, 4, torch.float16)
+    assert not any(arg.startswith("stride_") or arg == "head_dim" for spec in odd for arg in spec.aligned)
+    by_name = {spec.name: spec for spec in every}
+    assert by_name["prefill_attention_kernel_tree"].constexprs["BLOCK_M"] == 16
+    assert by_name["prefill_attention_kernel_block_sparse"].constexprs["BLOCK_M"] == 32
+    assert by_name["merged_attention_kernel"].constexprs["q_len"] == 1  # one decoded token

@@ -110,10 +110,12 @@ def evicting_decode_kernel(
 
 
 def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_N, BLOCK_D) as `decode_attention` picks them: the group's heads padded
-    to the 16 rows `tl.dot` needs, 64 entries per block (32 in fp32), head_dim padded to a
-    power of two."""
-    return max(16, triton.next_power_of_2(group)), 64 if element_size <= 2 else 32, triton.next_power_of_2(head_dim)
+    """(BLOCK_H, BLOCK_N, BLOCK_D): the group's heads padded to the 16 rows `tl.dot` needs,
+    32 entries per block (16 in fp32), head_dim padded to a power of two. Half the decode
+    kernel's blocks: a block carries the cache's and the step's keys and values (the step's
+    entry is merged in by mask), and at 64 fp16 entries, head_dim 128, sm_80 needed all 255
+    registers and 135 KB of shared memory."""
+    return max(16, triton.next_power_of_2(group)), 32 if element_size <= 2 else 16, triton.next_power_of_2(head_dim)
 
 
 def evicting_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: EvictingSlot, scale: float,
@@ -167,3 +169,16 @@ def triton_evicting_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out, attention = evicting_decode(q, k, v, slot, scale, softcap)
     slot.insert(k, v, ctx.start, attention)
     return out
+
+
+def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[object, dict, dict, int]]:
+    """The (kernel, signature, constexprs, num_warps) set for an ahead-of-time compile of a
+    decode step over an evicting cache at these shapes, as the launcher picks it."""
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    block_h, block_n, block_d = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
+    pointers = {"positions_ptr": "*i32", "attention_ptr": "*fp32"}
+    signature = {name: pointers.get(name, f"*{element}") if name.endswith("_ptr")
+                 else "fp32" if name in ("scale", "softcap") else "constexpr" if name.isupper() else "i32"
+                 for name in evicting_decode_kernel.arg_names}
+    constexprs = {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_D": block_d, "HAS_SOFTCAP": False}
+    return [(evicting_decode_kernel, signature, constexprs, 4)]
