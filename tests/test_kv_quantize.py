@@ -295,3 +295,13 @@ def test_an_artifact_round_trip_decodes_the_same_tokens(tiny_programs, tmp_path)
     layout = json.loads((tmp_path / "artifact" / "manifest.json").read_text())["meta"]["kv_cache"]
     assert kv_cache_bytes(layout, 96) == compiled.engine.cache.nbytes()  # what `lmforge info` reports is allocated
     assert torch.equal(lmforge.load(tmp_path / "artifact").generate(prompt, max_new_tokens=20), tokens)
+
+
+def test_weights_and_cache_quantized_in_one_pass(tiny_llama, tiny_programs):
+    program = tiny_programs["fp32"].clone()
+    config = QuantizeConfig.model_validate({"weights": "int8", "kv_cache": {"residual": 8}})
+    result = Quantize(config)(program, context(tiny_llama, random_calibration(tiny_llama)))
+    assert program.meta["quantize"]["weights"] == "int8" and program.meta["quantize_kv_cache"]["layers"] == 2
+    assert any(note.startswith("KV cache of 2 layers") for note in result.notes)
+    targets = [node.target for node in program.graph_module.graph.nodes if node.op == "call_function"]
+    assert targets.count(quantized_attention) == 2
