@@ -1,4 +1,5 @@
-"""Speculative decoding (prompt lookup, Medusa and Hydra heads) vs Hugging Face, one process, same prompts.
+"""Speculative decoding (prompt lookup, Medusa and Hydra heads, an EAGLE drafter) vs Hugging Face, one process,
+same prompts.
 
 Rows: HF `generate` (eager), HF `generate(prompt_lookup_num_tokens=10)`, lmforge plain,
 lmforge with `prompt_lookup`, with `draft_heads` (top-1 chain, and a tree of each head's
@@ -9,7 +10,9 @@ accepted), and whether the greedy tokens are identical to HF's plain greedy outp
 Prompts are cut from held-out source code; the last column says how repetitive the
 generated text is (share of generated 4-grams seen before), since lookup thrives on it.
 
-Heads come from `--heads DIR` / `--hydra-heads DIR` (written by `lmforge train-heads
+With `--eagle DIR` (written by `lmforge train-heads --kind eagle`), the EAGLE drafter's chain
+and its dynamic tree (EAGLE-2; node budget chosen at compile time), each with and without
+lookup, join the rows. Heads come from `--heads DIR` / `--hydra-heads DIR` (written by `lmforge train-heads
 [--kind hydra]`), or are trained here first
 (`--train-steps`, self-distillation on the first half of heldout.txt, as `lmforge train-heads
 --first-half`; the prompts come from the second half, as in `lmforge bench`).
@@ -73,6 +76,8 @@ def main() -> None:
     parser.add_argument("--heads", type=Path, default=None, help="trained Medusa heads (default: train them here)")
     parser.add_argument("--hydra-heads", type=Path, default=None, help="trained Hydra heads (default: train them here)")
     parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--eagle", type=Path, default=None,
+                        help="an EAGLE drafter (`lmforge train-heads --kind eagle`): adds its chain and tree rows")
     parser.add_argument("--only", nargs="+", default=None,
                         help="measure only the lmforge rows whose name contains one of these strings (and plain)")
     parser.add_argument("--json", action="store_true")
@@ -103,6 +108,15 @@ def main() -> None:
         "lmforge + Hydra tree [3,2,1]": lambda: _recipe(heads_pass('hydra', tree)),
         "lmforge + Hydra tree [3,2,1] + prompt_lookup": lambda: _recipe(heads_pass('hydra', tree), LOOKUP),
     }
+    if args.eagle is not None:  # the dynamic tree's node budget is chosen at compile time from measured verify latency
+        eagle = f"{{name: draft_heads, path: {args.eagle}}}"
+        dynamic = f"{{name: draft_heads, path: {args.eagle}, dynamic_tree: {{}}}}"
+        recipes.update({
+            "lmforge + EAGLE chain": lambda: _recipe(eagle),
+            "lmforge + EAGLE chain + prompt_lookup": lambda: _recipe(eagle, LOOKUP),
+            "lmforge + EAGLE dynamic tree": lambda: _recipe(dynamic),
+            "lmforge + EAGLE dynamic tree + prompt_lookup": lambda: _recipe(dynamic, LOOKUP),
+        })
     models = {name: lmforge.optimize(args.checkpoint, recipe()) for name, recipe in recipes.items() if wanted(name)}
     agreement_note = {name: models[name].program.history[1]["measurements"]["heldout_agreement"]
                       for name in ("lmforge + draft_heads", "lmforge + Hydra heads") if name in models}

@@ -118,3 +118,30 @@ def test_dynamic_trees_are_refused_without_an_eagle_drafter_or_a_measured_budget
         lmforge.optimize(model, _tree_recipe(tmp_path, "{}"))
     with pytest.raises(LmforgeError, match="use `dynamic_tree: {}` instead of `tree:`"):
         lmforge.optimize(model, f"passes: [{{name: draft_heads, path: {tmp_path}, tree: [2, 1]}}]")
+
+
+def test_prompt_lookup_takes_over_from_the_drafter_only_on_a_long_match():
+    from lmforge.runtime.engine import Engine
+    from lmforge.runtime.speculative import ProfitabilityGate, PromptLookup
+
+    def drafts(tokens: list[int], min_match: int):
+        lookup = PromptLookup(max_ngram=3, num_draft=4)
+        return Engine._drafts([lookup], lambda room: "drafter", ProfitabilityGate(), torch.tensor([tokens]), 8,
+                              min_match=min_match)
+
+    short = [5, 6, 7, 8, 9, 5]  # only "5" was seen before
+    long = [5, 6, 7, 8, 9, 5, 6, 7]  # "5 6 7" was seen before
+    assert drafts(short, 1).tolist() == [[6, 7, 8, 9]] and drafts(short, 3) == "drafter"
+    assert drafts(long, 3).tolist() == [[8, 9, 5, 6]]
+
+
+def test_greedy_with_a_dynamic_tree_and_prompt_lookup_is_plain_greedy(tmp_path):
+    model = _bigram(tiny_model("llama"))
+    save_heads(tmp_path, _exact_drafter(model), model, {})
+    recipe = (f"passes: [{{name: cleanup}}, {{name: draft_heads, path: {tmp_path}, dynamic_tree: {{budget: 6}}}}, "
+              "{name: prompt_lookup, num_draft: 6}]\nruntime: {max_seq_len: 256}")
+    eagle = lmforge.optimize(model, recipe)
+    prompt = _windows(seed=7, rows=1, length=12)
+    expected = greedy_continuations(model, prompt, 40)  # a bigram model soon cycles: lookup finds long matches
+    assert torch.equal(eagle.generate(prompt, max_new_tokens=40, eos_token_id=[]), expected)
+    assert eagle.engine.speculation_stats["accepted"] > 0

@@ -36,6 +36,7 @@ class PromptLookup:
     scale_by_match: bool = False  # the pass defaults to True; artifacts saved before the option keep fixed drafts
     _index: dict[tuple, int] = field(default_factory=dict)
     _indexed: int = 0
+    matched: int = 0  # n of the n-gram the last proposal matched (0: none), so a caller can ask for long matches
 
     def reset(self) -> None:
         self._index.clear()
@@ -52,7 +53,9 @@ class PromptLookup:
             follow = self._index.get(tuple(tokens[-n:]))
             if follow is not None:
                 length = -(-self.num_draft * n // self.max_ngram) if self.scale_by_match else self.num_draft
+                self.matched = n
                 return tokens[follow : follow + length]
+        self.matched = 0
         return []
 
 
