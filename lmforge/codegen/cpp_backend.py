@@ -15,10 +15,14 @@ Python objects. `tree_attention` (draft trees) is the same with the tree's
 ancestor mask as one more input (a causal mask for chains and prefills). Ops whose state is
 a Python object (rings, merged and evicting slots), data-dependent branches (dynamic
 `ffn_skip`) and block-sparse prefill are refused by `check_supported`
-(`codegen/cpp/step_graph.py`) with the pass that put them there. Keys and values are
-gathered with `index_select` over the key slots rather than sliced: a slice of the cache is
-contiguous only when it is the whole cache, a guard that export cannot prove for a
-dynamic key length.
+(`codegen/cpp/step_graph.py`) with the pass that put them there; streaming heads' ring
+keeps per-row sink slots that depend on each row's padding, not yet written as slot
+tensors. What other passes leave is plain graph: `kv_share` points layers at one cache
+index (each writes the same keys), a static `ffn_skip` removes nodes, draft heads add
+outputs (`_cut` trims every output), prompt lookup only changes what the engine feeds.
+Keys and values are gathered with `index_select` over the key slots rather than sliced: a
+slice of the cache is contiguous only when it is the whole cache, a guard that export
+cannot prove for a dynamic key length.
 
 Buckets. A compiled step is static in batch (padded up to a power of two, `batch_bucket`:
 a batch of 3 runs in the batch-4 bucket, its padding row's output dropped; the engine sizes
