@@ -109,8 +109,8 @@ class ContinuousScheduler(SchedulerBase):
 
     def describe(self) -> str:
         return (f"continuous batching over a paged KV cache ({self.cache.allocator.count} blocks of "
-                f"{self.cache.block_size} tokens), chunked prefill of up to {self.max_tokens_per_step} tokens per step, "
-                f"prefix caching {'on' if self.prefix_caching else 'off'}")
+                f"{self.cache.block_size} tokens), chunked prefill of up to {self.max_tokens_per_step} tokens "
+                f"per step, prefix caching {'on' if self.prefix_caching else 'off'}")
 
     def step(self) -> bool:
         """One iteration: release what ended, plan, forward, sample. False when nothing ran."""

@@ -118,7 +118,7 @@ class ServeMetrics:
                 "# HELP lmforge_prefix_cache_hit_tokens_total Tokens of admitted requests found in the prefix cache.",
                 "# TYPE lmforge_prefix_cache_hit_tokens_total counter",
                 f"lmforge_prefix_cache_hit_tokens_total {self.prefix_hit_tokens}",
-                "# HELP lmforge_prefix_cache_query_tokens_total Tokens of admitted requests looked up in the prefix cache.",
+                "# HELP lmforge_prefix_cache_query_tokens_total Tokens of admitted requests looked up in the cache.",
                 "# TYPE lmforge_prefix_cache_query_tokens_total counter",
                 f"lmforge_prefix_cache_query_tokens_total {self.prefix_query_tokens}",
                 "# HELP lmforge_prefix_cache_blocks Blocks of the paged KV cache registered in the prefix cache.",

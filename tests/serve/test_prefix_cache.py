@@ -13,7 +13,9 @@ import torch
 from tiny_models import tiny_model
 
 import lmforge
+from lmforge.serve.app import make_scheduler
 from lmforge.serve.continuous import ContinuousScheduler
+from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.scheduler import GenerationParams, Request
 
 NEW_TOKENS = 8
@@ -125,6 +127,8 @@ def test_without_prefix_caching_every_prompt_is_computed_whole(model):
     assert [run.computed_prompt_tokens(r) for r in requests] == [len(p) for p in prompts]
     assert run.scheduler.metrics.prefix_hit_tokens == 0 and run.scheduler.cache.allocator.cached == 0
     assert "prefix caching off" in run.scheduler.describe()
+    served = make_scheduler(model, ServeMetrics(), max_batch=2, max_tokens_per_step=64, prefix_caching=False)
+    assert not served.prefix_caching  # what `lmforge serve --no-prefix-cache` builds
 
 
 def test_a_prompt_identical_to_a_cached_one_computes_its_last_block_only(model):

@@ -1,0 +1,307 @@
+"""Serving benchmark: `lmforge serve` under concurrent streaming clients against the same
+requests run one after another.
+
+Compiles the checkpoint with a recipe into a temporary artifact, then sends the same
+requests (held-out prompts of mixed lengths, Poisson arrivals, at most `--clients` streams
+in flight, greedy, streamed over HTTP with httpx) to:
+
+- `hf generate, sequential`: Hugging Face `generate` in this process, one request at a
+  time in arrival order (a request that arrives while another runs waits for it);
+- `serve, one at a time`: `lmforge serve --max-batch 1 --no-prefix-cache`;
+- `serve, continuous`: continuous batching with prefix caching (the default) and, with a
+  shared prefix, without it.
+
+Each workload runs twice: with distinct prompts, and with every prompt behind one shared
+system prompt of `--prefix-tokens` tokens. A server runs in a subprocess per row, warmed up
+by one request before its row is timed. Rows report requests/s and output tokens/s over the
+row's wall time, time to first token (from arrival) and inter-token latency percentiles,
+the prefix cache hit rate (`/metrics`: hit tokens / tokens of admitted requests) and the
+requests lost (errors or missing responses; the target is none).
+
+    python benchmarks/serve.py [--checkpoint DIR] [--recipe FILE] [--requests 32] [--clients 16]
+                               [--rate 8] [--prompt-tokens 64 512] [--output-tokens 32 128]
+                               [--prefix-tokens 256] [--max-batch 16] [--max-tokens-per-step 512]
+                               [--skip-hf] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+import lmforge
+from lmforge.benchmarking import prompt_text_for
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = ROOT.parent / "shared" / "models" / "ref-llama-py"
+DEFAULT_RECIPE = ROOT / "examples" / "recipes" / "default.yaml"
+STARTUP_SECONDS = 300
+MODEL_NAME = "bench"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request: its prompt, its token limit and when it arrives (seconds from the start)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    arrival: float
+
+
+@dataclass
+class Timing:
+    """What a client saw of one request, in seconds from the start of its row."""
+
+    arrival: float
+    token_times: list[float] = field(default_factory=list)
+    ok: bool = False
+
+
+def make_jobs(ids: list[int], bos: int | None, args: argparse.Namespace, shared_prefix: bool) -> list[Job]:
+    """The row's requests, the same bodies, limits and arrivals for every row (one seed);
+    with `shared_prefix` each prompt starts with the first `--prefix-tokens` tokens."""
+    rng = random.Random(args.seed)
+    prefix = ([bos] if bos is not None else []) + (ids[: args.prefix_tokens] if shared_prefix else [])
+    body_ids = ids[args.prefix_tokens :]
+    jobs, arrival = [], 0.0
+    for _ in range(args.requests):
+        length = rng.randint(*args.prompt_tokens)
+        start = rng.randrange(0, len(body_ids) - length)
+        jobs.append(Job(prefix + body_ids[start : start + length], rng.randint(*args.output_tokens), arrival))
+        arrival += rng.expovariate(args.rate) if args.rate > 0 else 0.0
+    return jobs
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The nearest-rank `q`-th percentile, None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def summarize(name: str, workload: str, timings: list[Timing], wall: float, hit_rate: float | None) -> dict:
+    done = [t for t in timings if t.ok and t.token_times]
+    first = [t.token_times[0] - t.arrival for t in done]
+    gaps = [b - a for t in done for a, b in zip(t.token_times, t.token_times[1:])]
+    tokens = sum(len(t.token_times) for t in done)
+    return {"row": name, "workload": workload, "requests": len(timings), "lost": len(timings) - len(done),
+            "wall_s": wall, "requests_per_s": len(done) / wall, "output_tokens_per_s": tokens / wall,
+            "ttft_p50_s": percentile(first, 50), "ttft_p95_s": percentile(first, 95),
+            "itl_p50_s": percentile(gaps, 50), "itl_p95_s": percentile(gaps, 95), "prefix_cache_hit_rate": hit_rate}
+
+
+async def _stream_one(client: httpx.AsyncClient, job: Job, start: float, slots: asyncio.Semaphore) -> Timing:
+    """Send `job` at its arrival time (waiting for a free client), recording each token's time."""
+    await asyncio.sleep(max(0.0, start + job.arrival - time.monotonic()))
+    timing = Timing(job.arrival)
+    body = {"model": MODEL_NAME, "prompt": job.prompt_ids, "max_tokens": job.max_tokens, "temperature": 0,
+            "stream": True}
+    async with slots:
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        return timing
+                    choices = chunk.get("choices") or []
+                    if choices and choices[0].get("finish_reason") is None:
+                        timing.token_times.append(time.monotonic() - start)
+                    elif choices:
+                        timing.ok = response.status_code == 200
+        except httpx.HTTPError:
+            timing.ok = False
+    return timing
+
+
+async def drive(base: str, jobs: list[Job], clients: int) -> tuple[list[Timing], float]:
+    """Every job through the server, at most `clients` in flight; the timings and wall time."""
+    slots = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600.0)) as client:
+        start = time.monotonic()
+        timings = await asyncio.gather(*(_stream_one(client, job, start, slots) for job in jobs))
+    return list(timings), time.monotonic() - start
+
+
+def prefix_counters(base: str) -> tuple[int, int]:
+    """(prefix cache hit tokens, tokens looked up) from the server's /metrics."""
+    values = {}
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    return (int(values.get("lmforge_prefix_cache_hit_tokens_total", 0)),
+            int(values.get("lmforge_prefix_cache_query_tokens_total", 0)))
+
+
+class Server:
+    """`lmforge serve ARTIFACT` in a subprocess on a free port, until the `with` ends."""
+
+    def __init__(self, artifact: Path, options: list[str], log_dir: Path) -> None:
+        self.command = [sys.executable, "-m", "lmforge.cli", "serve", str(artifact), "--port", str(_free_port()),
+                        *options]
+        self.base = f"http://127.0.0.1:{self.command[self.command.index('--port') + 1]}"
+        self.log_path = log_dir / f"server-{len(list(log_dir.iterdir()))}.log"
+
+    def __enter__(self) -> Server:
+        self.log = self.log_path.open("w+")
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not self._healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise SystemExit(f"lmforge serve did not start; its log: {self.log_path}")
+            time.sleep(0.2)
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.base}/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def __exit__(self, *_) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_row(name: str, workload: str, artifact: Path, options: list[str], jobs: list[Job], warmup: Job,
+              args: argparse.Namespace, log_dir: Path) -> dict:
+    with Server(artifact, options, log_dir) as server:
+        asyncio.run(drive(server.base, [warmup], 1))
+        hits_before, queries_before = prefix_counters(server.base)
+        timings, wall = asyncio.run(drive(server.base, jobs, args.clients))
+        hits, queries = prefix_counters(server.base)
+    caching = "--no-prefix-cache" not in options
+    rate = (hits - hits_before) / (queries - queries_before) if caching and queries > queries_before else None
+    return summarize(name, workload, timings, wall, rate)
+
+
+class _TokenClock(LogitsProcessor):
+    """Records when each token's logits are ready (`generate` calls it once per new token)."""
+
+    def __init__(self, start: float, timing: Timing) -> None:
+        self.start, self.timing = start, timing
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.timing.token_times.append(time.monotonic() - self.start)
+        return scores
+
+
+def hf_row(model, eos: list[int], jobs: list[Job], workload: str) -> dict:
+    """The jobs through HF `generate` one after another, each starting at its arrival or when
+    the one before it ends; tokens after an end-of-sequence token are not counted."""
+    timings, start = [], time.monotonic()
+    with torch.no_grad():
+        for job in jobs:
+            time.sleep(max(0.0, start + job.arrival - time.monotonic()))
+            timing = Timing(job.arrival)
+            output = model.generate(torch.tensor([job.prompt_ids]), max_new_tokens=job.max_tokens, do_sample=False,
+                                    logits_processor=LogitsProcessorList([_TokenClock(start, timing)]),
+                                    pad_token_id=eos[0] if eos else None)
+            new = output[0, len(job.prompt_ids):].tolist()
+            kept = next((i for i, token in enumerate(new) if token in eos), len(new))
+            timing.token_times = timing.token_times[:kept]
+            timing.ok = True
+            timings.append(timing)
+    return summarize("hf generate, sequential", workload, timings, time.monotonic() - start, None)
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    table = Table(title=f"lmforge serve: {args.requests} requests, {args.clients} clients, {args.rate}/s arrivals, "
+                        f"prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens")
+    columns = ("workload", "row", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
+               "prefix hits", "lost")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("workload", "row") else "right")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    for row in rows:
+        hits = "-" if row["prefix_cache_hit_rate"] is None else f"{row['prefix_cache_hit_rate']:.0%}"
+        table.add_row(row["workload"], row["row"], f"{row['requests_per_s']:.2f}", f"{row['output_tokens_per_s']:.1f}",
+                      ms(row["ttft_p50_s"]), ms(row["ttft_p95_s"]), ms(row["itl_p50_s"]), ms(row["itl_p95_s"]),
+                      hits, str(row["lost"]))
+    Console(width=160).print(table)  # wide enough for every column when piped
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=16, help="streams in flight at most")
+    parser.add_argument("--rate", type=float, default=8.0, help="Poisson arrivals per second (0: all at once)")
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-tokens", type=int, nargs=2, default=(32, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--prefix-tokens", type=int, default=256, help="the shared system prompt's length")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-tokens-per-step", type=int, default=512)
+    parser.add_argument("--skip-hf", action="store_true", help="leave out the HF generate rows")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    ids = tokenizer(prompt_text_for(args.checkpoint), add_special_tokens=False).input_ids
+    compiled = lmforge.optimize(args.checkpoint, args.recipe)
+    with tempfile.TemporaryDirectory() as temp:
+        artifact = compiled.save(Path(temp) / MODEL_NAME)
+        eos_ids = list(compiled.engine.eos_token_ids)
+        del compiled
+        hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+        warmup = Job(ids[-32:], 4, 0.0)
+        batching = ["--max-batch", str(args.max_batch), "--max-tokens-per-step", str(args.max_tokens_per_step)]
+        one_at_a_time = ["--max-batch", "1", "--max-tokens-per-step", str(args.max_tokens_per_step),
+                         "--no-prefix-cache"]
+        rows, log_dir = [], Path(temp) / "logs"
+        log_dir.mkdir()
+        for workload, shared in (("distinct prompts", False), (f"{args.prefix_tokens}-token shared prefix", True)):
+            jobs = make_jobs(ids, tokenizer.bos_token_id, args, shared)
+            if hf is not None:
+                rows.append(hf_row(hf, eos_ids, jobs, workload))
+            rows.append(serve_row("serve, one at a time", workload, artifact, one_at_a_time, jobs, warmup, args,
+                                  log_dir))
+            if shared:
+                rows.append(serve_row("serve, continuous, no prefix cache", workload, artifact,
+                                      [*batching, "--no-prefix-cache"], jobs, warmup, args, log_dir))
+            rows.append(serve_row("serve, continuous, prefix cache", workload, artifact, batching, jobs, warmup,
+                                  args, log_dir))
+    if args.json:
+        json.dump({"settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+                   "rows": rows}, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()
