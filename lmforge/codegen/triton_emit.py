@@ -45,8 +45,10 @@ from lmforge.errors import LmforgeError
 aten = torch.ops.aten
 
 COL = sympy.Symbol("col", integer=True, nonnegative=True)
-MAX_TILE = 4096  # elements per program: BLOCK_R * BLOCK_C
+MAX_TILE = 2048  # elements per program: BLOCK_R * BLOCK_C (a reduction over a wider row takes the whole row)
 MAX_BLOCK_C = 1024  # columns per program when no reduction needs the whole row
+ELEMENTS_PER_THREAD = 4  # of a tile, per thread: num_warps = tile / (32 * ELEMENTS_PER_THREAD), within 4..32
+MIN_WARPS, MAX_WARPS = 4, 32
 
 TL_DTYPE = {
     torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
@@ -63,8 +65,8 @@ class EmittedKernel:
     """A generated kernel: its source (kept in artifacts under `kernels/<name>.py`), what it
     replaces, and what an ahead-of-time compiler needs: the jit function, the argument
     signature (`*fp32`, `i32`, `constexpr`) and the constexpr values known from the graph
-    (`BLOCK_C` when the row width is static; `BLOCK_R` is picked per launch from the row
-    count as min(next_power_of_2(rows), MAX_TILE // BLOCK_C))."""
+    (`BLOCK_C` when the row width is static; `BLOCK_R` and `num_warps` are picked per launch
+    from the row count, by `launch_config`)."""
 
     name: str
     source: str
@@ -458,15 +460,35 @@ def _launcher(name, group, writer, symbols, widest, rows, block_c, reduces) -> l
         lines.append(f"    BLOCK_C = min(triton.next_power_of_2({show(widest)}){cap})" if cap
                      else f"    BLOCK_C = triton.next_power_of_2({show(widest)})")
     lines.append(f"    BLOCK_R = min(triton.next_power_of_2(rows), max(1, {MAX_TILE} // BLOCK_C))")
+    lines.append(f"    num_warps = min({MAX_WARPS}, max({MIN_WARPS}, BLOCK_R * BLOCK_C // {32 * ELEMENTS_PER_THREAD}))")
     lines.append(f"    grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv({show(widest)}, BLOCK_C))")
     call = [*arguments, *(f"out_{node.name}" for node in group.outputs), *(s.name for s in symbols)]
-    lines.append(f"    {name}_kernel[grid]({', '.join(call)}, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)")
+    lines.append(f"    {name}_kernel[grid]({', '.join(call)}, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=num_warps)")
     lines.append(f"    return ({''.join(f'out_{node.name}, ' for node in group.outputs)})")
     return lines
 
 
 def _next_power_of_2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
+
+
+def launch_config(rows: int, block_c: int) -> tuple[int, int]:
+    """(BLOCK_R, num_warps) of a launch over `rows` rows of `block_c` columns, as every
+    generated launcher picks them: as many rows as fit a tile of MAX_TILE elements, and
+    warps enough that each thread holds ELEMENTS_PER_THREAD elements of the tile.
+
+    Why: every value a kernel keeps live costs each thread one register per element it
+    holds, and a fused kernel keeps several (RoPE: the input, its rotated half, cos and
+    sin, in fp32). On sm_80, ref-llama-py's RoPE on a 4096-element tile and 4 warps (32
+    elements per thread) took 253 registers; 2048 elements on 8 warps (8 per thread), 106.
+    Above 128 registers per thread a streaming multiprocessor holds at most 16 warps, too
+    few to hide memory latency in kernels that only stream memory. 4 elements per thread,
+    not 8: a tiny fp16 Llama's RoPE (head_dim 16) at 8 per thread spilled on sm_80 (80
+    registers and 4 bytes of spills, whatever the tile); at 4 it took 56-60. The launcher's
+    source spells out the same arithmetic (`_launcher`); `codegen/aot.py` compiles with
+    this function's answer."""
+    block_r = min(_next_power_of_2(max(rows, 1)), max(1, MAX_TILE // block_c))
+    return block_r, min(MAX_WARPS, max(MIN_WARPS, block_r * block_c // (32 * ELEMENTS_PER_THREAD)))
 
 
 def load_source(name: str, source: str) -> dict:
