@@ -109,13 +109,16 @@ def evicting_decode_kernel(
         tl.store(attention_base + entries * stride_as, summed, mask=entries <= capacity)
 
 
-def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_N, BLOCK_D): the group's heads padded to the 16 rows `tl.dot` needs,
-    32 entries per block (16 in fp32), head_dim padded to a power of two. Half the decode
-    kernel's blocks: a block carries the cache's and the step's keys and values (the step's
-    entry is merged in by mask), and at 64 fp16 entries, head_dim 128, sm_80 needed all 255
+def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, BLOCK_D, num_warps): the group's heads padded to the 16 rows
+    `tl.dot` needs, 32 entries per block (16 in fp32), head_dim padded to a power of two,
+    8 warps for fp32 from head_dim 128 (4 spilled on sm_80). Half the decode kernel's
+    blocks: a block carries the cache's and the step's keys and values (the step's entry is
+    merged in by mask), and at 64 fp16 entries, head_dim 128, sm_80 needed all 255
     registers and 135 KB of shared memory."""
-    return max(16, triton.next_power_of_2(group)), 32 if element_size <= 2 else 16, triton.next_power_of_2(head_dim)
+    block_d = triton.next_power_of_2(head_dim)
+    return (max(16, triton.next_power_of_2(group)), 32 if element_size <= 2 else 16, block_d,
+            8 if element_size > 2 and block_d >= 128 else 4)
 
 
 def evicting_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: EvictingSlot, scale: float,
@@ -128,7 +131,7 @@ def evicting_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: Evi
     batch, heads, _, head_dim = q.shape
     kv_heads, capacity = slot.keys.shape[1], slot.keys.shape[2]
     group = heads // kv_heads
-    block_h, block_n, block_d = _block_sizes(group, head_dim, q.element_size())
+    block_h, block_n, block_d, num_warps = _block_sizes(group, head_dim, q.element_size())
     positions = slot.slots.to(torch.int32)
     out = torch.empty(batch, 1, heads, head_dim, dtype=q.dtype, device=q.device)
     attention = torch.empty(batch, kv_heads, capacity + 1, dtype=torch.float32, device=q.device)
@@ -138,7 +141,7 @@ def evicting_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: Evi
         k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
         *positions.stride(), out.stride(0), out.stride(2), out.stride(3), *attention.stride(),
         capacity, group, head_dim, scale, softcap,
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, HAS_SOFTCAP=softcap > 0.0,
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, HAS_SOFTCAP=softcap > 0.0, num_warps=num_warps,
     )
     return out, attention
 
@@ -175,10 +178,10 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
     """The (kernel, signature, constexprs, num_warps) set for an ahead-of-time compile of a
     decode step over an evicting cache at these shapes, as the launcher picks it."""
     element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    block_h, block_n, block_d = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
+    block_h, block_n, block_d, num_warps = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
     pointers = {"positions_ptr": "*i32", "attention_ptr": "*fp32"}
     signature = {name: pointers.get(name, f"*{element}") if name.endswith("_ptr")
                  else "fp32" if name in ("scale", "softcap") else "constexpr" if name.isupper() else "i32"
                  for name in evicting_decode_kernel.arg_names}
     constexprs = {"BLOCK_H": block_h, "BLOCK_N": block_n, "BLOCK_D": block_d, "HAS_SOFTCAP": False}
-    return [(evicting_decode_kernel, signature, constexprs, 4)]
+    return [(evicting_decode_kernel, signature, constexprs, num_warps)]

@@ -161,13 +161,16 @@ def merged_attention_kernel(
         tl.store(partial_lse_ptr + part, lse, mask=row_ok)
 
 
-def _block_sizes(rows: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_N, BLOCK_D): query rows padded to the 16 `tl.dot` needs, up to 32, 32
-    keys per block (16 in fp32), head_dim padded to a power of two. Each restored block
-    holds a direction, an exact row and the result for keys and for values: at head_dim
-    128 on sm_80, 64 fp16 rows spilled 284 bytes a thread with 4 warps."""
-    block_r = min(32, max(16, triton.next_power_of_2(rows)))
-    return block_r, 16 if element_size > 2 else 32, triton.next_power_of_2(head_dim)
+def _block_sizes(rows: int, head_dim: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_N, BLOCK_D, num_warps): query rows padded to the 16 `tl.dot` needs, up
+    to 32 (16 in fp32), 32 keys per block (16 in fp32), head_dim padded to a power of two.
+    Each restored block holds a direction, an exact row and the result for keys and for
+    values: at head_dim 128 on sm_80, 64 fp16 rows spilled 284 bytes a thread with 4 warps.
+    fp32 takes 8 warps except at head_dim 64: on sm_80, 4 warps spilled at head_dim 32 and
+    128, and 8 spilled at 64 (ptxas kept those to 128 registers)."""
+    block_r = min(16 if element_size > 2 else 32, max(16, triton.next_power_of_2(rows)))
+    block_d = triton.next_power_of_2(head_dim)
+    return block_r, 16 if element_size > 2 else 32, block_d, 8 if element_size > 2 and block_d != 64 else 4
 
 
 def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: MergedSlot, member: int, start: int,
@@ -184,7 +187,7 @@ def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: Me
         raise LmforgeError("merged attention reads keys and values with one set of strides; this slot's differ")
     if slot.retained_k.stride(-1) != 1:
         raise LmforgeError("merged attention needs the retained rows' head dimension contiguous")
-    block_r, block_n, block_d = _block_sizes(q_len * group, head_dim, q.element_size())
+    block_r, block_n, block_d, num_warps = _block_sizes(q_len * group, head_dim, q.element_size())
     scan_begin = max(0, start - window + 1) if window > 0 else 0
     splits = _split_count(batch * kv_heads, start - scan_begin) if q_len == 1 else 1
     row_blocks = triton.cdiv(q_len * group, block_r)
@@ -200,7 +203,7 @@ def merged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: Me
         member, start, q_len, scan_begin, window if window > 0 else NO_WINDOW, group, head_dim, splits,
         scale, softcap,
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_PAD=pad is not None, HAS_SOFTCAP=softcap > 0.0, SINGLE_SPLIT=splits == 1,
+        HAS_PAD=pad is not None, HAS_SOFTCAP=softcap > 0.0, SINGLE_SPLIT=splits == 1, num_warps=num_warps,
     )
     if splits > 1:
         decode_attention_combine[(batch, heads)](
@@ -253,8 +256,9 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
                  for name in merged_attention_kernel.arg_names}
     entries = []
     for rows, single in ((group, False), (1 << 16, True)):
-        block_r, block_n, block_d = _block_sizes(rows, head_dim, torch.empty((), dtype=dtype).element_size())
+        block_r, block_n, block_d, num_warps = _block_sizes(rows, head_dim,
+                                                            torch.empty((), dtype=dtype).element_size())
         constexprs = {"BLOCK_R": block_r, "BLOCK_N": block_n, "BLOCK_D": block_d, "HAS_PAD": True,
                       "HAS_SOFTCAP": False, "SINGLE_SPLIT": single}
-        entries.append((merged_attention_kernel, signature, constexprs, 4))
+        entries.append((merged_attention_kernel, signature, constexprs, num_warps))
     return entries
