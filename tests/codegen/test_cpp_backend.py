@@ -131,6 +131,17 @@ def test_a_second_load_in_a_fresh_process_compiles_nothing(tiny, tmp_path):
     assert second["tokens"] == first["tokens"] == expected.tolist()
 
 
+def test_reference_checkpoint_greedy_matches_hf(ref_path, ref_hf, heldout_prompts):
+    compiled = lmforge.optimize(ref_path, RECIPE)
+    ids = torch.tensor([heldout_prompts[0]])
+    expected = ref_hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+                               do_sample=False)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=16, eos_token_id=[]), expected)
+    runner = compiled.engine.runner
+    assert set(runner.compile_seconds) == {f"batch=1 tokens={tokens} threads={torch.get_num_threads()}"
+                                           for tokens in ("any", 1)}
+
+
 def test_compile_records_are_kept_beside_the_packages(tiny):
     """What `lmforge info` shows: per bucket compiled for this program on this machine, its
     first-compile seconds and Inductor's phases."""
