@@ -16,11 +16,14 @@ system prompt of `--prefix-tokens` tokens. A server runs in a subprocess per row
 by one request before its row is timed. Rows report requests/s and output tokens/s over the
 row's wall time, time to first token (from arrival) and inter-token latency percentiles,
 the prefix cache hit rate (`/metrics`: hit tokens / tokens of admitted requests) and the
-requests lost (errors or missing responses; the target is none).
+requests lost (errors or missing responses; the target is none). Last, on an idle server, the
+time to first token of a request behind a `--reuse-prefix-tokens` prefix sent for the first
+time and of a second request behind the same prefix.
 
     python benchmarks/serve.py [--checkpoint DIR] [--recipe FILE] [--requests 32] [--clients 16]
                                [--rate 8] [--prompt-tokens 64 512] [--output-tokens 32 128]
-                               [--prefix-tokens 256] [--max-batch 16] [--max-tokens-per-step 512]
+                               [--prefix-tokens 256] [--reuse-prefix-tokens 1024] [--max-batch 16]
+                               [--max-tokens-per-step 512]
                                [--skip-hf] [--json]
 """
 
@@ -201,6 +204,30 @@ def serve_row(name: str, workload: str, artifact: Path, options: list[str], jobs
     return summarize(name, workload, timings, wall, rate)
 
 
+def prefix_reuse(artifact: Path, options: list[str], ids: list[int], bos: int | None, args: argparse.Namespace,
+                 log_dir: Path, repeats: int = 3) -> dict:
+    """Time to first token of a request behind a `--reuse-prefix-tokens` prefix nobody sent
+    before (cold) and of a second request behind the same prefix (warm), one request at a
+    time on an idle server, medians over `repeats` prefixes from the end of the text (away
+    from the workloads' shared prefix)."""
+    length, cold, warm = args.reuse_prefix_tokens, [], []
+    if (repeats + 1) * (length + 64) > len(ids):
+        raise SystemExit(f"--reuse-prefix-tokens {length}: the held-out text has too few tokens ({len(ids)})")
+    start_token = [bos] if bos is not None else []
+    with Server(artifact, options, log_dir) as server:
+        for repeat in range(repeats + 1):  # the first pair warms the server up
+            end = len(ids) - repeat * (length + 64)
+            prefix = start_token + ids[end - length - 64 : end - 64]
+            pair = [Job(prefix + ids[end - 64 + 32 * i : end - 32 + 32 * i], 1, 0.0) for i in range(2)]
+            times = [asyncio.run(drive(server.base, [job], 1))[0][0] for job in pair]
+            if repeat and all(t.ok for t in times):
+                cold.append(times[0].token_times[0] - times[0].arrival)
+                warm.append(times[1].token_times[0] - times[1].arrival)
+    cold_s, warm_s = percentile(cold, 50), percentile(warm, 50)
+    return {"prefix_tokens": length, "ttft_cold_s": cold_s, "ttft_warm_s": warm_s,
+            "cold_over_warm": cold_s / warm_s if cold_s and warm_s else None}
+
+
 class _TokenClock(LogitsProcessor):
     """Records when each token's logits are ready (`generate` calls it once per new token)."""
 
@@ -231,6 +258,10 @@ def hf_row(model, eos: list[int], jobs: list[Job], workload: str) -> dict:
     return summarize("hf generate, sequential", workload, timings, time.monotonic() - start, None)
 
 
+def _milliseconds(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.0f}"
+
+
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     table = Table(title=f"lmforge serve: {args.requests} requests, {args.clients} clients, {args.rate}/s arrivals, "
                         f"prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens")
@@ -238,10 +269,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
                "prefix hits", "lost")
     for column in columns:
         table.add_column(column, justify="left" if column in ("workload", "row") else "right")
-
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value * 1000:.0f}"
-
+    ms = _milliseconds
     for row in rows:
         hits = "-" if row["prefix_cache_hit_rate"] is None else f"{row['prefix_cache_hit_rate']:.0%}"
         table.add_row(row["workload"], row["row"], f"{row['requests_per_s']:.2f}", f"{row['output_tokens_per_s']:.1f}",
@@ -260,6 +288,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, nargs=2, default=(64, 512), metavar=("MIN", "MAX"))
     parser.add_argument("--output-tokens", type=int, nargs=2, default=(32, 128), metavar=("MIN", "MAX"))
     parser.add_argument("--prefix-tokens", type=int, default=256, help="the shared system prompt's length")
+    parser.add_argument("--reuse-prefix-tokens", type=int, default=1024,
+                        help="the prefix of the cold-vs-cached time-to-first-token measurement")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-tokens-per-step", type=int, default=512)
     parser.add_argument("--skip-hf", action="store_true", help="leave out the HF generate rows")
@@ -295,12 +325,17 @@ def main() -> None:
                                       [*batching, "--no-prefix-cache"], jobs, warmup, args, log_dir))
             rows.append(serve_row("serve, continuous, prefix cache", workload, artifact, batching, jobs, warmup,
                                   args, log_dir))
+        reuse = prefix_reuse(artifact, batching, ids, tokenizer.bos_token_id, args, log_dir)
     if args.json:
         json.dump({"settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
-                   "rows": rows}, sys.stdout, indent=2)
+                   "rows": rows, "prefix_reuse": reuse}, sys.stdout, indent=2)
         print()
     else:
         print_table(rows, args)
+        ratio = "-" if reuse["cold_over_warm"] is None else f"{reuse['cold_over_warm']:.1f}x"
+        print(f"a second request behind the same {reuse['prefix_tokens']}-token prefix: time to first token "
+              f"{_milliseconds(reuse['ttft_cold_s'])} ms cold, {_milliseconds(reuse['ttft_warm_s'])} ms with the "
+              f"prefix cached ({ratio} lower)")
 
 
 if __name__ == "__main__":
