@@ -287,6 +287,15 @@ def test_layers_another_pass_rewrote_and_too_little_slack_are_refused(tiny_llama
         Quantize(QuantizeConfig.model_validate({"kv_cache": {"slack": 8}}))(drafting, context(tiny_llama, data))
 
 
+def test_a_draft_source_after_the_quantized_cache_respects_its_slack(tiny_llama, tiny_programs):
+    """The same rule from the other side: lookup added after quantize is refused at compile
+    rather than stopping generation at its first long rollback."""
+    data = random_calibration(tiny_llama, windows=2, length=16)
+    with pytest.raises(LmforgeError, match="drafts of 12 tokens need a quantized KV cache slack of 12.*has 8"):
+        PASSES["prompt_lookup"](PASSES["prompt_lookup"].Config(num_draft=12))(tiny_programs["int8"].clone(),
+                                                                             context(tiny_llama, data))
+
+
 def test_an_artifact_round_trip_decodes_the_same_tokens(tiny_programs, tmp_path):
     compiled = CompiledModel(tiny_programs["int8"].clone(), parse_recipe("runtime:\n  max_seq_len: 96\n"), GENERATION)
     prompt = torch.randint(3, 256, (1, 16), generator=torch.Generator().manual_seed(4))

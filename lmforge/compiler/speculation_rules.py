@@ -35,8 +35,8 @@ def per_token_decisions(meta: dict) -> list[str]:
 
 def check_draft_source(meta: dict, drafted: int, pass_name: str) -> None:
     """Refuse a draft source on a program whose verification forwards (`drafted` + 1 tokens)
-    would not reproduce its own decoding: per-token decisions, or streaming rings whose fixed
-    slack for the tokens of one forward is too small."""
+    would not reproduce its own decoding: per-token decisions, or streaming rings and
+    quantized caches whose fixed slack for the tokens of one forward is too small."""
     decisions = per_token_decisions(meta)
     if decisions:
         raise LmforgeError(f"{pass_name}: {PER_TOKEN_REASONS[decisions[0]]}; speculation would change this "
@@ -46,6 +46,11 @@ def check_draft_source(meta: dict, drafted: int, pass_name: str) -> None:
     if slacks and drafted > min(slacks):
         raise LmforgeError(f"{pass_name}: drafts of {drafted} tokens need a streaming ring slack of {drafted}, the "
                            f"streaming heads have {min(slacks)}; raise `slack` in streaming_heads or draft fewer tokens")
+    quantized = [entry["slack"] for entry in meta["kv_cache"] if entry.get("kind") == "quantized"]
+    if quantized and drafted > min(quantized):
+        raise LmforgeError(f"{pass_name}: drafts of {drafted} tokens need a quantized KV cache slack of {drafted} "
+                           f"to roll rejected drafts back, the cache has {min(quantized)}; raise `slack` in "
+                           "quantize's kv_cache or draft fewer tokens")
 
 
 def refuse_if_drafting(meta: dict, name: str) -> None:
