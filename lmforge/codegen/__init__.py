@@ -11,14 +11,23 @@ from __future__ import annotations
 
 from lmforge.codegen.aten.quantized_kv import refuse_on_backend
 from lmforge.codegen.cpu import Runner
+from lmforge.codegen.triton.refused import refuse_on_triton
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
 from lmforge.errors import LmforgeError
 
 
+def _refuse_missing_kernels(program: Program, backend: str) -> None:
+    """Refuse, at compile, a program calling an op `backend` has no kernel for."""
+    if backend == "triton":
+        refuse_on_triton(program.graph_module)
+    else:
+        refuse_on_backend(program.graph_module, backend)
+
+
 def lower(program: Program, config: CodegenConfig) -> Runner:
     """The executable form of `program` for the backend the recipe names."""
-    refuse_on_backend(program.graph_module, config.backend)
+    _refuse_missing_kernels(program, config.backend)
     if config.backend == "triton":
         from lmforge.codegen.triton_backend import lower_triton  # imports triton only when asked for
 
@@ -43,7 +52,7 @@ class NotRunnableHere:
 def lower_for_engine(program: Program, config: CodegenConfig) -> Runner:
     """`lower`, except that a `triton` program that cannot run here (`NotRunnableHere`)
     still gives an Engine, so that compiling for a GPU works on a machine without one."""
-    refuse_on_backend(program.graph_module, config.backend)
+    _refuse_missing_kernels(program, config.backend)
     if config.backend == "triton":
         from lmforge.codegen.triton_backend import triton_unavailable_reason
 

@@ -23,6 +23,7 @@ from lmforge.codegen.triton import prefill_attention as prefill_module  # noqa: 
 from lmforge.codegen.triton.attention import PYTHON_FALLBACKS, TRITON_KERNELS  # noqa: E402
 from lmforge.codegen.triton.decode_attention import decode_attention  # noqa: E402
 from lmforge.codegen.triton.prefill_attention import prefill_attention  # noqa: E402
+from lmforge.codegen.triton.refused import TRITON_REFUSED  # noqa: E402
 from lmforge.compiler.kv_layout import RingSlot  # noqa: E402
 from lmforge.compiler.ops import (  # noqa: E402
     AttentionContext,
@@ -285,7 +286,10 @@ def test_cache_free_forward_must_start_at_zero():
 
 
 def test_kernel_table_covers_every_python_kernel():
-    assert TRITON_KERNELS.keys() == PYTHON_KERNELS.keys()
+    """Every op has a triton kernel or is refused at compile, with a reason; never both."""
+    assert TRITON_KERNELS.keys() | TRITON_REFUSED.keys() == PYTHON_KERNELS.keys()
+    assert not TRITON_KERNELS.keys() & TRITON_REFUSED.keys()
+    assert all(reason for reason in TRITON_REFUSED.values())
     for op in PYTHON_FALLBACKS:
         assert TRITON_KERNELS[op] is PYTHON_KERNELS[op]
     for op in (attention, tree_attention, streaming_attention, sparse_attention):

@@ -11,7 +11,8 @@ the same way, its slots' positions handed to the kernels (`RingSlot.slots`): wri
 it still holds every key this forward's queries see, because the ring keeps `window` plus
 one forward's worth of slack.
 
-`TRITON_KERNELS` mirrors `aten.PYTHON_KERNELS`; the ops in `PYTHON_FALLBACKS` run their
+`TRITON_KERNELS` mirrors `aten.PYTHON_KERNELS` but for the ops in `refused.TRITON_REFUSED`,
+which a program may not call on this backend; the ops in `PYTHON_FALLBACKS` run their
 Python kernel on this backend, for the reason given there.
 """
 
