@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-FORMAT = 1  # bump when what a package holds, how its key is made, or the Inductor options change
+FORMAT = 2  # bump when what a package holds, how its key is made, or the Inductor options change
 
 
 def compile_cache_dir() -> Path:
@@ -57,14 +57,52 @@ def machine_fingerprint() -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def program_digest(graph_module: fx.GraphModule) -> str:
-    """sha256 of the program's graph source, its weights (names, shapes, dtypes, bytes) and
-    `machine_fingerprint`: the directory under which its buckets' packages are kept.
+def _target_text(node: fx.Node) -> str:
+    if node.op in ("placeholder", "output"):
+        return node.op
+    if node.op == "get_attr":
+        return f"get_attr {node.target}"
+    if isinstance(node.target, torch._ops.OpOverload):
+        return str(node.target)
+    return f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', str(node.target))}"
 
-    A program saved to an artifact and loaded back has the same weights but not the same
-    source (placeholders first, nodes renamed, measured on a tiny llama), so the first load
-    of an artifact compiles its own packages once, and every later load reuses them."""
-    digest = hashlib.sha256(graph_module.code.encode())
+
+def graph_text(graph_module: fx.GraphModule) -> str:
+    """The graph as text that names no node: each node by the order a depth-first walk from
+    the output (then from every node with side effects but asserts) finishes it, inputs by
+    their position.
+
+    Why not the generated source: a program saved to an artifact and loaded back computes
+    the same thing but lists its nodes in another order under other names (placeholders
+    first, plus a dead metadata assert, measured on a tiny llama), so its source differs and it would
+    compile every bucket again; this text is the same for both."""
+    names = {node: f"%in{index}" for index, node in enumerate(n for n in graph_module.graph.nodes
+                                                              if n.op == "placeholder")}
+    lines: list[str] = []
+    nodes = list(graph_module.graph.nodes)
+    side_effects = [node for node in nodes if node.op == "call_function" and node.is_impure()
+                    and not str(node.target).startswith("aten._assert")]  # asserts change no result
+    roots = [node for node in nodes if node.op == "output"] + side_effects
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            node, inputs_done = stack.pop()
+            if node in names:
+                continue
+            if inputs_done:
+                names[node] = f"%{len(lines)}"
+                lines.append(f"{_target_text(node)} {fx.node.map_arg((node.args, node.kwargs), names.get)!r}")
+                continue
+            stack.append((node, True))
+            stack.extend((argument, False) for argument in reversed(node.all_input_nodes) if argument not in names)
+    return "\n".join(lines)
+
+
+def program_digest(graph_module: fx.GraphModule) -> str:
+    """sha256 of the program's graph (`graph_text`), its weights (names, shapes, dtypes,
+    bytes) and `machine_fingerprint`: the directory under which its buckets' packages are
+    kept, shared by a program and the same program saved and loaded from its artifact."""
+    digest = hashlib.sha256(graph_text(graph_module).encode())
     for name, tensor in sorted({**dict(graph_module.named_parameters()), **dict(graph_module.named_buffers())}.items()):
         digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
         digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
