@@ -25,6 +25,7 @@ top-1 agreement and KL on held-out text and honours the quality budget.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -264,10 +265,11 @@ class Quantize(LossyPass):
         program.drop_unused_weights()
         program.refresh()
         quality = data.program_quality(program)
-        what = f"storing {len(converted)} weights as {config.weights} ({config.method})"
-        notes += enforce_budget(self.name, quality, budget, what)
+        counts = Counter(chosen[name] for name in converted)
+        stored = ", ".join(f"{count} weights as {fmt}" for fmt, count in sorted(counts.items())) or "no weights"
+        notes += enforce_budget(self.name, quality, budget, f"storing {stored} ({config.method})")
         bytes_after = weight_bytes(program)
-        notes.append(f"{len(converted)} weights stored as {config.weights} by {config.method} ({len(kept)} kept): "
+        notes.append(f"{stored} by {config.method} ({len(kept)} kept): "
                      f"weight bytes {bytes_before:,} → {bytes_after:,} ({bytes_before / bytes_after:.2f}x smaller); "
                      f"held-out {quality.describe()}")
         program.meta["quantize"] = {
