@@ -9,7 +9,8 @@ from tiny_models import tiny_model
 
 import lmforge
 from lmforge.draft_heads import save_heads
-from lmforge.eagle import _base_features, eagle_loss, greedy_continuations, initial_eagle, train_eagle
+from lmforge.eagle import eagle_loss, greedy_continuations, initial_eagle, train_eagle
+from lmforge.eagle.training import _base_features
 from lmforge.errors import LmforgeError
 
 PLAIN = "passes: [{name: cleanup}, {name: fuse_projections}]\nruntime: {max_seq_len: 256}"

@@ -2,14 +2,7 @@
 held-out measurements (`training`, `calibration`)."""
 
 from lmforge.eagle.drafter import FROZEN, TRAINED, EagleDrafter, EagleShape, load_eagle
-from lmforge.eagle.training import (
-    _base_features,
-    acceptance_per_depth,
-    eagle_loss,
-    greedy_continuations,
-    initial_eagle,
-    train_eagle,
-)
+from lmforge.eagle.training import acceptance_per_depth, eagle_loss, greedy_continuations, initial_eagle, train_eagle
 
-__all__ = ["FROZEN", "TRAINED", "EagleDrafter", "EagleShape", "_base_features", "acceptance_per_depth", "eagle_loss",
+__all__ = ["FROZEN", "TRAINED", "EagleDrafter", "EagleShape", "acceptance_per_depth", "eagle_loss",
            "greedy_continuations", "initial_eagle", "load_eagle", "train_eagle"]
