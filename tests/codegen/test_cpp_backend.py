@@ -15,6 +15,7 @@ import torch
 from tiny_models import tiny_model
 
 import lmforge
+from lmforge.codegen.cpp.package_cache import program_digest
 from lmforge.codegen.cpp_backend import cached_compile_records, op_placement
 from lmforge.codegen.cpu import lower
 from lmforge.compiler.capture import capture
@@ -94,41 +95,48 @@ def test_nothing_compiles_inside_the_decoding_loop(tiny):
 _RELOAD = """
 import json, sys, torch
 import torch._inductor
-torch.set_num_threads(1)
-if sys.argv[2] == "forbid":
-    def refuse(*args, **kwargs):
-        raise AssertionError("compiled in a process that should have loaded every step from the cache")
-    torch._inductor.aoti_compile_and_package = refuse
+
+def refuse(*args, **kwargs):
+    raise AssertionError("compiled in a process that should have loaded every step from the cache")
+
+torch._inductor.aoti_compile_and_package = refuse
 import lmforge
-model = lmforge.load(sys.argv[1])
-ids = torch.tensor(json.loads(sys.argv[3]))
-tokens = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+path, threads, ids, mask = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+torch.set_num_threads(threads)
+model = lmforge.load(path)
+tokens = model.generate(torch.tensor(ids), torch.tensor(mask), max_new_tokens=6, eos_token_id=[])
 runner = model.engine.runner
 print(json.dumps({"tokens": tokens.tolist(), "compiled": runner.packages.compiled,
                   "sources": sorted(record["source"] for record in runner.compile_records.values())}))
 """
 
 
-def _load_and_generate(path, ids: torch.Tensor, mode: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", _RELOAD, str(path), mode, json.dumps(ids.tolist())],
-                            capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def test_a_second_load_in_a_fresh_process_compiles_nothing(tiny, tmp_path):
-    """The first load of a saved artifact compiles (or finds) its steps; a second load in
-    another process, where compiling raises, loads every step from this machine's cache."""
-    model, compiled = tiny
-    if model.config.model_type != "llama":
-        pytest.skip("the cache is the same for every architecture; checked on llama, compiles are slow")
+def test_loading_the_saved_artifact_in_a_fresh_process_compiles_nothing(tiny, tmp_path):
+    """The artifact of a program whose buckets this process compiled, loaded in another
+    process where compiling raises, finds every step in this machine's cache: the saved and
+    loaded program has the same digest (`package_cache.graph_text`) as the one compiled."""
+    _, compiled = tiny
+    ids, mask = _left_padded_batch()
+    expected = compiled.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
     compiled.save(tmp_path / "artifact")
-    ids = _left_padded_batch()[0][:1]
-    first = _load_and_generate(tmp_path / "artifact", ids, "allow")
-    second = _load_and_generate(tmp_path / "artifact", ids, "forbid")
-    assert second["compiled"] == 0 and second["sources"] == ["cache", "cache"]
-    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    assert second["tokens"] == first["tokens"] == expected.tolist()
+    arguments = [str(tmp_path / "artifact"), str(torch.get_num_threads()), json.dumps(ids.tolist()),
+                 json.dumps(mask.tolist())]
+    result = subprocess.run([sys.executable, "-c", _RELOAD, *arguments], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["compiled"] == 0 and loaded["sources"] == ["cache", "cache"]
+    assert loaded["tokens"] == expected.tolist()
+
+
+def test_a_program_and_its_loaded_artifact_share_a_digest_other_weights_do_not(tmp_path):
+    compiled = lmforge.optimize(tiny_model("llama"), "passes: [{name: cleanup}, {name: fuse_projections}]\n")
+    compiled.save(tmp_path / "artifact")
+    loaded = lmforge.load(tmp_path / "artifact").program.graph_module
+    assert loaded.code != compiled.program.graph_module.code  # why the digest does not hash the source
+    assert program_digest(loaded) == program_digest(compiled.program.graph_module)
+    with torch.no_grad():
+        loaded.lm_head__weight[0, 0] += 1.0
+    assert program_digest(loaded) != program_digest(compiled.program.graph_module)
 
 
 def test_reference_checkpoint_greedy_matches_hf(ref_path, ref_hf, heldout_prompts):
