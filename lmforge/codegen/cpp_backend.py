@@ -43,9 +43,12 @@ AOT dispatch and freezing 18 s, lowering 6 s, code generation 19 s, the C++ buil
 The `torch.compile` path this replaces spent the same kinds of time and could not keep any
 of it but the C++ build across processes: Inductor's graph cache refuses graphs with frozen
 weights ("mkldnn tensors unpickleable"), so every load re-ran everything before the build.
-Through this backend on a machine loaded to ~13 (so only the proportions mean anything):
-the any-length bucket 703 s (export 68, lowering 19, code generation 208, C++ build 241),
-the decode bucket 375 s (export 27, lowering 10, code generation 54, C++ build 121).
+Through this backend, ref-llama-py at 1 thread, load ~1.7 on 2 cores: the any-length
+bucket 78 s (export 5.5, lowering 2.7, code generation 18, C++ build 29), the decode bucket
+43 s (export 3.3, lowering 0.8, code generation 6.5, C++ build 15): 122 s for a generate's
+first call; at load ~13, 703 s and 375 s. A dynamic token count costs its compile about
+twice a static one (tiny llama: 94 s against 21 s), paid once instead of once per prompt
+length bucket.
 Each bucket's compile seconds and phases are logged at INFO, kept in `compile_records`,
 and read back for the buckets cached on this machine by `cached_compile_records`.
 
@@ -69,9 +72,8 @@ a package kept in this machine's cache (`codegen/cpp/package_cache.py`), keyed b
 the graph (named-node-free, so a program and its saved-and-loaded artifact share packages),
 the weights, the bucket, the torch version, the CPU's flags and the C++ compiler: a later
 load, in any process, loads the packages and compiles nothing (ref-llama-py, a fresh
-process on a machine loaded to ~13 on 2 cores: its two packages loaded in 11.6 s and
-0.7 s, the first paying Inductor's runtime start; the first generate took 14 s where
-compiling them had taken 703 s and 375 s). Nothing compiled is read from an artifact: the
+process at load ~1.7: its two packages loaded in 1.7 s and 0.1 s, the first generate took
+2.5 s instead of 122 s; at load ~13, 11.6 s and 0.7 s). Nothing compiled is read from an artifact: the
 runtime rebuilds the step graph from the program, and packages are only made on this machine.
 """
 
