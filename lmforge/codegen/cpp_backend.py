@@ -46,9 +46,9 @@ weights ("mkldnn tensors unpickleable"), so every load re-ran everything before 
 Through this backend, ref-llama-py at 1 thread, load ~1.7 on 2 cores: the any-length
 bucket 78 s (export 5.5, lowering 2.7, code generation 18, C++ build 29), the decode bucket
 43 s (export 3.3, lowering 0.8, code generation 6.5, C++ build 15): 122 s for a generate's
-first call; at load ~13, 703 s and 375 s. A dynamic token count makes a bucket's compile
-1.8 (ref-llama-py) to 4.5 times (tiny llama: 94 s against 21 s) a static one's, paid once
-instead of once per prompt length bucket.
+first call; at load ~13, 703 s and 375 s. The any-length bucket compiles in 1.8
+(ref-llama-py) to 4.5 times (tiny llama: 94 s against 21 s) the 1-token bucket's time, paid
+once instead of a static bucket per prompt length bucket (not measured against one).
 Each bucket's compile seconds and phases are logged at INFO, kept in `compile_records`,
 and read back for the buckets cached on this machine by `cached_compile_records`.
 
