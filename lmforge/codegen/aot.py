@@ -301,12 +301,12 @@ and values, a merged cache's directions (`d`) and retained rows (`r`)."""
 
 
 def _attention_spec(name: str, entry: tuple, ops: tuple[str, ...], head_dim: int,
-                    unit: tuple[str, ...] = ()) -> KernelSpec:
+                    unit: tuple[str, ...] = (), zero: tuple[str, ...] = ()) -> KernelSpec:
     """`spec_from_aot_tuple` with what Triton's JIT adds at a launch of an attention kernel:
     the innermost strides of head-major tensors (and the integer arguments in `unit`) are 1
-    and become constants; every pointer, and every other stride of a head-major tensor (a
-    multiple of `head_dim`, with `head_dim` itself, when divisible by 16), gets the
-    divisibility hint."""
+    and become constants; every pointer, every other stride of a head-major tensor (a
+    multiple of `head_dim`, with `head_dim` itself, when divisible by 16) and the integer
+    arguments in `zero` (always 0 at a launch, so divisible by 16) get the divisibility hint."""
     fn, signature = entry[0], entry[1]
     strides = {arg: arg[len("stride_"):] for arg in signature if arg.startswith("stride_")}
     head_major = {arg for arg, suffix in strides.items() if suffix[:-1] in HEAD_MAJOR_TENSORS}
@@ -314,7 +314,7 @@ def _attention_spec(name: str, entry: tuple, ops: tuple[str, ...], head_dim: int
     unit = tuple(arg for arg in signature if signature[arg] == "i32" and (arg in innermost or arg in unit))
     multiples = ({"head_dim", *head_major} - set(unit)) if head_dim % 16 == 0 else set()
     aligned = tuple(arg for arg, kind in signature.items()
-                    if kind.startswith("*") or (arg in multiples and kind == "i32"))
+                    if kind.startswith("*") or (arg in {*multiples, *zero} and kind == "i32"))
     return spec_from_aot_tuple(name, entry, ops=ops, aligned=aligned, unit=unit)
 
 
@@ -344,38 +344,40 @@ def launchable_attention_specs(ops: Iterable[str], head_dim: int, group: int, dt
                                verify_tokens: int | None = None) -> list[KernelSpec]:
     """Every attention kernel variant a program whose graph calls `ops` ("lmforge::attention",
     …) can launch, each listing the ops that launch it: the dense decode and prefill that
-    write the step's keys (`attention_kernel_specs`), the same kernels over a forward's own
+    write the step's keys (`attention_kernel_specs`), that decode as a step captured in a
+    CUDA graph launches it (its position read from the device, its split count fixed by the
+    cache's size, which sets only the grid), the same kernels over a forward's own
     keys only (cache-free forwards, streaming heads' and merged or evicting caches' prefill),
     over a streaming ring's key positions, under a draft tree's mask, over block-sparse key
     lists of `sparse_block` tokens, and the merged-cache and evicting-cache kernels. A draft
-    tree's verify forward of `verify_tokens` tokens gets the query block its launcher picks
-    for that many (None: the largest it can pick). Constant flags that add work without
+    tree's verify forward of `verify_tokens` tokens and a block-sparse prefill get the tiles
+    and warps their launcher picks (`prefill_attention.launch_config`; tree None: the largest
+    query block it can pick). Constant flags that add work without
     changing a kernel's structure are set as the program can launch them at their most
     demanding: left padding on, soft-capping as the model caps its logits."""
     from lmforge.codegen.triton import decode_attention, evicting_attention, merged_attention, prefill_attention
 
     decode, combine = decode_attention.aot_specs(head_dim, group, dtype)
     (prefill,) = prefill_attention.aot_specs(head_dim, group, dtype)
+    (tree,) = prefill_attention.aot_specs(head_dim, group, dtype, q_len=verify_tokens or 1 << 16, tree=True)
+    (block_sparse,) = prefill_attention.aot_specs(head_dim, group, dtype, sparse_block=sparse_block or 64)
     merged_decode, merged_chunk = merged_attention.aot_specs(head_dim, group, dtype)
     (evicting,) = evicting_attention.aot_specs(head_dim, group, dtype)
     dense, streaming = ("attention", "tree_attention", "sparse_attention"), ("streaming_attention",)
     every = (*dense, *streaming, "merged_attention", "evicting_attention")
-    sparse_rows = max(16, triton.next_power_of_2(sparse_block or 64))
-    tree_rows = min(prefill[2]["BLOCK_M"], max(16, triton.next_power_of_2(verify_tokens or 1 << 16)))
     variants = [  # name, module entry, constants changed, ops that launch it, further arguments the JIT sees as 1
         ("decode_attention_partial", decode, {}, dense, ()),
+        ("decode_attention_partial_captured", decode, {"START_ON_DEVICE": True}, dense, ()),
         ("decode_attention_partial_own_keys", decode, {"HAS_NEW": False}, (*dense, *streaming), ()),
         ("decode_attention_partial_positions", decode, {"HAS_NEW": False, "HAS_POSITIONS": True}, streaming,
          ("stride_ps",)),
         ("decode_attention_combine", combine, {}, (*dense, *streaming, "merged_attention"), ()),
         ("prefill_attention_kernel", prefill, {}, dense, ()),
         ("prefill_attention_kernel_own_keys", prefill, {"HAS_NEW": False}, every, ()),
-        ("prefill_attention_kernel_tree", prefill, {"HAS_TREE": True, "BLOCK_M": tree_rows}, ("tree_attention",),
-         ()),
+        ("prefill_attention_kernel_tree", tree, {}, ("tree_attention",), ()),
         ("prefill_attention_kernel_positions", prefill, {"HAS_NEW": False, "HAS_POSITIONS": True}, streaming,
          ("stride_ps",)),
-        ("prefill_attention_kernel_block_sparse", prefill, {"BLOCK_SPARSE": True, "BLOCK_M": sparse_rows},
-         ("sparse_attention",), ()),
+        ("prefill_attention_kernel_block_sparse", block_sparse, {}, ("sparse_attention",), ()),
         ("merged_attention_kernel", merged_decode, {}, ("merged_attention",), ("q_len", "stride_nm", "stride_is")),
         ("merged_attention_kernel_chunk", merged_chunk, {}, ("merged_attention",), ("stride_nm", "stride_is")),
         ("evicting_decode_kernel", evicting, {}, ("evicting_attention",), ("stride_ps", "stride_as")),
@@ -389,7 +391,9 @@ def launchable_attention_specs(ops: Iterable[str], head_dim: int, group: int, dt
         demanding = {flag: value for flag, value in (("HAS_PAD", True), ("HAS_SOFTCAP", softcap))
                      if flag in constexprs}
         entry = (fn, signature, {**constexprs, **demanding, **changed}, num_warps)
-        specs.append(_attention_spec(name, entry, launching, head_dim, unit))
+        # a step captured in a CUDA graph reads its position from the device and passes 0
+        zero = ("query_pos",) if changed.get("START_ON_DEVICE") else ()
+        specs.append(_attention_spec(name, entry, launching, head_dim, unit, zero))
     return specs
 
 

@@ -16,6 +16,11 @@ fp32 partial output and an fp32 log-sum-exp per query head; stage 2 reads them b
 writes the output once. Caches, L2 hits, masked tail blocks and launch overhead are not
 modelled; a real kernel reaches perhaps 70–90 % of peak bandwidth even when it moves only
 these bytes.
+
+The split count changes the overhead bytes, and the launcher picks it two ways: an eager
+step from the keys it scans, a step replayed from a CUDA graph (its grid frozen at capture)
+from the cache's size. `decode_splits` gives the count with the rule that picked it, and the
+estimate carries both, so a report says which step it models.
 """
 
 from __future__ import annotations
@@ -47,6 +52,29 @@ PARTIAL_BYTES = 4
 
 
 @dataclass(frozen=True)
+class DecodeSplits:
+    """Stage 1's split count and the rule that picked it, in words, for reports."""
+
+    count: int
+    rule: str
+
+
+def decode_splits(kv_programs: int, context: int, cache_slots: int | None = None) -> DecodeSplits:
+    """The split count the decode launcher picks (`decode_attention._split_count`) for
+    `kv_programs` (batch x KV heads) attending over `context` keys: for an eager step by those
+    keys; for a step captured in a CUDA graph (`cache_slots` given) by the cache's size,
+    whatever the context. Imports the launcher, and so Triton, only when called."""
+    from lmforge.codegen.triton.decode_attention import _split_count
+
+    if cache_slots is None:
+        return DecodeSplits(_split_count(kv_programs, context), f"eager step: by the {context} keys it scans")
+    if cache_slots < context:
+        raise LmforgeError(f"a cache of {cache_slots} slots cannot hold {context} tokens of context")
+    return DecodeSplits(_split_count(kv_programs, cache_slots),
+                        f"step captured in a CUDA graph: by the cache's {cache_slots} slots")
+
+
+@dataclass(frozen=True)
 class DecodeRoofline:
     """Bytes one generated token's decode attention moves across all layers, by kind, and
     the time they take at peak bandwidth."""
@@ -56,6 +84,7 @@ class DecodeRoofline:
     output_bytes: int
     partial_bytes: int
     bandwidth: MemoryBandwidth
+    splits: DecodeSplits
 
     @property
     def total_bytes(self) -> int:
@@ -72,21 +101,25 @@ class DecodeRoofline:
 
 
 def decode_attention_roofline(
-    layers: int, query_heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int, splits: int,
-    bandwidth: MemoryBandwidth,
+    layers: int, query_heads: int, kv_heads: int, head_dim: int, dtype_bytes: int, context: int,
+    splits: int | DecodeSplits, bandwidth: MemoryBandwidth,
 ) -> DecodeRoofline:
     """The bytes-moved model for one token of one sequence attending over `context` cached
-    positions, with stage 1 split `splits` ways (the launcher's choice: batch x KV heads x
-    splits programs aimed at ~128, at least 256 keys a split, at most 16)."""
+    positions, with stage 1 split `splits` ways (the launcher's choice, `decode_splits`:
+    batch x KV heads x splits programs aimed at ~128, at least 256 keys a split, at most 16;
+    a bare count is recorded as given)."""
+    if isinstance(splits, int):
+        splits = DecodeSplits(splits, "given")
     if query_heads % kv_heads:
         raise LmforgeError(f"{query_heads} query heads cannot be grouped over {kv_heads} KV heads")
-    if min(layers, query_heads, kv_heads, head_dim, dtype_bytes, context, splits) < 1:
+    if min(layers, query_heads, kv_heads, head_dim, dtype_bytes, context, splits.count) < 1:
         raise LmforgeError("every shape in a decode roofline must be at least 1")
     head_vector = head_dim * dtype_bytes
     return DecodeRoofline(
         kv_bytes=layers * 2 * context * kv_heads * head_vector,
-        query_bytes=layers * splits * query_heads * head_vector,
+        query_bytes=layers * splits.count * query_heads * head_vector,
         output_bytes=layers * query_heads * head_vector,
-        partial_bytes=layers * 2 * splits * query_heads * (head_dim + 1) * PARTIAL_BYTES,
+        partial_bytes=layers * 2 * splits.count * query_heads * (head_dim + 1) * PARTIAL_BYTES,
         bandwidth=bandwidth,
+        splits=splits,
     )

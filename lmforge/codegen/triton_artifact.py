@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from lmforge.codegen.aot import compile_for_targets, launchable_attention_specs, spec_from_emitted
-from lmforge.codegen.roofline import PEAK_BANDWIDTH, decode_attention_roofline
+from lmforge.codegen.roofline import PEAK_BANDWIDTH, decode_attention_roofline, decode_splits
 from lmforge.codegen.triton_backend import emit_kernels
 from lmforge.codegen.triton_emit import MAX_BLOCK_C, MAX_TILE, load_source
 from lmforge.compiler.program import Program
@@ -225,19 +225,20 @@ def decode_launches(program: Program) -> dict:
 
 def decode_attention_estimate(program: Program, context: int = ROOFLINE_CONTEXT) -> dict:
     """The bytes-moved roofline of one decoded token's attention at `context` tokens, batch
-    1, with the split count the decode launcher would pick, for this model's shape and dtype."""
-    from lmforge.codegen.triton.decode_attention import _split_count  # the launcher's own rule
-
+    1, for this model's shape and dtype, as a step captured in a CUDA graph (how the engine
+    runs decode on a GPU) over a full cache of `context` slots: the launcher's split count
+    for that cache, and the rule that picked it (`roofline.decode_splits`)."""
     config = program.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     dtype_bytes = torch.empty((), dtype=getattr(torch, program.meta["dtype"])).element_size()
-    splits = _split_count(kv_heads, context)
+    splits = decode_splits(kv_heads, context, cache_slots=context)
     estimates = {gpu: decode_attention_roofline(program.meta["num_layers"], heads, kv_heads, head_dim, dtype_bytes,
                                                 context, splits, PEAK_BANDWIDTH[gpu]) for gpu in ROOFLINE_GPUS}
     first = next(iter(estimates.values()))
-    return {"context": context, "batch": 1, "splits": splits, "dtype": program.meta["dtype"],
+    return {"context": context, "batch": 1, "splits": splits.count, "split_rule": splits.rule,
+            "dtype": program.meta["dtype"],
             "kv_bytes": first.kv_bytes, "total_bytes": first.total_bytes,
             "useful_fraction": round(first.useful_fraction, 4),
             "microseconds_at_peak": {gpu: round(estimate.microseconds_at_peak, 2) for gpu, estimate in estimates.items()}}

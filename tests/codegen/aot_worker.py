@@ -156,7 +156,30 @@ def attention_variant_reports() -> list[dict]:
     return report_kernels([spec for spec in specs if spec.name not in plain])
 
 
+SPILLED_BEFORE = (  # (kernel, head_dim, group, dtype, soft-cap, block-sparse block, verify tokens)
+    ("prefill_attention_kernel_tree", 64, 2, torch.float16, False, None, 64),
+    ("prefill_attention_kernel_tree", 64, 2, torch.float16, True, None, 64),
+    ("prefill_attention_kernel_block_sparse", 64, 2, torch.float32, False, 64, None),
+    ("prefill_attention_kernel_block_sparse", 128, 2, torch.float32, False, 64, None),
+    ("decode_attention_partial", 128, 8, torch.float32, False, None, None),
+    ("decode_attention_partial_captured", 128, 8, torch.float32, False, None, None),
+    ("prefill_attention_kernel", 128, 8, torch.float32, False, None, None),
+)
+"""Configurations whose earlier block and warp choices spilled on sm_80 or sm_90."""
+
+
+def spilled_before_reports() -> list[dict]:
+    """`SPILLED_BEFORE` compiled as their launchers now run them, each with its configuration."""
+    reports = []
+    for name, head_dim, group, dtype, softcap, sparse_block, verify_tokens in SPILLED_BEFORE:
+        specs = launchable_attention_specs(ALL_ATTENTION_OPS, head_dim, group, dtype, softcap=softcap,
+                                           sparse_block=sparse_block, verify_tokens=verify_tokens)
+        (report,) = report_kernels([spec for spec in specs if spec.name == name])
+        reports.append({**report, "case": [name, head_dim, group, str(dtype), softcap, sparse_block, verify_tokens]})
+    return reports
+
+
 if __name__ == "__main__":
     print(json.dumps({"rmsnorm": rmsnorm_checks(Path(sys.argv[1])), "limits": limit_checks(),
                       "bad_specs": bad_spec_checks(), **lmforge_kernel_reports(),
-                      "attention_variants": attention_variant_reports()}))
+                      "attention_variants": attention_variant_reports(), "spilled_before": spilled_before_reports()}))

@@ -107,7 +107,7 @@ def test_every_attention_variant_compiles_for_both_targets_without_spills(compil
     evicting-cache kernels, each listing the ops that launch it (fp16, head_dim 64, padded)."""
     kernels = {kernel["name"]: kernel for kernel in compiled["attention_variants"]}
     assert set(kernels) == {
-        "decode_attention_partial_own_keys", "decode_attention_partial_positions",
+        "decode_attention_partial_captured", "decode_attention_partial_own_keys", "decode_attention_partial_positions",
         "prefill_attention_kernel_own_keys", "prefill_attention_kernel_tree", "prefill_attention_kernel_positions",
         "prefill_attention_kernel_block_sparse", "merged_attention_kernel", "merged_attention_kernel_chunk",
         "evicting_decode_kernel"}
@@ -120,6 +120,29 @@ def test_every_attention_variant_compiles_for_both_targets_without_spills(compil
     for kernel in kernels.values():
         assert "HAS_PAD=True" in kernel["config"] or kernel["name"] == "evicting_decode_kernel"  # slots mark padding
         assert_fits_without_spills(kernel)
+
+
+def test_captured_decode_reads_its_position_from_the_device(compiled):
+    """The decode a CUDA graph replays: START_ON_DEVICE, its (zero) position argument hinted."""
+    variants = {kernel["name"]: kernel for kernel in compiled["attention_variants"]}
+    captured = variants["decode_attention_partial_captured"]
+    assert "START_ON_DEVICE=True" in captured["config"]
+    assert captured["ops"] == ["lmforge::attention", "lmforge::tree_attention", "lmforge::sparse_attention"]
+
+
+def test_configurations_that_spilled_compile_without_spills(compiled):
+    """Tree verify with 64 tokens in fp16 at head_dim 64 (soft-capped or not), block-sparse
+    64-token blocks in fp32 at head_dim 64 and 128, decode (eager and captured) and prefill in
+    fp32 at head_dim 128 with 8 query heads per KV head: each spilled on sm_80 or sm_90 with
+    the earlier block and warp choices."""
+    kernels = compiled["spilled_before"]
+    assert len(kernels) == 7
+    for kernel in kernels:
+        assert_fits_without_spills(kernel)
+    tree, _, sparse_64, sparse_128, decode, captured, prefill = (kernel["config"] for kernel in kernels)
+    assert tree.startswith("num_warps=8,") and "BLOCK_M=32," in tree
+    assert sparse_64.startswith("num_warps=16,") and sparse_128.startswith("num_warps=8,")
+    assert all(config.startswith("num_warps=8,") for config in (decode, captured, prefill))
 
 
 def test_generated_fused_kernels_compile_for_both_targets_without_spills(compiled):

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from lmforge.codegen.aten import PYTHON_KERNELS  # noqa: E402
 from lmforge.codegen.aten.attention import attention_reference  # noqa: E402
 from lmforge.codegen.aten.sparse import block_sparse_attention  # noqa: E402
+from lmforge.codegen.roofline import PEAK_BANDWIDTH, decode_attention_roofline, decode_splits  # noqa: E402
 from lmforge.codegen.triton import decode_attention as decode_module  # noqa: E402
 from lmforge.codegen.triton import prefill_attention as prefill_module  # noqa: E402
 from lmforge.codegen.triton.attention import PYTHON_FALLBACKS, TRITON_KERNELS  # noqa: E402
@@ -302,3 +303,64 @@ def test_aot_specs_name_every_kernel_parameter(module):
         assert list(signature) == kernel.arg_names
         assert all(signature[name] == "constexpr" for name in constexprs)
         assert num_warps in (4, 8)
+
+
+class _RecordedLaunches:
+    """Stands in for a `@triton.jit` kernel: records each launch's keyword arguments."""
+
+    def __init__(self):
+        self.keywords = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **keywords: self.keywords.append(keywords)
+
+
+def _launched_config(keywords: dict) -> dict:
+    return {name: value for name, value in keywords.items() if name.startswith("BLOCK_") or name == "num_warps"}
+
+
+def _aot_config(entry) -> dict:
+    _, _, constexprs, num_warps = entry
+    return {**{name: value for name, value in constexprs.items() if name.startswith("BLOCK_")},
+            "num_warps": num_warps}
+
+
+@pytest.mark.parametrize("dtype, head_dim, q_len, tree, sparse_block", [
+    (torch.float16, 128, 100, False, None), (torch.float16, 64, 40, True, None), (torch.float32, 128, 20, False, None),
+    (torch.float32, 64, 70, False, 64), (torch.float32, 128, 33, True, None)])
+def test_prefill_launches_what_aot_compiles(monkeypatch, dtype, head_dim, q_len, tree, sparse_block):
+    """The launcher's tiles and warps are those `aot_specs` reports for the same forward."""
+    launches = _RecordedLaunches()
+    monkeypatch.setattr(prefill_module, "prefill_attention_kernel", launches)
+    q, k, v = _tensors(1, 2, 1, q_len, q_len, head_dim, dtype)
+    mask = torch.tril(torch.ones(q_len, q_len, dtype=torch.bool)) if tree else None
+    blocks = torch.zeros(1, 1, -(-q_len // 64), 1, dtype=torch.int32) if sparse_block else None
+    prefill_module.prefill_attention(q, k, v, 0, 0.125, tree=mask, blocks=blocks, block=sparse_block or 64)
+    (entry,) = prefill_module.aot_specs(head_dim, 2, dtype, q_len=q_len, tree=tree, sparse_block=sparse_block)
+    assert _launched_config(launches.keywords[0]) == _aot_config(entry)
+
+
+@pytest.mark.parametrize("dtype, head_dim, group", [(torch.float16, 64, 2), (torch.float32, 128, 8)])
+def test_decode_launches_what_aot_compiles(monkeypatch, dtype, head_dim, group):
+    launches = _RecordedLaunches()
+    monkeypatch.setattr(decode_module, "decode_attention_partial", launches)
+    q, k, v = _tensors(1, group, 1, 1, 8, head_dim, dtype)
+    decode_module.decode_attention(q, k, v, 7, 0.125)
+    partial, _ = decode_module.aot_specs(head_dim, group, dtype)
+    assert _launched_config(launches.keywords[0]) == _aot_config(partial)
+
+
+def test_roofline_says_which_split_count_it_uses():
+    """An eager step splits by the keys it scans; a captured one by the cache's size."""
+    eager = decode_splits(4, 600)
+    captured = decode_splits(4, 600, cache_slots=4096)
+    assert (eager.count, captured.count) == (3, 16)  # 600 keys: 3 splits of >= 256; 4096 slots: the cap
+    assert eager.rule == "eager step: by the 600 keys it scans"
+    assert captured.rule == "step captured in a CUDA graph: by the cache's 4096 slots"
+    bandwidth = PEAK_BANDWIDTH["H100-SXM"]
+    eager_bytes, captured_bytes = (decode_attention_roofline(1, 8, 4, 64, 2, 600, splits, bandwidth)
+                                   for splits in (eager, captured))
+    assert captured_bytes.splits is captured and eager_bytes.kv_bytes == captured_bytes.kv_bytes
+    assert captured_bytes.query_bytes == eager_bytes.query_bytes * 16 // 3
+    with pytest.raises(LmforgeError, match="cannot hold 600 tokens"):
+        decode_splits(4, 600, cache_slots=512)

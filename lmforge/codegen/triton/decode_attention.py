@@ -166,12 +166,16 @@ def decode_attention_combine(
              out.to(out_ptr.dtype.element_ty), mask=dim_ok)
 
 
-def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_N, BLOCK_D): the group's heads padded to the 16 rows `tl.dot` needs,
-    64 keys per block (32 in fp32, whose products run on FMA units, not tensor cores: at
-    head_dim 128 on sm_80, 64 fp32 keys spill and 32 take 160 registers), head_dim padded
-    to a power of two (masked, e.g. 80 -> 128)."""
-    return max(16, triton.next_power_of_2(group)), 64 if element_size <= 2 else 32, triton.next_power_of_2(head_dim)
+def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, BLOCK_D, num_warps) for the launcher and `aot_specs` alike: the
+    group's heads padded to the 16 rows `tl.dot` needs, 64 keys per block (32 in fp32, whose
+    products run on FMA units, not tensor cores: at head_dim 128 on sm_80, 64 fp32 keys spill
+    and 32 take 160 registers), head_dim padded to a power of two (masked, e.g. 80 -> 128);
+    4 warps, but 8 for fp32 from head_dim 128 (4 spilled 608 B on sm_90)."""
+    block_d = triton.next_power_of_2(head_dim)
+    half = element_size <= 2
+    num_warps = 8 if not half and block_d >= 128 else 4
+    return max(16, triton.next_power_of_2(group)), 64 if half else 32, block_d, num_warps
 
 
 def _split_count(rows_times_heads: int, scanned: int) -> int:
@@ -223,7 +227,7 @@ def decode_attention(
     batch, heads, _, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    block_h, block_n, block_d = _block_sizes(group, head_dim, q.element_size())
+    block_h, block_n, block_d, num_warps = _block_sizes(group, head_dim, q.element_size())
     positions, position_strides = position_arguments(key_positions, q)
     new_k, new_v, new_k_strides, new_v_strides = new_arguments(new_keys, new_values, q)
     has_new = new_keys is not None
@@ -247,7 +251,7 @@ def decode_attention(
         scale, softcap,
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d,
         HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_SOFTCAP=softcap > 0.0,
-        SINGLE_SPLIT=splits == 1, HAS_NEW=has_new, START_ON_DEVICE=on_device,
+        SINGLE_SPLIT=splits == 1, HAS_NEW=has_new, START_ON_DEVICE=on_device, num_warps=num_warps,
     )
     if splits == 1:
         return out.transpose(1, 2)
@@ -265,7 +269,8 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
     replayed from a CUDA graph loads it instead, one scalar load more) at these shapes: what
     the launcher would pick for `head_dim`, `group` query heads per KV head and `dtype`."""
     element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    block_h, block_n, block_d = _block_sizes(group, head_dim, torch.empty((), dtype=dtype).element_size())
+    block_h, block_n, block_d, num_warps = _block_sizes(group, head_dim,
+                                                        torch.empty((), dtype=dtype).element_size())
     partial_signature = {
         "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}",
         "new_k_ptr": f"*{element}", "new_v_ptr": f"*{element}", "pad_ptr": "*i32",
@@ -287,7 +292,7 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
     combine_constexprs = {"BLOCK_S": MAX_SPLITS, "BLOCK_D": block_d}
     return [
         (decode_attention_partial, {**partial_signature, **dict.fromkeys(partial_constexprs, "constexpr")},
-         partial_constexprs, 4),
+         partial_constexprs, num_warps),
         (decode_attention_combine, {**combine_signature, **dict.fromkeys(combine_constexprs, "constexpr")},
          combine_constexprs, 4),
     ]

@@ -25,6 +25,8 @@ arguments are frozen at capture, attends from each replay's own position; the gr
 only on the number of queries, never on the position.
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -150,17 +152,52 @@ def prefill_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & dim_ok[None, :])
 
 
-def _block_sizes(q_len: int, head_dim: int, element_size: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): up to 64 queries (at least the 16 rows `tl.dot` needs)
-    and 64 keys (32 past head_dim 128), head_dim padded to a power of two (masked). fp32
-    products run on FMA units, not tensor cores, and hold more in registers: 32 queries and
-    16 keys, the largest tiles that did not spill at head_dim 128 on sm_80 (64 x 64 spilled
-    8 KB per thread)."""
+@dataclass(frozen=True)
+class PrefillLaunch:
+    """How the launcher runs the kernel for one forward, and what `aot_specs` compiles: the
+    one place both read, so the AOT report describes the configuration that runs."""
+
+    query_rows: int
+    """Queries a program owns (a block-sparse pattern's block, else BLOCK_M)."""
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+
+
+def launch_config(q_len: int, head_dim: int, element_size: int, tree: bool = False,
+                  sparse_block: int | None = None) -> PrefillLaunch:
+    """Tiles and warps for `q_len` queries at `head_dim`: up to 64 queries a program (at
+    least the 16 rows `tl.dot` needs) and 64 keys a block (32 past head_dim 128), head_dim
+    padded to a power of two (masked). fp32 products run on FMA units, not tensor cores, and
+    hold more in registers: 32 queries and 16 keys (64 x 64 spilled 8 KB per thread at head_dim
+    128 on sm_80). A draft tree's ancestor mask is one more tile per key block: at most 32
+    queries (64 spilled on sm_80 at head_dim 64 in fp16, on 4 warps and on 8); its key walk
+    does not depend on the query block, so each query's result is the same at any height. A
+    block-sparse program owns one pattern block of queries, however large. Warps, each
+    choice a count that compiled without spills for sm_80 and sm_90 (Triton 3.9; fewer
+    spilled): 8 from 64 x 128 tiles in fp16 and 32 x 128 in fp32 (4 spilled 748 B on sm_90);
+    fp32 block-sparse tiles of 64 queries 8, but 16 at head_dim 64 (8 spilled on sm_80); a
+    tree's 32-query tiles 8 in fp16 and 16 in fp32 (at head_dim 64 and 128; 4 spilled at 64 in
+    fp16 on sm_90, 8 in fp32 on sm_80)."""
     block_d = triton.next_power_of_2(head_dim)
-    rows = max(16, triton.next_power_of_2(q_len))
-    if element_size > 2:
-        return min(32, rows), 16, block_d
-    return min(64, rows), 64 if block_d <= 128 else 32, block_d
+    half = element_size <= 2
+    if sparse_block is not None:
+        query_rows = sparse_block
+        block_m = max(16, triton.next_power_of_2(sparse_block))
+    else:
+        block_m = min(32 if tree or not half else 64, max(16, triton.next_power_of_2(q_len)))
+        query_rows = block_m
+    block_n = (64 if block_d <= 128 else 32) if half else 16
+    if half:
+        num_warps = 8 if block_m * block_d >= 64 * 128 else 4
+    elif sparse_block is not None and block_m >= 64:
+        num_warps = 16 if block_d == 64 else 8
+    else:
+        num_warps = 8 if block_m * block_d >= 32 * 128 else 4
+    if tree and block_m >= 32:
+        num_warps = 8 if half else 16
+    return PrefillLaunch(query_rows, block_m, block_n, block_d, num_warps)
 
 
 def prefill_attention(
@@ -196,10 +233,8 @@ def prefill_attention(
     output layout)."""
     batch, heads, q_len, head_dim = q.shape
     group = heads // k_cache.shape[1]
-    block_m, block_n, block_d = _block_sizes(q_len, head_dim, q.element_size())
-    query_rows = block_m
-    if blocks is not None:
-        query_rows, block_m = block, max(16, triton.next_power_of_2(block))
+    launch = launch_config(q_len, head_dim, q.element_size(), tree=tree is not None,
+                           sparse_block=block if blocks is not None else None)
     on_device = isinstance(start, torch.Tensor)
     out = torch.empty(batch, q_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     positions, position_strides = position_arguments(key_positions, q)
@@ -217,28 +252,33 @@ def prefill_attention(
         max_blocks = blocks.shape[3]
     else:
         blocks, block_strides, max_blocks = q, (0, 0, 0), 0
-    prefill_attention_kernel[(triton.cdiv(q_len, query_rows), batch * heads)](
+    prefill_attention_kernel[(triton.cdiv(q_len, launch.query_rows), batch * heads)](
         q, k_cache, v_cache, new_k, new_v, out, pad if pad is not None else q, positions,
         tree.to(torch.int8).contiguous() if tree is not None else q, blocks,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *new_k_strides, *new_v_strides, *out.stride(),
         *position_strides, *block_strides,
         q_len, k_cache.shape[2], 0 if on_device else start, start if on_device else q,
-        window if window > 0 else NO_WINDOW, sink, heads, group, head_dim, query_rows, max_blocks,
+        window if window > 0 else NO_WINDOW, sink, heads, group, head_dim, launch.query_rows, max_blocks,
         scale, softcap,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_D=launch.block_d,
         HAS_PAD=pad is not None, HAS_POSITIONS=key_positions is not None, HAS_TREE=tree is not None,
         HAS_SOFTCAP=softcap > 0.0, BLOCK_SPARSE=max_blocks > 0, HAS_NEW=has_new, START_ON_DEVICE=on_device,
+        num_warps=launch.num_warps,
     )
     return out
 
 
-def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[object, dict, dict, int]]:
+def aot_specs(head_dim: int, group: int, dtype: torch.dtype, q_len: int = 1 << 16, tree: bool = False,
+              sparse_block: int | None = None) -> list[tuple[object, dict, dict, int]]:
     """Example (kernel, signature, constexprs, num_warps) sets for ahead-of-time compiles of
     a padded causal prefill at these shapes that writes its keys and values into the cache
-    (`group` does not change the kernel: a program serves one query head): what the
-    launcher picks for a long prompt."""
+    (`group` does not change the kernel: a program serves one query head), with the tiles
+    and warps `launch_config` gives the launcher for `q_len` queries (by default a long
+    prompt's), under a draft tree's mask with `tree`, over block-sparse lists of
+    `sparse_block`-token blocks with it."""
     element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
-    block_m, block_n, block_d = _block_sizes(1 << 16, head_dim, torch.empty((), dtype=dtype).element_size())
+    launch = launch_config(q_len, head_dim, torch.empty((), dtype=dtype).element_size(), tree=tree,
+                           sparse_block=sparse_block)
     signature = {
         "q_ptr": f"*{element}", "k_ptr": f"*{element}", "v_ptr": f"*{element}",
         "new_k_ptr": f"*{element}", "new_v_ptr": f"*{element}", "out_ptr": f"*{element}",
@@ -251,8 +291,9 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
         **{name: "i32" for name in ("window", "sink", "heads", "group", "head_dim", "query_rows", "max_blocks")},
         "scale": "fp32", "softcap": "fp32",
     }
-    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "HAS_PAD": True,
-                  "HAS_POSITIONS": False, "HAS_TREE": False, "HAS_SOFTCAP": False, "BLOCK_SPARSE": False,
+    constexprs = {"BLOCK_M": launch.block_m, "BLOCK_N": launch.block_n, "BLOCK_D": launch.block_d, "HAS_PAD": True,
+                  "HAS_POSITIONS": False, "HAS_TREE": tree, "HAS_SOFTCAP": False,
+                  "BLOCK_SPARSE": sparse_block is not None,
                   "HAS_NEW": True, "START_ON_DEVICE": False, **NEW_UNIT_STRIDES}
     return [(prefill_attention_kernel, {**signature, **dict.fromkeys(constexprs, "constexpr")}, constexprs,
-             8 if block_m * block_d >= 64 * 128 else 4)]
+             launch.num_warps)]
