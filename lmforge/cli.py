@@ -389,9 +389,11 @@ def _print_kernels(record: dict) -> None:
                   highlight=False)
     roofline = record["decode_attention_roofline"]
     times = ", ".join(f"{gpu} {us:g} us" for gpu, us in roofline["microseconds_at_peak"].items())
+    rule = f", {roofline['split_rule']}" if "split_rule" in roofline else ""  # older artifacts lack it
     console.print(f"decode attention roofline at {roofline['context']} tokens ({roofline['dtype']}, "
-                  f"{roofline['splits']} splits): {roofline['useful_fraction']:.1%} of the bytes moved are keys and "
-                  f"values; {roofline['total_bytes']:,} bytes a token, at peak bandwidth {times}", highlight=False)
+                  f"{roofline['splits']} splits{rule}): {roofline['useful_fraction']:.1%} of the bytes moved are "
+                  f"keys and values; {roofline['total_bytes']:,} bytes a token, at peak bandwidth {times}",
+                  highlight=False)
 
 
 def _compile_progress(total_passes: int, as_json: bool):
