@@ -266,8 +266,9 @@ def aot_specs(head_dim: int, group: int, dtype: torch.dtype) -> list[tuple[objec
     """Example (kernel, signature, constexprs, num_warps) sets for ahead-of-time compiles of
     a plain decode step (no padding, positions or soft-cap; the step's key and value
     written by the kernel; its position a launch argument, as in an eager step: a step
-    replayed from a CUDA graph loads it instead, one scalar load more) at these shapes: what
-    the launcher would pick for `head_dim`, `group` query heads per KV head and `dtype`."""
+    replayed from a CUDA graph loads it instead, the START_ON_DEVICE variant that
+    `aot.launchable_attention_specs` derives from this entry) at these shapes: what the
+    launcher would pick for `head_dim`, `group` query heads per KV head and `dtype`."""
     element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     block_h, block_n, block_d, num_warps = _block_sizes(group, head_dim,
                                                         torch.empty((), dtype=dtype).element_size())
