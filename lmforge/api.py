@@ -146,7 +146,7 @@ def optimize(
     """
     recipe = with_runtime(load_recipe(recipe), device, dtype)
     passes = recipe.instantiate()
-    reference = place_model(load_reference(model_or_path), recipe.runtime.device, recipe.runtime.dtype)
+    reference = place_model(load_reference(model_or_path, recipe.runtime.dtype), recipe.runtime.device, recipe.runtime.dtype)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_or_path)
     program = capture(reference)
     if isinstance(model_or_path, (str, Path)):

@@ -78,8 +78,10 @@ def _routed_through_lmforge(model: nn.Module) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def load_reference(model_or_path: nn.Module | str | Path) -> nn.Module:
-    """The Hugging Face model a Program is captured from and verified against."""
+def load_reference(model_or_path: nn.Module | str | Path, dtype: str | None = None) -> nn.Module:
+    """The Hugging Face model a Program is captured from and verified against. A checkpoint
+    path is read straight into `dtype` (a `torch` dtype name; None: transformers' default), so
+    a bfloat16 program of an 8 B model never holds a float32 copy of its weights on the way."""
     if isinstance(model_or_path, nn.Module):
         spec_for(model_or_path.config)
         return model_or_path.eval()
@@ -90,7 +92,8 @@ def load_reference(model_or_path: nn.Module | str | Path) -> nn.Module:
         raise LmforgeError(f"{path}: not a checkpoint directory (no config.json)")
     config = AutoConfig.from_pretrained(path)
     spec_for(config)
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+    placement = {"dtype": getattr(torch, dtype)} if dtype else {}
+    return AutoModelForCausalLM.from_pretrained(path, **placement).eval()
 
 
 def kv_cache_layout(layers: LayerMap) -> list[dict]:

@@ -75,3 +75,18 @@ def test_unsupported_architecture_is_named():
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(LmforgeError, match="unsupported architecture 'falcon'.*Supported model types: gemma"):
         lmforge.optimize(model)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_checkpoint_is_read_straight_into_the_runtime_dtype(tmp_path, dtype):
+    """No float32 copy on the way: every parameter arrives in the dtype asked for, equal to
+    the float32 weights cast, and without a dtype transformers' default stays."""
+    from lmforge.compiler.capture import load_reference
+
+    model = tiny_model("llama", num_layers=1)
+    model.save_pretrained(tmp_path)
+    loaded = load_reference(tmp_path, dtype)
+    assert {parameter.dtype for parameter in loaded.parameters()} == {getattr(torch, dtype)}
+    for name, parameter in loaded.named_parameters():
+        assert torch.equal(parameter, model.get_parameter(name).to(getattr(torch, dtype)))
+    assert {parameter.dtype for parameter in load_reference(tmp_path).parameters()} == {torch.float32}
