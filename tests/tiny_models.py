@@ -46,3 +46,11 @@ def tiny_model(model_type: str, seed: int = 0, attn_implementation: str = "eager
     config = tiny_config(model_type, num_layers)
     config._attn_implementation = attn_implementation
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for tests where text is not under test: every token decodes to one
+    character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "x" * len(ids)

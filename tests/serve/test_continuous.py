@@ -9,9 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import CharTokenizer
 
-import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.runtime.paged import BlockTable, PagedKVCache, paged_rows
 from lmforge.runtime.sampling import SamplingParams
@@ -22,36 +21,6 @@ from lmforge.serve.scheduler import GenerationParams, Request, Scheduler
 
 NEW_TOKENS = 8
 PROMPT_LENGTHS = (5, 23, 40, 9, 17)
-
-
-class _Tokenizer:
-    """Text is not under test here: every token decodes to one character."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "x" * len(ids)
-
-
-@pytest.fixture(scope="module")
-def models():
-    """Compiled tiny models by architecture, each compiled when a test first asks for it."""
-    compiled = {}
-
-    def get(kind: str):
-        if kind not in compiled:
-            compiled[kind] = lmforge.optimize(tiny_model(kind), "runtime: {max_seq_len: 96}\n")
-        return compiled[kind]
-
-    return get
-
-
-@pytest.fixture(scope="module", params=["llama", "gemma2"])  # gemma2: sliding window 12 and soft-capping
-def both(request, models):
-    return models(request.param)
-
-
-@pytest.fixture(scope="module")
-def model(models):
-    return models("llama")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +56,7 @@ def alone(model, answers):
 
 
 def _scheduler(model, **options) -> ContinuousScheduler:
-    return ContinuousScheduler(model.engine, _Tokenizer(), **{"max_batch": 8, "block_size": 4, **options})
+    return ContinuousScheduler(model.engine, CharTokenizer(), **{"max_batch": 8, "block_size": 4, **options})
 
 
 def _submit(scheduler, prompt: list[int], sampling: SamplingParams = SamplingParams()) -> Request:
@@ -169,7 +138,7 @@ def test_a_request_larger_than_the_block_pool_is_refused(model):
 def test_programs_that_cannot_be_paged_are_served_one_batch_at_a_time_with_the_reason(model):
     options = dict(max_batch=2, max_tokens_per_step=64)
     assert isinstance(make_scheduler(model, ServeMetrics(), **options), ContinuousScheduler)
-    cpp = SimpleNamespace(engine=model.engine, tokenizer=_Tokenizer(), program=model.program,
+    cpp = SimpleNamespace(engine=model.engine, tokenizer=CharTokenizer(), program=model.program,
                           recipe=SimpleNamespace(codegen=SimpleNamespace(backend="cpp")))
     fallback = make_scheduler(cpp, ServeMetrics(), **options)
     assert isinstance(fallback, Scheduler) and "cpp backend has no paged attention kernel" in fallback.describe()

@@ -10,9 +10,8 @@ from collections import Counter
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import CharTokenizer
 
-import lmforge
 from lmforge.serve.app import make_scheduler
 from lmforge.serve.continuous import ContinuousScheduler
 from lmforge.serve.metrics import ServeMetrics
@@ -21,35 +20,6 @@ from lmforge.serve.scheduler import GenerationParams, Request
 NEW_TOKENS = 8
 BLOCK = 4
 PREFIX = 40  # ten full blocks
-
-
-class _Tokenizer:
-    """Text is not under test here: every token decodes to one character."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "x" * len(ids)
-
-
-@pytest.fixture(scope="module")
-def models():
-    compiled = {}
-
-    def get(kind: str):
-        if kind not in compiled:
-            compiled[kind] = lmforge.optimize(tiny_model(kind), "runtime: {max_seq_len: 96}\n")
-        return compiled[kind]
-
-    return get
-
-
-@pytest.fixture(scope="module", params=["llama", "gemma2"])  # gemma2: sliding window 12 and soft-capping
-def both(request, models):
-    return models(request.param)
-
-
-@pytest.fixture(scope="module")
-def model(models):
-    return models("llama")
 
 
 def _random_tokens(length: int, seed: int) -> list[int]:
@@ -67,7 +37,7 @@ class _Run:
     """A scheduler whose forwards are counted: prompt tokens fed to the model per request."""
 
     def __init__(self, model, **options) -> None:
-        self.scheduler = ContinuousScheduler(model.engine, _Tokenizer(),
+        self.scheduler = ContinuousScheduler(model.engine, CharTokenizer(),
                                              **{"max_batch": 8, "block_size": BLOCK, **options})
         self.fed: Counter = Counter()
         forward = self.scheduler.forward
