@@ -87,6 +87,23 @@ def write_new(cache_base, stride_s, stride_d, new_base, stride_ns, stride_nd, sl
 
 
 @triton.jit
+def fold_block(acc, denom, top, q, k, v, ok, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """One key block into the running softmax state (acc, denom, top) of the rows of `q`:
+    scores in fp32, masked by `ok`, probabilities cast to the values' dtype for the second
+    product (as the reference attention does)."""
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    if HAS_SOFTCAP:
+        scores = soft_capped(scores, softcap)
+    scores = tl.where(ok, scores, float("-inf"))
+    new_top = tl.maximum(top, tl.max(scores, 1))
+    rescale = tl.exp(top - new_top)
+    p = tl.exp(scores - new_top[:, None])
+    denom = denom * rescale + tl.sum(p, 1)
+    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc, denom, new_top
+
+
+@triton.jit
 def attend_keys(acc, denom, top, q, query_pos, query_row, lo, hi,
                 k_base, v_base, stride_ks, stride_kd, stride_vs, stride_vd, first_slot,
                 positions_base, stride_ps, tree_ptr, q_len, start,
@@ -118,16 +135,7 @@ def attend_keys(acc, denom, top, q, query_pos, query_row, lo, hi,
             branch = tl.load(tree_ptr + query_row * q_len + (key_pos - start), mask=new, other=0)
             causal = tl.where(new, branch != 0, causal)
         ok = in_range[None, :] & visible(query_pos, key_pos, causal, first_real, window, sink)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        if HAS_SOFTCAP:
-            scores = soft_capped(scores, softcap)
-        scores = tl.where(ok, scores, float("-inf"))
-        new_top = tl.maximum(top, tl.max(scores, 1))
-        rescale = tl.exp(top - new_top)
-        p = tl.exp(scores - new_top[:, None])
-        denom = denom * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        top = new_top
+        acc, denom, top = fold_block(acc, denom, top, q, k, v, ok, scale, softcap, HAS_SOFTCAP)
     return acc, denom, top
 
 

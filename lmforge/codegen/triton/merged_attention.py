@@ -26,29 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.codegen.triton.attention_core import EMPTY_TOP, NO_WINDOW, soft_capped, visible
+from lmforge.codegen.triton.attention_core import EMPTY_TOP, NO_WINDOW, fold_block, visible
 from lmforge.codegen.triton.decode_attention import _split_count, decode_attention_combine
 from lmforge.codegen.triton.prefill_attention import prefill_attention
 from lmforge.compiler.kv_layout import MergedSlot, merge_into
 from lmforge.compiler.ops import AttentionContext, current_context
 from lmforge.errors import LmforgeError
-
-
-@triton.jit
-def fold_block(acc, denom, top, q, k, v, ok, scale, softcap, HAS_SOFTCAP: tl.constexpr):
-    """One key block into the running softmax state (acc, denom, top) of the rows of `q`:
-    scores in fp32, masked by `ok`, probabilities cast to the values' dtype for the second
-    product (as the reference attention does)."""
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-    if HAS_SOFTCAP:
-        scores = soft_capped(scores, softcap)
-    scores = tl.where(ok, scores, float("-inf"))
-    new_top = tl.maximum(top, tl.max(scores, 1))
-    rescale = tl.exp(top - new_top)
-    p = tl.exp(scores - new_top[:, None])
-    denom = denom * rescale + tl.sum(p, 1)
-    acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    return acc, denom, new_top
 
 
 @triton.jit
