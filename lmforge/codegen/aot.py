@@ -344,9 +344,9 @@ def launchable_attention_specs(ops: Iterable[str], head_dim: int, group: int, dt
                                verify_tokens: int | None = None) -> list[KernelSpec]:
     """Every attention kernel variant a program whose graph calls `ops` ("lmforge::attention",
     …) can launch, each listing the ops that launch it: the dense decode and prefill that
-    write the step's keys (`attention_kernel_specs`), that decode as a step captured in a
-    CUDA graph launches it (its position read from the device, its split count fixed by the
-    cache's size, which sets only the grid), the same kernels over a forward's own
+    write the step's keys (`attention_kernel_specs`), those and the tree verify as a step
+    captured in a CUDA graph launches them (the position read from the device; a decode's
+    split count fixed by the cache's size, which sets only the grid), the same kernels over a forward's own
     keys only (cache-free forwards, streaming heads' and merged or evicting caches' prefill),
     over a streaming ring's key positions, under a draft tree's mask, over block-sparse key
     lists of `sparse_block` tokens, and the merged-cache and evicting-cache kernels. A draft
@@ -373,8 +373,10 @@ def launchable_attention_specs(ops: Iterable[str], head_dim: int, group: int, dt
          ("stride_ps",)),
         ("decode_attention_combine", combine, {}, (*dense, *streaming, "merged_attention"), ()),
         ("prefill_attention_kernel", prefill, {}, dense, ()),
+        ("prefill_attention_kernel_captured", prefill, {"START_ON_DEVICE": True}, dense, ()),
         ("prefill_attention_kernel_own_keys", prefill, {"HAS_NEW": False}, every, ()),
         ("prefill_attention_kernel_tree", tree, {}, ("tree_attention",), ()),
+        ("prefill_attention_kernel_tree_captured", tree, {"START_ON_DEVICE": True}, ("tree_attention",), ()),
         ("prefill_attention_kernel_positions", prefill, {"HAS_NEW": False, "HAS_POSITIONS": True}, streaming,
          ("stride_ps",)),
         ("prefill_attention_kernel_block_sparse", block_sparse, {}, ("sparse_attention",), ()),
@@ -392,7 +394,8 @@ def launchable_attention_specs(ops: Iterable[str], head_dim: int, group: int, dt
                      if flag in constexprs}
         entry = (fn, signature, {**constexprs, **demanding, **changed}, num_warps)
         # a step captured in a CUDA graph reads its position from the device and passes 0
-        zero = ("query_pos",) if changed.get("START_ON_DEVICE") else ()
+        on_device = changed.get("START_ON_DEVICE", False)
+        zero = tuple(arg for arg in ("query_pos", "start") if on_device and arg in signature)
         specs.append(_attention_spec(name, entry, launching, head_dim, unit, zero))
     return specs
 

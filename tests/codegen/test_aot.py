@@ -108,7 +108,8 @@ def test_every_attention_variant_compiles_for_both_targets_without_spills(compil
     kernels = {kernel["name"]: kernel for kernel in compiled["attention_variants"]}
     assert set(kernels) == {
         "decode_attention_partial_captured", "decode_attention_partial_own_keys", "decode_attention_partial_positions",
-        "prefill_attention_kernel_own_keys", "prefill_attention_kernel_tree", "prefill_attention_kernel_positions",
+        "prefill_attention_kernel_captured", "prefill_attention_kernel_own_keys", "prefill_attention_kernel_tree",
+        "prefill_attention_kernel_tree_captured", "prefill_attention_kernel_positions",
         "prefill_attention_kernel_block_sparse", "merged_attention_kernel", "merged_attention_kernel_chunk",
         "evicting_decode_kernel"}
     assert kernels["merged_attention_kernel"]["ops"] == ["lmforge::merged_attention"]
@@ -117,17 +118,20 @@ def test_every_attention_variant_compiles_for_both_targets_without_spills(compil
     assert len(kernels["prefill_attention_kernel_own_keys"]["ops"]) == 6  # every op's cache-free forward
     assert "BLOCK_M=64" in kernels["prefill_attention_kernel_block_sparse"]["config"]
     assert "BLOCK_M=16" in kernels["prefill_attention_kernel_tree"]["config"]  # a 16-token verify
+    assert kernels["prefill_attention_kernel_tree_captured"]["ops"] == ["lmforge::tree_attention"]
     for kernel in kernels.values():
         assert "HAS_PAD=True" in kernel["config"] or kernel["name"] == "evicting_decode_kernel"  # slots mark padding
         assert_fits_without_spills(kernel)
 
 
-def test_captured_decode_reads_its_position_from_the_device(compiled):
-    """The decode a CUDA graph replays: START_ON_DEVICE, its (zero) position argument hinted."""
+def test_captured_steps_read_their_position_from_the_device(compiled):
+    """The decode and verify kernels a CUDA graph replays: START_ON_DEVICE, their (zero)
+    position argument hinted."""
     variants = {kernel["name"]: kernel for kernel in compiled["attention_variants"]}
-    captured = variants["decode_attention_partial_captured"]
-    assert "START_ON_DEVICE=True" in captured["config"]
-    assert captured["ops"] == ["lmforge::attention", "lmforge::tree_attention", "lmforge::sparse_attention"]
+    for name in ("decode_attention_partial_captured", "prefill_attention_kernel_captured"):
+        assert "START_ON_DEVICE=True" in variants[name]["config"]
+        assert variants[name]["ops"] == ["lmforge::attention", "lmforge::tree_attention", "lmforge::sparse_attention"]
+    assert "START_ON_DEVICE=True" in variants["prefill_attention_kernel_tree_captured"]["config"]
 
 
 def test_configurations_that_spilled_compile_without_spills(compiled):

@@ -182,7 +182,8 @@ def test_ahead_of_time_specs_cover_what_each_op_can_launch():
     plain = launchable_attention_specs(["lmforge::attention", "lmforge::last_position"], 80, 4, torch.float16)
     assert [spec.name for spec in plain] == [
         "decode_attention_partial", "decode_attention_partial_captured", "decode_attention_partial_own_keys",
-        "decode_attention_combine", "prefill_attention_kernel", "prefill_attention_kernel_own_keys"]
+        "decode_attention_combine", "prefill_attention_kernel", "prefill_attention_kernel_captured",
+        "prefill_attention_kernel_own_keys"]
     evicting = launchable_attention_specs(["lmforge::attention", "lmforge::evicting_attention"], 80, 4, torch.float16)
     assert [spec.name for spec in evicting][-1] == "evicting_decode_kernel"
     assert "merged_attention_kernel" not in {spec.name for spec in evicting}
@@ -190,7 +191,7 @@ def test_ahead_of_time_specs_cover_what_each_op_can_launch():
                                                                     "sparse_attention", "merged_attention")],
                                        80, 4, torch.float32, softcap=True, sparse_block=32, verify_tokens=5)
     names = [spec.name for spec in every]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 14
     for spec in every:
         assert list(spec.signature) == spec.fn.arg_names
         assert all((kind == "constexpr") == (arg in spec.constexprs) for arg, kind in spec.signature.items())
