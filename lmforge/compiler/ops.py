@@ -66,7 +66,11 @@ class PagedRows:
     position. `query_requests`/`query_positions` (T,) and `key_requests`/`key_positions`
     (S,) say whose each token is and where in its sequence: the mask is built from them.
     `logit_rows` (R,) are the query tokens whose logits the step needs (`last_position` keeps
-    only them, so prompt chunks do not pay for the LM head); None keeps every token."""
+    only them, so prompt chunks do not pay for the LM head); None keeps every token.
+    Kernels that read the pool through block tables (the `triton` backend's) take
+    `block_tables` (R, max blocks) int32, each request's blocks in position order (0 past its
+    last), `block_size`, and `pieces`, per request on the host: the row of its first query
+    token, its first position and its token count."""
 
     write_slots: torch.Tensor
     key_slots: torch.Tensor
@@ -75,6 +79,9 @@ class PagedRows:
     key_requests: torch.Tensor
     key_positions: torch.Tensor
     logit_rows: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    block_size: int = 0
+    pieces: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass

@@ -35,12 +35,13 @@ from lmforge.errors import LmforgeError
 from lmforge.runtime.kv_cache import check_cache_fits
 
 DEFAULT_BLOCK_SIZE = 16
-PAGEABLE_BACKENDS = ("aten", "fx")
+PAGEABLE_BACKENDS = ("aten", "fx", "triton")
 
 
 def paging_unsupported_reason(graph_module: fx.GraphModule, layout: list[dict], backend: str) -> str | None:
     """Why a program cannot run over a paged cache, or None when it can: only the `aten`
-    kernels of plain `attention` have a paged path; rings, merged and evicting caches keep
+    and `triton` kernels of plain `attention` have a paged path (`codegen/aten/paged.py`,
+    `codegen/triton/paged_attention.py`); rings, merged and evicting caches keep
     per-row state a block table cannot describe; dynamic FFN skipping decides per forward,
     which in a continuous batch would couple unrelated requests."""
     if backend not in PAGEABLE_BACKENDS:
@@ -212,8 +213,11 @@ def paged_rows(pieces: Sequence[tuple[BlockTable, int, int]], block_size: int, d
     it feeds and how many tokens (its table must already hold them); `logit_rows`, the query
     tokens whose logits are wanted (None: all)."""
     write, keys, query_requests, query_positions, key_requests, key_positions = [], [], [], [], [], []
+    tables, spans = [], []
     for request, (table, start, count) in enumerate(pieces):
         end = start + count
+        tables.append(table.blocks[: math.ceil(end / block_size)])
+        spans.append((len(query_positions), start, count))
         write += table.slots(start, end, block_size)
         keys += table.slots(0, end, block_size)
         query_requests += [request] * count
@@ -225,6 +229,9 @@ def paged_rows(pieces: Sequence[tuple[BlockTable, int, int]], block_size: int, d
         return torch.tensor(values, dtype=torch.long, device=device)
 
     logits = None if logit_rows is None else tensor(list(logit_rows))
+    width = max((len(blocks) for blocks in tables), default=0)
+    block_tables = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in tables], dtype=torch.int32,
+                                device=device).reshape(len(tables), width)
     return PagedRows(tensor(write), tensor(keys), tensor(query_requests), tensor(query_positions),
-                     tensor(key_requests), tensor(key_positions), logits)
+                     tensor(key_requests), tensor(key_positions), logits, block_tables, block_size, tuple(spans))
 

@@ -22,6 +22,7 @@ from lmforge.codegen.aten import PYTHON_KERNELS
 from lmforge.codegen.triton.decode_attention import decode_attention
 from lmforge.codegen.triton.evicting_attention import triton_evicting_attention
 from lmforge.codegen.triton.merged_attention import triton_merged_attention
+from lmforge.codegen.triton.paged_attention import paged_attention
 from lmforge.codegen.triton.prefill_attention import prefill_attention
 from lmforge.compiler.ops import (
     AttentionContext,
@@ -86,10 +87,24 @@ def _cache_and_new(ctx: AttentionContext, cache_index: int, k: torch.Tensor, v: 
     return key_cache, value_cache, (k, v)
 
 
+def _paged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext, cache_index: int,
+           scale: float, window: int, softcap: float) -> torch.Tensor:
+    """A serving step's ragged forward over a block pool (`AttentionContext.paged`), read
+    through the requests' block tables (`paged_attention`)."""
+    if ctx.tree is not None:
+        raise LmforgeError("draft-tree verification is not supported over a paged cache")
+    cache = ctx.kv[cache_index]
+    if not isinstance(cache, tuple):
+        raise LmforgeError(f"a paged forward needs plain (key, value) pools, not a {type(cache).__name__}")
+    return paged_attention(q, k, v, cache[0], cache[1], ctx.paged, scale, window, softcap)
+
+
 def triton_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_index: int, scale: float,
                           window: int, softcap: float) -> torch.Tensor:
     """`tree_attention`: dense attention honouring the context's draft tree, if any."""
     ctx = current_context()
+    if ctx.paged is not None:
+        return _paged(q, k, v, ctx, cache_index, scale, window, softcap)
     # a captured step (slots) does not know its length on the host: any window is refused, as on aten
     windowed = window > 0 and (ctx.slots is not None or window < ctx.start + q.shape[2])
     if ctx.tree is not None and windowed:
@@ -161,8 +176,12 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 def triton_last_position(hidden: torch.Tensor) -> torch.Tensor:
     """`last_position` as a view: the custom op must copy (an op's output may not alias its
     input), which on a GPU is one more launch per step; the lowered graph is plain Python, so
-    the LM head can read the slice in place."""
-    return hidden[:, -1:] if current_context().last_only else hidden
+    the LM head can read the slice in place; a paged step keeps the rows it samples from
+    (`PagedRows.logit_rows`)."""
+    context = current_context()
+    if context.paged is not None and context.paged.logit_rows is not None:
+        return hidden[:, context.paged.logit_rows]
+    return hidden[:, -1:] if context.last_only else hidden
 
 
 TRITON_KERNELS = {
