@@ -10,6 +10,7 @@ ahead of time) on a machine without a GPU.
 from __future__ import annotations
 
 from lmforge.codegen.aten.quantized_kv import refuse_on_backend
+from lmforge.codegen.cpp.refused import refuse_on_cpp
 from lmforge.codegen.cpu import Runner
 from lmforge.codegen.triton.refused import refuse_on_triton
 from lmforge.compiler.program import Program
@@ -21,6 +22,8 @@ def _refuse_missing_kernels(program: Program, backend: str) -> None:
     """Refuse, at compile, a program calling an op `backend` has no kernel for."""
     if backend == "triton":
         refuse_on_triton(program.graph_module)
+    elif backend == "cpp":
+        refuse_on_cpp(program.graph_module)
     else:
         refuse_on_backend(program.graph_module, backend)
 

@@ -13,11 +13,9 @@ over the first `len(key_slots)` cache slots, and a mask computed from tensors â€
 written (`write_slots`), the key slots and the per-row left padding (`pad`) â€” instead of
 Python objects. `tree_attention` (draft trees) is the same with the tree's
 ancestor mask as one more input (a causal mask for chains and prefills). Ops whose state is
-a Python object (rings, merged and evicting slots), data-dependent branches (dynamic
-`ffn_skip`) and block-sparse prefill are refused by `check_supported`
-(`codegen/cpp/step_graph.py`) with the pass that put them there; streaming heads' ring
-keeps per-row sink slots that depend on each row's padding, not yet written as slot
-tensors. What other passes leave is plain graph: `kv_share` points layers at one cache
+a Python object (streaming rings, merged and evicting slots), data-dependent branches
+(dynamic `ffn_skip`) and block-sparse prefill are refused when the program is lowered, each
+with the pass that put it there and why, from one table (`codegen/cpp/refused.py`). What other passes leave is plain graph: `kv_share` points layers at one cache
 index (each writes the same keys), a static `ffn_skip` removes nodes, draft heads add
 outputs (`_cut` trims every output), prompt lookup only changes what the engine feeds.
 Keys and values are gathered with `index_select` over the key slots rather than sliced: a
@@ -95,17 +93,10 @@ from lmforge.codegen.cpp.package_cache import (
     compile_seconds_on_this_machine,
     program_digest,
 )
-from lmforge.codegen.cpp.step_graph import (
-    ATTENTION_OPS,
-    COND,
-    LOWERED_ATTENTION,
-    cache_indices,
-    check_supported,
-    has_tree,
-    step_graph,
-)
+from lmforge.codegen.cpp.refused import refusal, refuse_on_cpp
+from lmforge.codegen.cpp.step_graph import LOWERED_ATTENTION, cache_indices, has_tree, step_graph
 from lmforge.compiler.kv_layout import allocate_kv_buffers
-from lmforge.compiler.ops import current_context, ffn_skip_gate
+from lmforge.compiler.ops import current_context
 from lmforge.compiler.program import Program
 from lmforge.errors import LmforgeError
 
@@ -178,7 +169,7 @@ class CppRunner:
     and whether this process compiled it or loaded it from the cache."""
 
     def __init__(self, program: Program) -> None:
-        check_supported(program.graph_module)
+        refuse_on_cpp(program.graph_module)
         self.graph_module = program.graph_module
         self.indices = cache_indices(program.graph_module)
         self.layout = program.meta["kv_cache"]
@@ -293,7 +284,7 @@ def _cut(output, batch: int, tokens: int):
 def op_placement(graph_module: fx.GraphModule) -> dict[str, dict[str, int]]:
     """Where the `cpp` backend runs each op of a program's graph, by op name and node count:
     `compiled` (inside the step; lmforge's `attention` lowered to aten, `last_position`
-    dropped) or `refused` (what `check_supported` rejects). No graph op runs in Python: the
+    dropped) or `refused` (what `cpp/refused.py` rejects). No graph op runs in Python: the
     runner's own Python per step only builds the slot tensors and pads the batch."""
     placement: dict[str, dict[str, int]] = {"compiled": {}, "refused": {}}
     for node in graph_module.graph.nodes:
@@ -301,8 +292,7 @@ def op_placement(graph_module: fx.GraphModule) -> dict[str, dict[str, int]]:
             continue
         target = node.target
         name = str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
-        refused = (target in ATTENTION_OPS and target not in LOWERED_ATTENTION) or target in (ffn_skip_gate, COND)
-        where = placement["refused" if refused else "compiled"]
+        where = placement["refused" if refusal(node) is not None else "compiled"]
         where[name] = where.get(name, 0) + 1
     return placement
 

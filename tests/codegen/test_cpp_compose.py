@@ -1,7 +1,7 @@
 """The `cpp` backend under passes that rewrite the graph around attention: one program with
 kv_share, a static ffn_skip, Medusa draft heads verified as a tree and prompt lookup (chains),
-compiled by the cpp backend, decodes the aten backend's greedy tokens; what it cannot
-compile is refused naming the pass.
+compiled by the cpp backend, decodes the aten backend's greedy tokens (what it cannot
+compile is refused naming the pass: test_cpp_refused.py).
 
 One module fixture compiles the program's buckets once (any length, 1 token, and the verify
 widths 2 and 4 that chains of up to 3 drafts and a 3-node tree need: few, as each compile
@@ -9,17 +9,13 @@ takes minutes on a busy machine); the packages stay in lmforge's cache for later
 
 import pytest
 import torch
-from tiny_models import tiny_config, tiny_model
+from tiny_models import tiny_config
 from transformers import AutoModelForCausalLM
 
 import lmforge
 from lmforge.api import CompiledModel
-from lmforge.codegen.cpu import lower
-from lmforge.compiler.capture import capture
-from lmforge.compiler.recipe import CodegenConfig, parse_recipe
+from lmforge.compiler.recipe import parse_recipe
 from lmforge.draft_heads import save_heads, train_heads
-from lmforge.errors import LmforgeError
-from lmforge.passes.ffn_skip import make_dynamic
 
 
 def _recipe(ref_path, heads) -> str:
@@ -84,11 +80,3 @@ def test_draft_trees_give_the_aten_tokens(composed):
     assert any(trees)  # some forwards verified a tree (the last token and one guess per head: 4-token bucket)
     stats = cpp.engine.speculation_stats
     assert stats["drafted"] > 0 and stats == aten.engine.speculation_stats  # the same trees, the same acceptances
-
-
-def test_dynamic_ffn_skip_is_refused_naming_the_op():
-    program = capture(tiny_model("llama"))
-    make_dynamic(program, [1], threshold=0.99, warmup=2)
-    with pytest.raises(LmforgeError, match=r"^codegen backend cpp cannot compile lmforge::ffn_skip_gate from pass "
-                                           r".*: skipping an FFN is a data-dependent branch"):
-        lower(program, CodegenConfig(backend="cpp"))

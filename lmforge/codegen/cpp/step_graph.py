@@ -1,6 +1,6 @@
 """The program's graph as a step Inductor can compile: lmforge's attention ops rewritten to
-aten on graph inputs (see `codegen/cpp_backend.py` for why and how), and the check that
-refuses what cannot be rewritten."""
+aten on graph inputs (see `codegen/cpp_backend.py` for why and how; what cannot be rewritten
+is refused by `cpp/refused.py`)."""
 
 from __future__ import annotations
 
@@ -10,43 +10,9 @@ import math
 import torch
 from torch import fx
 
-from lmforge.compiler.ops import (
-    ATTENTION_OPS,
-    attention,
-    ffn_skip_gate,
-    last_position,
-    slot_mask,
-    tree_attention,
-)
-from lmforge.compiler.pipeline import provenance
-from lmforge.errors import LmforgeError
+from lmforge.compiler.ops import attention, last_position, slot_mask, tree_attention
 
-COND = torch.ops.higher_order.cond
 LOWERED_ATTENTION = (attention, tree_attention)  # the attention ops the compiled step expresses
-_WHY_UNSUPPORTED = {
-    "merged_attention": "merged cache slots are Python objects the compiled step cannot hold",
-    "streaming_attention": "ring cache slots are Python objects the compiled step cannot hold",
-    "evicting_attention": "evicting cache slots are Python objects the compiled step cannot hold",
-    "sparse_attention": "block-sparse prefill chooses its blocks in Python",
-    "ffn_skip_gate": "skipping an FFN is a data-dependent branch taken in Python between operators",
-    "cond": "a data-dependent branch runs in Python between operators",
-}
-
-
-def check_supported(graph_module: fx.GraphModule) -> None:
-    """Refuse, in one line naming the op and the pass that put it there, a graph the compiled
-    step cannot express."""
-    for node in graph_module.graph.nodes:
-        if node.op != "call_function" or node.target in (*LOWERED_ATTENTION, last_position):
-            continue
-        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        if node.target in ATTENTION_OPS or node.target is ffn_skip_gate or node.target is torch.ops.higher_order.cond:
-            raise LmforgeError(f"codegen backend cpp cannot compile lmforge::{name} from pass {provenance(node)}: "
-                               f"{_WHY_UNSUPPORTED.get(name, 'no lowering')}; use backend aten for this recipe")
-        namespace = getattr(node.target, "namespace", None)
-        if namespace == "lmforge":
-            raise LmforgeError(f"codegen backend cpp cannot compile lmforge::{name} from pass {provenance(node)}: "
-                               "no lowering; use backend aten for this recipe")
 
 
 def cached_attention(
