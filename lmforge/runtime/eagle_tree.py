@@ -43,35 +43,32 @@ class DynamicTree:
 
 @dataclass
 class _Candidates:
-    """The nodes drafted so far, in creation order (parents before children)."""
+    """The nodes drafted so far, in creation order (parents before children): their shape on
+    the host, their tokens and scores on the device — one host copy of the scores' batch means
+    per depth decides the shape, so growing a tree costs a few ops per depth, not per node."""
 
     parents: list[int]  # index of the parent candidate, -1 for the root
     depths: list[int]
-    tokens: list[torch.Tensor]  # (B,) each
-    scores: list[torch.Tensor]  # (B,) each: cumulative confidence
-    slots: dict[int, int]  # candidate → tree slot of its drafter entry, once expanded
-    outputs: dict[int, torch.Tensor]  # candidate → drafter feature after it (B, H), once expanded
+    means: list[float]  # cumulative confidence, mean over the batch rows
+    tokens: torch.Tensor  # (B, nodes)
+    scores: torch.Tensor  # (B, nodes): cumulative confidence
 
-    def add_children(self, parent: int, depth: int, probs: torch.Tensor, top_k: int, base: torch.Tensor) -> list[int]:
+    @classmethod
+    def below_root(cls, probs: torch.Tensor, top_k: int) -> _Candidates:
         values, indices = probs.topk(top_k, dim=-1)
-        added = []
-        for rank in range(top_k):
-            self.parents.append(parent)
-            self.depths.append(depth)
-            self.tokens.append(indices[:, rank])
-            self.scores.append(base * values[:, rank])
-            added.append(len(self.parents) - 1)
-        return added
+        return cls([-1] * top_k, [1] * top_k, values.mean(0).tolist(), indices, values)
 
-    def mean(self, node: int) -> float:
-        return float(self.scores[node].mean())
-
-    def ancestors(self, node: int) -> list[int]:
-        chain = []
-        while node >= 0:
-            chain.append(node)
-            node = self.parents[node]
-        return chain
+    def add_children(self, parents: list[int], depth: int, probs: torch.Tensor, top_k: int) -> list[int]:
+        """`top_k` children under each of `parents`, from their drafter probabilities (B, len(parents), V)."""
+        values, indices = probs.topk(top_k, dim=-1)
+        scores = (self.scores[:, parents, None] * values).flatten(1)
+        first = len(self.parents)
+        self.parents += [parent for parent in parents for _ in range(top_k)]
+        self.depths += [depth] * scores.shape[1]
+        self.means += scores.mean(0).tolist()
+        self.tokens = torch.cat([self.tokens, indices.flatten(1)], dim=1)
+        self.scores = torch.cat([self.scores, scores], dim=1)
+        return list(range(first, len(self.parents)))
 
 
 def grow_tree(drafter: EagleDrafter, root: torch.Tensor, options: DynamicTree, room: int) -> TokenTree:
@@ -80,40 +77,35 @@ def grow_tree(drafter: EagleDrafter, root: torch.Tensor, options: DynamicTree, r
     feature, base, position = drafter.committed
     depth_limit = max(1, min(room, options.max_depth))
     top_k = options.top_k
-    nodes = _Candidates([], [], [], [], {}, {})
-    probs = drafter.logits(feature[:, 0]).float().softmax(-1)
-    frontier = nodes.add_children(-1, 1, probs, top_k, torch.ones_like(probs[:, 0]))
-    written = 0
+    nodes = _Candidates.below_root(drafter.draft_logits(feature[:, 0]).float().softmax(-1), top_k)
+    frontier = list(range(top_k))
+    expanded: list[int] = []  # candidates written to the drafter's cache, in slot order
+    sees: dict[int, list[int]] = {}  # expanded candidate → tree slots it attends to (its ancestors', its own)
+    outputs = feature.expand(-1, top_k, -1)  # the drafter's features after the frontier's parents
     for depth in range(1, depth_limit):
-        ranked = sorted(frontier, key=lambda node: -nodes.mean(node))[:top_k]
-        best = nodes.mean(ranked[0])
-        settled = sum(1 for node in range(len(nodes.parents)) if node not in frontier and nodes.mean(node) >= best)
+        ranked = sorted(frontier, key=lambda node: -nodes.means[node])[:top_k]
+        best = nodes.means[ranked[0]]
+        in_frontier = set(frontier)
+        settled = sum(1 for node, mean in enumerate(nodes.means) if node not in in_frontier and mean >= best)
         if best < options.threshold or settled >= options.budget:
             break
-        features = torch.stack([feature[:, 0] if nodes.parents[node] < 0 else nodes.outputs[nodes.parents[node]]
-                                for node in ranked], dim=1)
-        tokens = torch.stack([nodes.tokens[node] for node in ranked], dim=1)
-        visible = torch.zeros(len(ranked), written + len(ranked), dtype=torch.bool)
+        parent_columns = [(node - frontier[0]) // top_k if depth > 1 else 0 for node in ranked]
+        visible = torch.zeros(len(ranked), len(expanded) + len(ranked), dtype=torch.bool)
         for index, node in enumerate(ranked):
-            nodes.slots[node] = written + index
-            for ancestor in nodes.ancestors(node):
-                if ancestor in nodes.slots:
-                    visible[index, nodes.slots[ancestor]] = True
-        outputs = drafter.write_tree(features, tokens, (position + depth - 1).expand_as(tokens), base + written,
-                                     visible.to(tokens.device))
-        written += len(ranked)
-        probs = drafter.logits(outputs).float().softmax(-1)
-        frontier = []
-        for index, node in enumerate(ranked):
-            nodes.outputs[node] = outputs[:, index]
-            frontier += nodes.add_children(node, depth + 1, probs[:, index], top_k, nodes.scores[node])
+            sees[node] = sees.get(nodes.parents[node], []) + [len(expanded) + index]
+            visible[index, sees[node]] = True
+        outputs = drafter.write_tree(outputs[:, parent_columns], nodes.tokens[:, ranked],
+                                     (position + depth - 1).expand(-1, len(ranked)), base + len(expanded),
+                                     visible.to(root.device))
+        expanded += ranked
+        frontier = nodes.add_children(ranked, depth + 1, drafter.draft_logits(outputs).float().softmax(-1), top_k)
     return _token_tree(nodes, root, options.budget)
 
 
 def _token_tree(nodes: _Candidates, root: torch.Tensor, budget: int) -> TokenTree:
     """The `budget` best candidates (a node only after its parent) as a breadth-first TokenTree."""
     chosen: set[int] = set()
-    for node in sorted(range(len(nodes.parents)), key=lambda node: (-nodes.mean(node), node)):
+    for node in sorted(range(len(nodes.parents)), key=lambda node: (-nodes.means[node], node)):
         if len(chosen) == budget:
             break
         if nodes.parents[node] < 0 or nodes.parents[node] in chosen:
@@ -121,6 +113,6 @@ def _token_tree(nodes: _Candidates, root: torch.Tensor, budget: int) -> TokenTre
     order = sorted(chosen, key=lambda node: (nodes.depths[node], node))
     index = {node: position + 1 for position, node in enumerate(order)}
     parents = [-1] + [index.get(nodes.parents[node], 0) for node in order]
-    tokens = torch.stack([root] + [nodes.tokens[node] for node in order], dim=1)
+    tokens = torch.cat([root[:, None], nodes.tokens[:, order]], dim=1)
     depths = torch.tensor([0] + [nodes.depths[node] for node in order], device=root.device)
     return TokenTree(parents, tokens, depths)
