@@ -13,6 +13,12 @@ the machine (`machine_fingerprint`: torch version, the CPU's ISA level and flags
 compiler's version). Entries sit in `<cache>/<program digest>/<bucket>.pt2`, each with a
 `.json` record of how long its first compile took, which `lmforge info` reads.
 
+Writes. A package and its record are written to a temporary file beside them, named after
+the writing process (`<bucket>.<pid>.partial.pt2`), and renamed into place: a reader never
+sees half a package, a failed compile removes its file, and a compile killed before it
+could (Ctrl-C twice, the OOM killer) leaves one that no lookup reads and that the next
+compile on this machine deletes once its process is gone.
+
 Trust. The cache lives in the user's own directory and is filled only by compiles run on
 this machine from source lmforge generated; nothing in it comes from an artifact, and an
 artifact never carries a package (DESIGN.md: nothing executable is taken from an artifact).
@@ -20,20 +26,23 @@ artifact never carries a package (DESIGN.md: nothing executable is taken from an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import fx
 
 FORMAT = 2  # bump when what a package holds, how its key is made, or the Inductor options change
+PARTIAL = "partial"  # the middle word of a file being written: `<bucket>.<pid>.partial.<suffix>`
+LEGACY_TEMPORARY = "tmp*.pt2"  # what a killed compile of an earlier lmforge left (no pid in the name)
+LEGACY_TEMPORARY_AGE = 3600.0  # seconds after which such a file is stale: no compile has taken an hour
 
 
 def compile_cache_dir() -> Path:
@@ -117,6 +126,8 @@ def compile_seconds_on_this_machine(digest: str) -> dict[str, dict]:
         return {}
     records = {}
     for path in sorted(directory.glob("*.json")):
+        if _is_partial(path):
+            continue
         record = json.loads(path.read_text())
         records[record["bucket"]] = record
     return records
@@ -133,9 +144,9 @@ class PackageCache:
 
     def load_or_compile(self, name: str, export: Callable[[], torch.export.ExportedProgram],
                         inductor_config: dict) -> tuple[Callable, dict]:
-        """The package for bucket `name` (a file-safe string): loaded when cached, else built
-        from `export()` and stored (written to a temporary file and renamed, so a process
-        that reads it at the same time never sees half a package). Returns it with its record."""
+        """The package for bucket `name` (a file-safe string without dots): loaded when cached,
+        else built from `export()` and stored (`written_atomically`, after clearing what killed
+        compiles left: `remove_stale_partials`). Returns it with its record."""
         package = self.directory / f"{name}.pt2"
         record_path = package.with_suffix(".json")
         started = time.perf_counter()
@@ -146,26 +157,70 @@ class PackageCache:
             self.loaded += 1
             return step, record
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        remove_stale_partials(compile_cache_dir())
         exported = export()
         exported_at = time.perf_counter()
-        handle, temporary = tempfile.mkstemp(suffix=".pt2", dir=self.directory)
-        os.close(handle)
         before = _inductor_seconds()
-        try:
-            torch._inductor.aoti_compile_and_package(exported, package_path=temporary, inductor_configs=inductor_config)
-            os.replace(temporary, package)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        with written_atomically(package) as temporary:
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(temporary),
+                                                     inductor_configs=inductor_config)
         phases = {phase: round(seconds - before[phase], 2) for phase, seconds in _inductor_seconds().items()}
         record = {"bucket": name, "export_seconds": round(exported_at - started, 2),
                   "compile_seconds": round(time.perf_counter() - started, 2), "phases": phases}
-        record_path.write_text(json.dumps(record))
+        with written_atomically(record_path) as temporary:
+            temporary.write_text(json.dumps(record))
         loading = time.perf_counter()
         step = torch._inductor.aoti_load_package(str(package))
         record["load_seconds"], record["source"] = time.perf_counter() - loading, "compiled"
         self.compiled += 1
         return step, record
+
+
+@contextlib.contextmanager
+def written_atomically(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target` (same directory, so the rename is atomic, and the same
+    suffix, which AOTInductor checks) for the caller to write; renamed to `target` when the
+    block ends without an error, removed when it raises."""
+    temporary = target.with_name(f"{target.stem}.{os.getpid()}.{PARTIAL}{target.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _is_partial(path: Path) -> bool:
+    parts = path.name.split(".")
+    return len(parts) >= 4 and parts[-2] == PARTIAL and parts[-3].isdigit()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(root: Path) -> list[Path]:
+    """Delete, under each program directory of `root`, the files left by writes that can no
+    longer finish: `written_atomically` files whose process is gone, and an earlier lmforge's
+    `tmp*.pt2` older than `LEGACY_TEMPORARY_AGE`. Files of running compiles are kept.
+    Returns what was deleted."""
+    removed = []
+    for path in root.glob("*/*"):
+        stale = False
+        if _is_partial(path):
+            stale = not _process_exists(int(path.name.split(".")[-3]))
+        elif path.match(LEGACY_TEMPORARY):
+            with contextlib.suppress(FileNotFoundError):  # another compile may clear it first
+                stale = time.time() - path.stat().st_mtime > LEGACY_TEMPORARY_AGE
+        if stale:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 # Inductor's own timers (`torch._dynamo.utils.compilation_time_metrics`) for the phases of a
