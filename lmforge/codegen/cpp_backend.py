@@ -93,6 +93,7 @@ from lmforge.codegen.cpp.package_cache import (
     compile_seconds_on_this_machine,
     program_digest,
 )
+from lmforge.codegen.cpp.quantized import with_quantized_kernels
 from lmforge.codegen.cpp.refused import refusal, refuse_on_cpp
 from lmforge.codegen.cpp.step_graph import LOWERED_ATTENTION, cache_indices, has_tree, step_graph
 from lmforge.compiler.kv_layout import allocate_kv_buffers
@@ -170,7 +171,7 @@ class CppRunner:
 
     def __init__(self, program: Program) -> None:
         refuse_on_cpp(program.graph_module)
-        self.graph_module = program.graph_module
+        self.graph_module = with_quantized_kernels(program.graph_module)  # stored formats' kernels
         self.indices = cache_indices(program.graph_module)
         self.layout = program.meta["kv_cache"]
         self.dtype = getattr(torch, program.meta.get("dtype", "float32"))

@@ -67,6 +67,15 @@ def linear_fp32_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor
     return _with_bias(torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), x, bias)
 
 
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The bf16 product as plain aten (a compiler packs the weight itself: the `cpp` backend)."""
+    return _with_bias(torch.nn.functional.linear(x.to(torch.bfloat16), weight), x, bias)
+
+
+def linear_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def linear_int8(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _with_bias(torch._weight_int8pack_mm(_rows(x).to(torch.bfloat16), codes, scales), x, bias)
 
@@ -89,6 +98,11 @@ def linear_bf16_packed_outliers(x: torch.Tensor, packed: torch.Tensor, rows: tor
     return _with_bias(_plus_outliers(linear_bf16_packed(x, packed, None), x, rows, columns, deltas), x, bias)
 
 
+def linear_bf16_outliers(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+                         deltas: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _with_bias(_plus_outliers(linear_bf16(x, weight, None), x, rows, columns, deltas), x, bias)
+
+
 def linear_int8_outliers(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor,
                          columns: torch.Tensor, deltas: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return _with_bias(_plus_outliers(linear_int8(x, codes, scales, None), x, rows, columns, deltas), x, bias)
@@ -101,18 +115,20 @@ def linear_int4_outliers(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros
     return _with_bias(_plus_outliers(dense, x, rows, columns, deltas), x, bias)
 
 
-_WITH_OUTLIERS = {linear_bf16_packed: linear_bf16_packed_outliers, linear_int8: linear_int8_outliers,
-                  linear_int4: linear_int4_outliers}
+_WITH_OUTLIERS = {linear_bf16_packed: linear_bf16_packed_outliers, linear_bf16: linear_bf16_outliers,
+                  linear_int8: linear_int8_outliers, linear_int4: linear_int4_outliers}
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
 
-def kernel_operands(module: torch.nn.Module, fmt: str, base: str) -> tuple:
-    """(kernel, the tensors it takes after the activations, in order) for one weight."""
+def kernel_operands(module: torch.nn.Module, fmt: str, base: str, onednn: bool = True) -> tuple:
+    """(kernel, the tensors it takes after the activations, in order) for one weight; with
+    `onednn` False, bf16 and fp16 weights stay plain tensors (no oneDNN-packed copy, which
+    `torch.export` cannot hold) for a compiler that packs them itself."""
     weight = stored_weight(module, fmt, base)
-    kernel, operands = _dense_operands(weight)
+    kernel, operands = _dense_operands(weight, onednn)
     if weight.outlier_index is None:
         return kernel, operands
     index = weight.outlier_index.long()
@@ -121,16 +137,17 @@ def kernel_operands(module: torch.nn.Module, fmt: str, base: str) -> tuple:
     return _WITH_OUTLIERS[kernel], (*operands, index // columns, index % columns, deltas)
 
 
-def _dense_operands(weight: QuantizedWeight) -> tuple:
+def _dense_operands(weight: QuantizedWeight, onednn: bool) -> tuple:
     fmt = weight.format
+    bf16_kernel, pack = (linear_bf16_packed, _pack) if onednn else (linear_bf16, torch.Tensor.contiguous)
     if fmt == "bf16":
-        return linear_bf16_packed, (_pack(weight.qweight),)
+        return bf16_kernel, (pack(weight.qweight),)
     if fmt == "fp16":
-        return linear_fp32_packed, (_pack(weight.qweight.float()),)
+        return (linear_fp32_packed if onednn else linear_fp32), (pack(weight.qweight.float()),)
     if fmt == "int8":
         return linear_int8, (weight.qweight, weight.scales.view(-1).to(torch.bfloat16))
     if weight.group_size not in INT4_KERNEL_GROUPS:
-        return linear_bf16_packed, (_pack(weight.dequantize_codes().to(torch.bfloat16)),)
+        return bf16_kernel, (pack(weight.dequantize_codes().to(torch.bfloat16)),)
     packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(weight.qweight).to(torch.int32), 1)
     # torch's int4 convention is w = (q - 8) * scale + zero; ours is w = q * scale + min
     scales = weight.scales.float()
@@ -174,10 +191,10 @@ def _register(module: fx.GraphModule, name: str, value, before: fx.Node):
         return module.graph.get_attr(name)
 
 
-def select_quantized_kernels(module: fx.GraphModule) -> None:
+def select_quantized_kernels(module: fx.GraphModule, onednn: bool = True) -> None:
     """In place on `module`: every linear whose weight is a stored low-precision weight
-    calls that format's kernel; every embedding table computed from constants is computed
-    once. The dequantizing nodes are left for dead-code elimination."""
+    calls that format's kernel (`kernel_operands`); every embedding table computed from
+    constants is computed once. The dequantizing nodes are left for dead-code elimination."""
     for node in list(module.graph.nodes):
         if node.target not in (aten.linear.default, aten.embedding.default):
             continue
@@ -196,7 +213,7 @@ def select_quantized_kernels(module: fx.GraphModule) -> None:
         if found is None:
             continue
         fmt, base = found
-        kernel, operands = kernel_operands(module, fmt, base)
+        kernel, operands = kernel_operands(module, fmt, base, onednn)
         attributes = [_register(module, f"{base}_{fmt}_kernel_{i}", operand, node) for i, operand in enumerate(operands)]
         bias = node.args[2] if len(node.args) > 2 else None
         node.target = kernel
