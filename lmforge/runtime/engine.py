@@ -32,7 +32,7 @@ from lmforge.runtime.inputs import (
     check_token_ids,
 )
 from lmforge.runtime.kv_cache import StaticKVCache, check_cache_fits
-from lmforge.runtime.rejection import DrawnChain, accept_drawn
+from lmforge.runtime.rejection import DrawnChain, accept_drawn, accept_tree_sampled
 from lmforge.runtime.sampling import SamplingParams, filtered_logits, select_next
 from lmforge.runtime.speculative import (
     ProfitabilityGate,
@@ -177,11 +177,13 @@ class Engine:
         them) of a ragged forward over a block pool: the query tokens of several requests in one
         row `(1, T)`, each with its own position, their keys and values read and written through
         `rows` (`runtime.paged`). The serving scheduler's continuous batches run through it; the
-        engine's own cache is not touched."""
+        engine's own cache is not touched. What draft heads read at those rows is left in
+        `draft_inputs` `(1, R, ...)`, as `step` leaves it."""
         context = AttentionContext(kv=pools, start=0, q_len=input_ids.shape[1], paged=rows, device=self.device)
         with attention_context(context):
             output = self.runner(input_ids, positions)
-        return split_output(output, self.speculation)[0][0]
+        logits, self.draft_inputs = split_output(output, self.speculation)
+        return logits[0]
 
     def _cache_rows(self, batch: int) -> list:
         """The cache buffers of the first `batch` rows (views: a bucket-sized cache holds more)."""
@@ -296,7 +298,7 @@ class Engine:
         gate = ProfitabilityGate()
         self.speculation_stats = {"forwards": 1, "drafted": 0, "accepted": 0}
         eagle = self._eagle_drafting()
-        eagle_tree = self._eagle_tree() if eagle and not sampling.do_sample and self._plain_cache() else None
+        eagle_tree = self._eagle_tree() if eagle and self._plain_cache() else None
         if eagle:  # the drafter reads the hidden state at every prompt position
             self.drafter.start(batch, total + 1 + (eagle_tree.drafter_slots() if eagle_tree else 0), pad, self.device)
         logits = self.step(input_ids, positions, 0, pad, every_position=eagle)
@@ -311,7 +313,8 @@ class Engine:
                 new_tokens = select_next(logits[:, -1], sampling, generator)[:, None]
             else:
                 if isinstance(drafts, TokenTree):
-                    paths, own = accept_tree(logits, drafts)
+                    paths, own = accept_tree_sampled(logits, drafts, sampling, generator) if sampling.do_sample \
+                        else accept_tree(logits, drafts)
                     compact_cache(self._cache_rows(batch), length - 1, paths)
                     nodes = path_nodes = torch.tensor(paths, device=self.device)
                     head_index, accepted, drafted = nodes[:, -1], nodes.shape[1] - 1, len(drafts.parents) - 1
@@ -380,8 +383,9 @@ class Engine:
         """Commit the last forward's accepted positions `nodes` (B, kept), in order, to the
         EAGLE drafter's cache — each position's hidden state with the token after it: the next
         accepted fed token, and the model's own new token `own` (B, 1) after the last — and
-        return its drafter: a dynamic tree below `root` (B,) when greedy with `tree`, a chain
-        drawn from its filtered distribution when sampling, else its greedy chain. Its drafts
+        return its drafter: a dynamic tree below `root` (B,) with `tree` (greedy, or sampled and
+        verified by recursive rejection sampling), else a chain drawn from its filtered
+        distribution when sampling, else its greedy chain. Its drafts
         of the previous step are overwritten: the rollback."""
         hidden = self.draft_inputs.gather(1, nodes[..., None].expand(-1, -1, self.draft_inputs.shape[-1]))
         next_tokens = torch.cat([fed.gather(1, nodes)[:, 1:], own], dim=1)
@@ -409,6 +413,20 @@ class Engine:
         if self.drafter is not None:
             return lambda room: self.drafter.draft(inputs, last, room)
         return lambda room: inputs.argmax(-1)[:, :room]
+
+    def propose_chain(self, tokens: list[int], lookup: PromptLookup | None, gate: ProfitabilityGate,
+                      head_inputs: torch.Tensor | None, room: int) -> list[int]:
+        """One sequence's draft chain (at most `room` tokens, maybe none) for a driver that
+        verifies every sequence on its own (the serving scheduler's continuous batch): prompt
+        lookup's, else the draft heads' top-1 chain from `head_inputs`, what the program
+        returned at the sequence's last accepted position. Never a tree, nor an EAGLE drafter's
+        chain: both keep state shared by the rows of one `generate` batch."""
+        heads = None
+        if self.draft_heads and head_inputs is not None and not self._eagle_drafting():
+            heads = self._head_drafts(head_inputs[None], torch.tensor([tokens[-1]], device=self.device), None)
+        drafts = self._drafts([lookup] if lookup is not None else [], heads, gate,
+                              torch.tensor([tokens], device=self.device), room)
+        return [] if drafts is None else drafts[0].tolist()
 
     @staticmethod
     def _drafts(

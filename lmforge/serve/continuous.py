@@ -23,6 +23,20 @@ admitted — new, or recomputed after preemption — first takes the longest run
 leading full blocks already cached (shared, reference counted) and computes only the rest.
 Its last token is always computed, so there are logits to sample from; blocks it takes are
 full and never written again, so requests sharing them cannot disturb each other.
+
+Speculation, when the program drafts (prompt lookup, draft heads): a decoding request whose
+only pending token is its last one also feeds the chain `Engine.propose_chain` drafts for it
+(its own length, cut to its remaining `max_tokens` and to the step's budget; a request
+without a draft feeds its one token), causal within its row of the ragged forward. Its
+drafts are verified by `speculative.accept`, the rule `generate` uses: greedy requests keep
+the longest prefix the model agrees with plus the model's own next token (exactly the greedy
+tokens), sampled ones the speculative-sampling rejection rule (the sampled distribution is
+unchanged). Only accepted tokens count as computed, so rejected drafts' slots lie past the
+request's length and are written again before any query reads them; blocks holding nothing
+but rejected slots are freed at once, and prefix-cache keys cover computed tokens only.
+Accepted tokens are emitted one by one, so a stop string, an end-of-sequence token or
+`max_tokens` inside an accepted chain ends the request there. EAGLE drafters and trees keep
+state per `generate` batch: here such programs draft by prompt lookup only, as chains.
 """
 
 from __future__ import annotations
@@ -37,6 +51,8 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.runtime.engine import Engine
 from lmforge.runtime.paged import DEFAULT_BLOCK_SIZE, BlockTable, PagedKVCache, block_keys, paged_rows
+from lmforge.runtime.sampling import select_next
+from lmforge.runtime.speculative import ProfitabilityGate, PromptLookup, accept
 from lmforge.serve.metrics import ServeMetrics
 from lmforge.serve.scheduler import Request, SchedulerBase
 
@@ -45,13 +61,18 @@ from lmforge.serve.scheduler import Request, SchedulerBase
 class Sequence:
     """A running request: its tokens (prompt, then generated), how many of them have keys
     and values in the cache, the blocks holding them, the chained keys of its leading full
-    blocks (as far as computed) and how many of those blocks are registered in the cache."""
+    blocks (as far as computed) and how many of those blocks are registered in the cache;
+    with speculation, its prompt lookup index, its drafting gate and what the draft heads
+    read at its last accepted position."""
 
     request: Request
     table: BlockTable = field(default_factory=BlockTable)
     computed: int = 0
     keys: list[int] = field(default_factory=list)
     registered: int = 0
+    lookup: PromptLookup | None = None
+    gate: ProfitabilityGate = field(default_factory=ProfitabilityGate)
+    head_inputs: torch.Tensor | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -69,11 +90,22 @@ class Sequence:
 
 @dataclass(frozen=True)
 class Piece:
-    """What one request feeds in a step: `count` tokens from position `start`."""
+    """What one request feeds in a step: `count` of its tokens from position `start`, then
+    the `drafts` to verify (a decode piece only)."""
 
     sequence: Sequence
     start: int
     count: int
+    drafts: tuple[int, ...] = ()
+
+    @property
+    def width(self) -> int:
+        """Query tokens the piece adds to the forward."""
+        return self.count + len(self.drafts)
+
+    @property
+    def fed(self) -> list[int]:
+        return self.sequence.tokens[self.start : self.start + self.count] + list(self.drafts)
 
     @property
     def samples(self) -> bool:
@@ -98,6 +130,8 @@ class ContinuousScheduler(SchedulerBase):
         self.prefix_caching = prefix_caching
         self.prefix_hit_tokens = 0  # tokens admitted requests found cached instead of computing
         self.prefix_query_tokens = 0  # tokens of admitted requests, cached or not
+        self.lookup_options = engine.speculation.get("prompt_lookup")
+        self.drafting = bool(self.lookup_options) or engine.draft_heads > 0
 
     def check(self, prompt_len: int, max_tokens: int) -> None:
         if prompt_len < 1:
@@ -120,7 +154,7 @@ class ContinuousScheduler(SchedulerBase):
             return False
         try:
             with self.engine.lock, torch.no_grad():
-                logits = self.forward(pieces)
+                outputs = self.forward(pieces)
         except Exception as exc:  # the server outlives any one step
             failed = [piece.sequence for piece in pieces]
             for sequence in failed:
@@ -129,7 +163,7 @@ class ContinuousScheduler(SchedulerBase):
             with self.wakeup:
                 self._report()
             return True
-        self.update(pieces, logits)
+        self.update(pieces, outputs)
         return True
 
     def plan(self) -> list[Piece]:
@@ -141,10 +175,13 @@ class ContinuousScheduler(SchedulerBase):
                 break
             if sequence not in self.running:  # preempted to make room for an older request
                 continue
-            count = min(sequence.pending, budget)
-            if self._reserve(sequence, count):
-                pieces.append(Piece(sequence, sequence.computed, count))
-                budget -= count
+            piece = self._speculative_piece(sequence, budget)
+            if piece is None:
+                count = min(sequence.pending, budget)
+                piece = Piece(sequence, sequence.computed, count) if self._reserve(sequence, count) else None
+            if piece is not None:
+                pieces.append(piece)
+                budget -= piece.width
         admitted = 0
         with self.wakeup:
             # no request joins in a step that had to preempt: it would take the blocks back
@@ -164,10 +201,26 @@ class ContinuousScheduler(SchedulerBase):
             self._report(new_batch=admitted > 0)
         return pieces
 
+    def _speculative_piece(self, sequence: Sequence, budget: int) -> Piece | None:
+        """A decode piece with drafts when `sequence` has one token pending and a draft that
+        fits the budget, its remaining tokens and the blocks spare after one more block for
+        every running request (drafts never cause a preemption); else None."""
+        request = sequence.request
+        room = min(budget - 1, request.params.max_tokens - len(request.output_ids) - 1)
+        if not self.drafting or sequence.pending != 1 or room < 1:
+            return None
+        drafts = self.engine.propose_chain(sequence.tokens, sequence.lookup, sequence.gate, sequence.head_inputs, room)
+        length, block_size = sequence.length + len(drafts), self.cache.block_size
+        missing = math.ceil(length / block_size) - len(sequence.table.blocks)
+        if not drafts or self.cache.allocator.free - missing < len(self.running):
+            return None
+        self.cache.reserve(sequence.table, length)
+        return Piece(sequence, sequence.computed, 1, tuple(drafts))
+
     def _with_cached_prefix(self, request: Request) -> Sequence:
         """A sequence for `request` holding the longest run of its leading full blocks found
         in the prefix cache, all but its last token at most (whose logits are needed)."""
-        sequence = Sequence(request)
+        sequence = Sequence(request, lookup=PromptLookup(**self.lookup_options) if self.lookup_options else None)
         if not self.prefix_caching:
             return sequence
         block_size = self.cache.block_size
@@ -179,9 +232,10 @@ class ContinuousScheduler(SchedulerBase):
         return sequence
 
     def _register_full_blocks(self, sequence: Sequence) -> None:
-        """Cache every block of `sequence` that is now full and written."""
+        """Cache every block of `sequence` that is now full of computed tokens (with prefix
+        caching)."""
         block_size, full = self.cache.block_size, sequence.computed // self.cache.block_size
-        if full <= sequence.registered:
+        if not self.prefix_caching or full <= sequence.registered:
             return
         if len(sequence.keys) < full:
             tokens, done = sequence.tokens, len(sequence.keys)
@@ -212,42 +266,78 @@ class ContinuousScheduler(SchedulerBase):
         self.cache.release(sequence.table)
         self.running.remove(sequence)
 
-    def forward(self, pieces: list[Piece]) -> torch.Tensor:
-        """One ragged forward of every token the pieces feed; the logits (R, vocab) of the last
-        token of each piece that completes its request (`Piece.samples`), in order."""
+    def forward(self, pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One ragged forward of every token the pieces feed. Returns the logits (R, vocab) of
+        the last token and the drafts of each piece that completes its request
+        (`Piece.samples`), in order, and what the draft heads read at those tokens (or None)."""
         device = self.engine.device
         ids, positions, sampled = [], [], []
         for piece in pieces:
-            ids += piece.sequence.tokens[piece.start : piece.start + piece.count]
-            positions += range(piece.start, piece.start + piece.count)
+            ids += piece.fed
+            positions += range(piece.start, piece.start + piece.width)
             if piece.samples:
-                sampled.append(len(ids) - 1)
-        rows = paged_rows([(p.sequence.table, p.start, p.count) for p in pieces], self.cache.block_size, device,
+                sampled += range(len(ids) - 1 - len(piece.drafts), len(ids))
+        rows = paged_rows([(p.sequence.table, p.start, p.width) for p in pieces], self.cache.block_size, device,
                           logit_rows=sampled)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        return self.engine.step_paged(input_ids, torch.tensor([positions], device=device), self.cache.pools, rows)
+        logits = self.engine.step_paged(input_ids, torch.tensor([positions], device=device), self.cache.pools, rows)
+        head_inputs = self.engine.draft_inputs
+        return logits, None if head_inputs is None else head_inputs[0]
 
-    def update(self, pieces: list[Piece], logits: torch.Tensor) -> None:
+    def update(self, pieces: list[Piece], outputs: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         """Advance each piece's request; those whose tokens are all in the cache get their
-        next token from the logits of their last one (a row of `logits` each, in order).
-        Finished requests leave."""
+        next tokens from the logits of their last token and drafts (rows of `logits`, in
+        order): the accepted drafts and the model's own token after them. Finished requests
+        leave."""
+        logits, head_inputs = outputs
         now, row_index = time.monotonic(), 0
         for piece in pieces:
             sequence = piece.sequence
-            sequence.computed += piece.count
-            if self.prefix_caching:
-                self._register_full_blocks(sequence)
             if not piece.samples:
+                sequence.computed += piece.count
+                self._register_full_blocks(sequence)
                 continue  # a prompt chunk: the rest comes in later steps
-            request = sequence.request
-            row = logits[row_index : row_index + 1]
-            row_index += 1
-            logprobs = row[0].float().log_softmax(-1) if request.params.logprobs is not None else None
-            self._accept(request, row, logprobs, now)
-            if request.finished:
+            rows = logits[row_index : row_index + piece.width - piece.count + 1]
+            accepted, tokens = self._verify(sequence, piece.drafts, rows)
+            if head_inputs is not None:
+                sequence.head_inputs = head_inputs[row_index + accepted]
+            row_index += len(rows)
+            self._emit(sequence.request, tokens, rows, now)
+            # the rejected drafts' slots lie past it, as do accepted ones after an end inside the chain
+            sequence.computed = min(sequence.computed + piece.count + accepted, sequence.length)
+            self._drop_blocks_past(sequence)
+            self._register_full_blocks(sequence)
+            if sequence.request.finished:
                 self._leave(sequence)
         with self.wakeup:
             self._report()
+
+    def _verify(self, sequence: Sequence, drafts: tuple[int, ...], logits: torch.Tensor) -> tuple[int, list[int]]:
+        """How many of `drafts` the request keeps, by the rule `generate` uses, and its new
+        tokens: those drafts and its own token after them (one sampled token without drafts)."""
+        request = sequence.request
+        if not drafts:
+            return 0, [int(select_next(logits, request.params.sampling, request.generator)[0])]
+        chain = torch.tensor([drafts], dtype=torch.long, device=logits.device)
+        accepted, own = accept(logits[None], chain, request.params.sampling, request.generator)
+        sequence.gate.record(accepted, len(drafts))
+        self.metrics.drafts(len(drafts), accepted)
+        return accepted, [*drafts[:accepted], int(own[0])]
+
+    def _emit(self, request: Request, tokens: list[int], logits: torch.Tensor, now: float) -> None:
+        """Emit `tokens` one by one (the i-th chosen from `logits[i]`), until one ends the request."""
+        for token, row in zip(tokens, logits):
+            logprobs = row.float().log_softmax(-1) if request.params.logprobs is not None else None
+            self._record(request, token, logprobs, now)
+            if request.finished:
+                return
+
+    def _drop_blocks_past(self, sequence: Sequence) -> None:
+        """Free the blocks reserved for drafts that hold no computed token."""
+        keep = math.ceil(sequence.computed / self.cache.block_size)
+        if len(sequence.table.blocks) > keep:
+            self.cache.allocator.release(sequence.table.blocks[keep:])
+            del sequence.table.blocks[keep:]
 
     def _report(self, new_batch: bool = False) -> None:
         """Queue, batch, block and prefix cache figures for /metrics (the caller holds `wakeup`)."""

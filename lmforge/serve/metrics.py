@@ -39,7 +39,8 @@ class Histogram:
 class ServeMetrics:
     """What `/metrics` reports: requests by outcome, prompt and generated tokens, the
     waiting queue, the running batch, the paged cache's blocks and preemptions, the prefix
-    cache's hits, time to first token and inter-token latency."""
+    cache's hits, draft tokens verified and accepted, time to first token and inter-token
+    latency."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -51,6 +52,7 @@ class ServeMetrics:
         self.batch_sizes = Histogram(BATCH_BUCKETS)
         self.kv_blocks_used, self.kv_blocks_total, self.preemptions = 0, 0, 0
         self.prefix_hit_tokens, self.prefix_query_tokens, self.prefix_cached_blocks = 0, 0, 0
+        self.draft_tokens, self.accepted_draft_tokens = 0, 0
         self.time_to_first_token = Histogram(LATENCY_BUCKETS)
         self.inter_token_latency = Histogram(LATENCY_BUCKETS)
 
@@ -84,6 +86,12 @@ class ServeMetrics:
         with self.lock:
             self.prefix_hit_tokens, self.prefix_query_tokens = hit_tokens, query_tokens
             self.prefix_cached_blocks = cached_blocks
+
+    def drafts(self, drafted: int, accepted: int) -> None:
+        """One request's drafts verified in a step: `drafted` tokens fed, `accepted` of them kept."""
+        with self.lock:
+            self.draft_tokens += drafted
+            self.accepted_draft_tokens += accepted
 
     def render(self) -> str:
         with self.lock:
@@ -124,6 +132,12 @@ class ServeMetrics:
                 "# HELP lmforge_prefix_cache_blocks Blocks of the paged KV cache registered in the prefix cache.",
                 "# TYPE lmforge_prefix_cache_blocks gauge",
                 f"lmforge_prefix_cache_blocks {self.prefix_cached_blocks}",
+                "# HELP lmforge_draft_tokens_total Draft tokens (prompt lookup, draft heads) verified.",
+                "# TYPE lmforge_draft_tokens_total counter",
+                f"lmforge_draft_tokens_total {self.draft_tokens}",
+                "# HELP lmforge_accepted_draft_tokens_total Draft tokens the model agreed with (each saved a forward).",
+                "# TYPE lmforge_accepted_draft_tokens_total counter",
+                f"lmforge_accepted_draft_tokens_total {self.accepted_draft_tokens}",
                 "# HELP lmforge_time_to_first_token_seconds From arrival to the first generated token.",
                 "# TYPE lmforge_time_to_first_token_seconds histogram",
                 *self.time_to_first_token.lines("lmforge_time_to_first_token_seconds"),

@@ -14,7 +14,8 @@ cancellation, sampling, detokenising, metrics):
   cache row is only reused when the batch ends.
 
 Every decode here is a plain one-token step (no drafts): lossless speculation gives the
-same tokens, so greedy output equals `Engine.generate`'s.
+same tokens, so greedy output equals `Engine.generate`'s. The continuous scheduler verifies
+drafts per request (`serve/continuous.py`).
 """
 
 from __future__ import annotations
@@ -204,11 +205,15 @@ class SchedulerBase:
     def _accept(self, request: Request, logits: torch.Tensor, logprobs: torch.Tensor | None, now: float) -> int:
         """Choose `request`'s next token from its logits (1, vocab), record and emit it."""
         token = int(select_next(logits, request.params.sampling, request.generator)[0])
+        self._record(request, token, logprobs, now)
+        return token
+
+    def _record(self, request: Request, token: int, logprobs: torch.Tensor | None, now: float) -> None:
+        """Record and emit `request`'s next token, chosen already (sampled, or verified drafts)."""
         self.metrics.token(now - (request.last_token_time or request.arrival), request.last_token_time is None)
         request.last_token_time = now
         request.output_ids.append(token)
         self._emit_token(request, token, logprobs)
-        return token
 
     def _emit_token(self, request: Request, token: int, logprobs: torch.Tensor | None) -> None:
         finish = None
