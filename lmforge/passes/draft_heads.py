@@ -75,8 +75,8 @@ class DraftHeadsConfig(PassConfig):
         "measured per-rank hit rates and verify latencies measured here"
     )
     dynamic_tree: DynamicTreeConfig | None = Field(
-        None, description="EAGLE drafter, greedy decoding: verify a dynamic tree (EAGLE-2) shaped by the drafter's "
-        "confidence instead of its chain (sampled decoding drafts the chain and keeps the exact rejection rule)"
+        None, description="EAGLE drafter: verify a dynamic tree (EAGLE-2) shaped by the drafter's "
+        "confidence instead of its chain (sampled decoding verifies it by recursive rejection sampling, exact)"
     )
     typical_acceptance: TypicalAcceptanceConfig | None = Field(
         None, description="sampled decoding, opt-in and approximate: Medusa's typical acceptance instead of the exact "
