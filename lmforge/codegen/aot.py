@@ -46,7 +46,7 @@ from triton.runtime.jit import JITFunction
 from lmforge.codegen.gpu_targets import TARGETS, TargetLimits, occupancy
 from lmforge.errors import LmforgeError
 
-_SCALAR_TYPES = {"i1", "i8", "i16", "i32", "i64", "u32", "u64", "fp16", "bf16", "fp32", "fp64"}
+_SCALAR_TYPES = {"i1", "i8", "i16", "i32", "i64", "u8", "u32", "u64", "fp16", "bf16", "fp32", "fp64"}
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ are compiled in every variant the program's attention ops can launch (`aot.launc
 decode and prefill, over a forward's own keys, a ring's positions, a draft tree, block-sparse lists,
 merged and evicting caches) at this model's head size, grouping and dtype, padded, and soft-capped
 when the model caps its logits.
+The int8 and int4 linear layers' dequantizing matmul (`triton/quantized_linear.py`) is compiled,
+GEMV and GEMM, for each group size and bias its layers use, among the `library_kernels`.
 
 Triton fixes at its first import in a process whether it interprets (TRITON_INTERPRET=1) or
 compiles. Compiling ahead of time needs the latter and counting launches on a CPU needs the
@@ -48,6 +50,7 @@ import torch
 
 from lmforge.codegen.aot import compile_for_targets, launchable_attention_specs, spec_from_emitted
 from lmforge.codegen.roofline import PEAK_BANDWIDTH, decode_attention_roofline, decode_splits
+from lmforge.codegen.triton.quantized_linear import aot_kernel_specs, quantized_linear_formats
 from lmforge.codegen.triton_backend import emit_kernels
 from lmforge.codegen.triton_emit import MAX_BLOCK_C, MAX_TILE, load_source
 from lmforge.compiler.program import Program
@@ -97,6 +100,7 @@ def aot_job(program: Program, codegen: CodegenConfig) -> dict:
                       "group": heads // kv_heads, "dtype": program.meta["dtype"],
                       "softcap": bool(getattr(config, "attn_logit_softcapping", None)),
                       **_attention_ops(program)},
+        "quantized": quantized_linear_formats(program.graph_module),
     }
 
 
@@ -143,7 +147,8 @@ def run_aot_job(job: dict, artifact_dir: Path, progress: ProgressFn | None = Non
     interpreting), writing PTX and cubin under `artifact_dir/kernels/`. Returns the report
     entries: {"generated": [...], "library": [...]}."""
     generated = [(_generated_spec(entry), {"file": f"{KERNELS_DIR}/{entry['name']}.py"}) for entry in job["generated"]]
-    library = [(spec, {"module": spec.fn.fn.__module__}) for spec in _attention_specs(job["attention"])]
+    quantized = aot_kernel_specs(getattr(torch, job["attention"]["dtype"]), job.get("quantized", []))
+    library = [(spec, {"module": spec.fn.fn.__module__}) for spec in [*_attention_specs(job["attention"]), *quantized]]
     everything = [*generated, *library]
     entries = []
     for done, (spec, extra) in enumerate(everything):

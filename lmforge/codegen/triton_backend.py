@@ -17,6 +17,7 @@ from torch import fx
 from lmforge.codegen.aten import PYTHON_KERNELS
 from lmforge.codegen.fusion import Partition, partition
 from lmforge.codegen.triton.attention import TRITON_KERNELS
+from lmforge.codegen.triton.quantized_linear import select_quantized_linears
 from lmforge.codegen.triton_emit import EmittedKernel, emit_group, kernel_name
 from lmforge.compiler.layermap import set_role
 from lmforge.compiler.program import Program
@@ -71,10 +72,12 @@ def require_triton_device(program: Program) -> None:
 
 def lower_triton(program: Program, config: CodegenConfig) -> fx.GraphModule:
     """A copy of the program's graph in which every fusion group is one call to its
-    kernel's launcher; the result is called like the program, `(input_ids, position_ids)`."""
+    kernel's launcher and every linear layer with int8 or int4 weights one call to the
+    dequantizing matmul (`triton/quantized_linear.py`); the result is called like the
+    program, `(input_ids, position_ids)`."""
     require_triton_device(program)
     parts = partition(program.graph_module)
-    return kernel_graph(program.graph_module, parts, _emit(parts))
+    return select_quantized_linears(kernel_graph(program.graph_module, parts, _emit(parts)))
 
 
 def kernel_graph(graph_module: fx.GraphModule, parts: Partition, kernels: list[EmittedKernel]) -> fx.GraphModule:

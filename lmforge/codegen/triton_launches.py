@@ -36,6 +36,7 @@ from triton.runtime.jit import KernelInterface
 
 from lmforge.codegen.fusion import computes_final_norm
 from lmforge.codegen.triton.attention import TRITON_KERNELS
+from lmforge.codegen.triton.quantized_linear import dequant_linear
 from lmforge.codegen.triton_backend import emit_kernels, lower_triton
 from lmforge.compiler.kv_layout import allocate_kv_buffers
 from lmforge.compiler.layermap import role_of
@@ -164,7 +165,11 @@ class _NodeTracker(fx.Interpreter):
 
 
 def _kind_of(node: fx.Node | None) -> str:
+    """The kind of a Triton launch by the node that made it: attention, a quantized linear
+    layer's matmul (its GEMV or GEMM, and the GEMV's split-K combine) or a generated kernel."""
     attention_kernels = set(TRITON_KERNELS.values())
+    if node is not None and node.target is dequant_linear:
+        return "matmul"
     return "attention" if node is not None and node.target in attention_kernels else "generated"
 
 
