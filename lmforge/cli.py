@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -79,7 +80,7 @@ def compile_(
     parsed = load_recipe(str(recipe) if recipe else None)
     start = time.perf_counter()
     progress, on_pass, within_pass = _compile_progress(len(parsed.passes), as_json)
-    with progress:
+    with progress, _cpp_bucket_bars(parsed.codegen.backend, progress):
         compiled = lmforge.optimize(checkpoint, parsed, on_pass=on_pass, progress=within_pass, rewrite_limit=bisect_limit)
         task = progress.add_task("save", total=1)
         compiled.save(output, progress=within_pass)  # the triton backend compiles its kernels here
@@ -123,10 +124,13 @@ def run(
     ids = model.tokenizer(prompt, return_tensors="pt").input_ids.to(model.engine.device)
     streamer = None if as_json else _TextStream(model.tokenizer)
     start = time.perf_counter()
-    out = model.generate(
-        ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-        top_k=top_k, top_p=top_p, seed=seed, streamer=streamer,
-    )
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=errors,
+                    disable=as_json)
+    with _cpp_bucket_bars(model.recipe.codegen.backend, bars, shown_while_compiling=True):
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+            top_k=top_k, top_p=top_p, seed=seed, streamer=streamer,
+        )
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1] :]
     record = {
@@ -316,6 +320,8 @@ def info(
         **_kernel_record(manifest),
         "cuda_graphs": graph_plan(meta, recipe.codegen.backend, recipe.runtime.cuda_graphs),
     }
+    if recipe.codegen.backend == "cpp":
+        record["cpp_buckets"] = _cpp_bucket_times(artifact)
     if profile:
         from lmforge.benchmarking_breakdown import profile_artifact
 
@@ -344,12 +350,39 @@ def info(
                 console.print(f"verify: {lowered['not_run']}", highlight=False)
     if "kernels" in record:
         _print_kernels(record)
+    if "cpp_buckets" in record:
+        _print_cpp_buckets(record["cpp_buckets"])
     from lmforge.benchmarking_breakdown import compiled_step_note, profile_renderables
 
     backend = recipe.codegen.backend
     printed = profile_renderables(record["profile"], backend) if profile else [compiled_step_note(backend)]
     for renderable in filter(None, printed):
         console.print(renderable, highlight=False)
+
+
+def _cpp_bucket_times(artifact: Path) -> list[dict]:
+    """The `cpp` buckets compiled on this machine for the artifact's program, with their first
+    compile times (the cache is keyed by the program, so this reads its graph and weights)."""
+    from lmforge.codegen.cpp_backend import bucket_compile_times
+    from lmforge.compiler.artifact import load_artifact
+
+    program, _ = load_artifact(artifact)
+    return bucket_compile_times(program.graph_module)
+
+
+def _print_cpp_buckets(buckets: list[dict]) -> None:
+    if not buckets:
+        console.print("cpp buckets: none compiled on this machine yet; each compiles on its first use "
+                      "(a generate at batch 1 needs two: any length and 1 token)", highlight=False)
+        return
+    table = Table(title="cpp buckets compiled on this machine (first compile, seconds; later loads use the cache)")
+    for column in ("bucket", "first compile", "export", "lowering", "codegen", "c++ build"):
+        table.add_column(column, justify="left" if column == "bucket" else "right")
+    for bucket in buckets:
+        phases = [bucket["phases"].get(phase) for phase in ("lowering", "codegen", "c++ build")]
+        table.add_row(bucket["bucket"], f"{bucket['compile_seconds']:.1f}", f"{bucket['export_seconds']:.1f}",
+                      *("" if seconds is None else f"{seconds:.1f}" for seconds in phases))
+    console.print(table)
 
 
 def _kernel_record(manifest: dict) -> dict:
@@ -417,6 +450,31 @@ def _compile_progress(total_passes: int, as_json: bool):
         progress.update(inner[0], description=f"  {description}", completed=done, total=total)
 
     return progress, on_pass, within_pass
+
+
+def _cpp_bucket_bars(backend: str, progress: Progress, shown_while_compiling: bool = False):
+    """A context in which each bucket a `cpp` program compiles (minutes the first time, then
+    loaded from the cache) gets its own bar on `progress`, ending with its compile time;
+    with `shown_while_compiling`, `progress` is on screen only while a bucket is in work, so
+    text streamed between buckets is not held behind it. Nothing for other backends."""
+    if backend != "cpp":
+        return contextlib.nullcontext()
+    from lmforge.codegen.cpp_backend import bucket_progress
+
+    tasks: dict[str, int] = {}
+
+    def on_bucket(description: str, done: int, total: int) -> None:
+        bucket = description.split(":")[0]
+        if bucket not in tasks:
+            tasks[bucket] = progress.add_task(description, total=total)
+        if shown_while_compiling and not progress.live.is_started:
+            progress.start()
+        progress.update(tasks[bucket], description=description, completed=done, total=total, visible=True)
+        if shown_while_compiling and done == total:
+            progress.stop()  # its last line stays printed; hidden so the next bucket's bars do not repeat it
+            progress.update(tasks[bucket], visible=False)
+
+    return bucket_progress(on_bucket)
 
 
 def _budget_from(text: str | None, **limits):

@@ -81,6 +81,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ import torch
 from torch import fx
 
 from lmforge.codegen.cpp.package_cache import (
+    PHASE_COUNT,
     PackageCache,
     compile_cache_dir,
     compile_seconds_on_this_machine,
@@ -105,6 +107,22 @@ log = logging.getLogger(__name__)
 
 # Frozen weights: Inductor constant-folds them and packs the linear weights for oneDNN.
 INDUCTOR_CONFIG = {"freezing": True}
+# Who hears about buckets compiling in this context (`bucket_progress`): a first compile takes
+# minutes, and the runner is made deep inside `optimize`/`load`, out of the caller's reach.
+_BUCKET_PROGRESS: ContextVar[Callable[[str, int, int], None] | None] = ContextVar("cpp_bucket_progress",
+                                                                                    default=None)
+
+
+@contextlib.contextmanager
+def bucket_progress(progress: Callable[[str, int, int], None]) -> Iterator[None]:
+    """While the block runs, report every bucket a `CppRunner` compiles or loads to
+    `progress(description, done, total)`: one call per phase, the description starting with
+    `cpp bucket <bucket>:` (the CLI draws a bar per bucket), the last one its compile time."""
+    token = _BUCKET_PROGRESS.set(progress)
+    try:
+        yield
+    finally:
+        _BUCKET_PROGRESS.reset(token)
 
 
 @contextlib.contextmanager
@@ -137,6 +155,12 @@ class Bucket:
     @property
     def file_name(self) -> str:
         return f"b{self.batch}-t{self.tokens or 'any'}-th{self.threads}"
+
+    @classmethod
+    def from_file_name(cls, name: str) -> Bucket:
+        """The bucket whose `file_name` is `name`."""
+        batch, tokens, threads = name.split("-")
+        return cls(int(batch[1:]), None if tokens == "tany" else int(tokens[1:]), int(threads[2:]))
 
 
 def verify_width(tokens: int, room: int) -> int:
@@ -246,11 +270,14 @@ class CppRunner:
     def _step(self, bucket: Bucket, inputs: tuple) -> Callable:
         """The bucket's compiled step: compiled (or loaded from the cache) on first use."""
         if bucket not in self.steps:
+            progress = _BUCKET_PROGRESS.get() or (lambda description, done, total: None)
             with lmforge_inductor_cache():
-                step, record = self.packages.load_or_compile(bucket.file_name, lambda: self._export(bucket, inputs),
-                                                             INDUCTOR_CONFIG)
+                step, record = self.packages.load_or_compile(
+                    bucket.file_name, lambda: self._export(bucket, inputs), INDUCTOR_CONFIG,
+                    lambda phase, done: progress(f"cpp bucket {bucket}: {phase}", done, PHASE_COUNT))
             self.steps[bucket], self.compile_records[str(bucket)] = step, record
             log.info("[codegen=cpp] bucket %s: %s", bucket, describe_record(record))
+            progress(f"cpp bucket {bucket}: {describe_record(record)}", PHASE_COUNT, PHASE_COUNT)
         return self.steps[bucket]
 
     def _export(self, bucket: Bucket, inputs: tuple) -> torch.export.ExportedProgram:
@@ -302,3 +329,15 @@ def cached_compile_records(graph_module: fx.GraphModule) -> dict[str, dict]:
     """Per bucket compiled on this machine for this program: its first-compile seconds and
     phases (`lmforge info`)."""
     return compile_seconds_on_this_machine(program_digest(graph_module))
+
+
+def bucket_compile_times(graph_module: fx.GraphModule) -> list[dict]:
+    """What `lmforge info` shows of a `cpp` program: each bucket compiled for it on this
+    machine (`str(Bucket)`) with its first compile's seconds, its export's and Inductor's
+    phases', in bucket order."""
+    records = cached_compile_records(graph_module)
+    buckets = sorted(((Bucket.from_file_name(name), record) for name, record in records.items()),
+                     key=lambda item: (item[0].batch, item[0].threads, item[0].tokens is not None, item[0].tokens or 0))
+    return [{"bucket": str(bucket), "compile_seconds": record["compile_seconds"],
+             "export_seconds": record["export_seconds"], "phases": record.get("phases", {})}
+            for bucket, record in buckets]

@@ -43,6 +43,7 @@ FORMAT = 2  # bump when what a package holds, how its key is made, or the Induct
 PARTIAL = "partial"  # the middle word of a file being written: `<bucket>.<pid>.partial.<suffix>`
 LEGACY_TEMPORARY = "tmp*.pt2"  # what a killed compile of an earlier lmforge left (no pid in the name)
 LEGACY_TEMPORARY_AGE = 3600.0  # seconds after which such a file is stale: no compile has taken an hour
+PHASE_COUNT = 3  # what `load_or_compile` reports: export, compile, load (a cached package only loads)
 
 
 def compile_cache_dir() -> Path:
@@ -142,15 +143,18 @@ class PackageCache:
         self.compiled = 0
         self.loaded = 0
 
-    def load_or_compile(self, name: str, export: Callable[[], torch.export.ExportedProgram],
-                        inductor_config: dict) -> tuple[Callable, dict]:
+    def load_or_compile(self, name: str, export: Callable[[], torch.export.ExportedProgram], inductor_config: dict,
+                        on_phase: Callable[[str, int], None] | None = None) -> tuple[Callable, dict]:
         """The package for bucket `name` (a file-safe string without dots): loaded when cached,
         else built from `export()` and stored (`written_atomically`, after clearing what killed
-        compiles left: `remove_stale_partials`). Returns it with its record."""
+        compiles left: `remove_stale_partials`). Returns it with its record.
+        `on_phase(description, done)` hears each phase starting, `done` of `PHASE_COUNT`."""
+        on_phase = on_phase or (lambda description, done: None)
         package = self.directory / f"{name}.pt2"
         record_path = package.with_suffix(".json")
         started = time.perf_counter()
         if package.exists() and record_path.exists():
+            on_phase("loading from the cache", PHASE_COUNT - 1)
             step = torch._inductor.aoti_load_package(str(package))
             record = json.loads(record_path.read_text())
             record["load_seconds"], record["source"] = time.perf_counter() - started, "cache"
@@ -158,9 +162,11 @@ class PackageCache:
             return step, record
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_stale_partials(compile_cache_dir())
+        on_phase("exporting", 0)
         exported = export()
         exported_at = time.perf_counter()
         before = _inductor_seconds()
+        on_phase("compiling (AOTInductor: lowering, code generation, C++ build)", 1)
         with written_atomically(package) as temporary:
             torch._inductor.aoti_compile_and_package(exported, package_path=str(temporary),
                                                      inductor_configs=inductor_config)
@@ -170,6 +176,7 @@ class PackageCache:
         with written_atomically(record_path) as temporary:
             temporary.write_text(json.dumps(record))
         loading = time.perf_counter()
+        on_phase("loading", 2)
         step = torch._inductor.aoti_load_package(str(package))
         record["load_seconds"], record["source"] = time.perf_counter() - loading, "compiled"
         self.compiled += 1
