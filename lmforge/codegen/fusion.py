@@ -243,10 +243,16 @@ class FusionGroup:
     absorbed: list[fx.Node] = field(default_factory=list)  # index ops only this group reads
     layer: int | None = None
     kind: str = "pointwise"
+    size_inputs: list[fx.Node] = field(default_factory=list)  # placeholders read only for their sizes
 
     @property
     def reductions(self) -> int:
         return sum(node.target in ROW_REDUCTIONS for node in self.nodes)
+
+    @property
+    def launch_arguments(self) -> list[fx.Node]:
+        """What the group's launcher is called with: its inputs, then the size inputs."""
+        return [*self.inputs, *self.size_inputs]
 
 
 @dataclass
@@ -368,7 +374,39 @@ def _describe(members: list[fx.Node], shapes: Shapes, flow: nx.DiGraph) -> Fusio
     layers = [role_of(node)[0] for node in members if role_of(node)[0] is not None]
     group = FusionGroup(members, inputs, outputs, absorbed, max(layers) if layers else None)
     group.kind = kernel_kind(group)
+    group.size_inputs = _size_inputs(group, shapes)
     return group
+
+
+def size_symbols(group: FusionGroup, shapes: Shapes) -> list[sympy.Symbol]:
+    """The symbolic sizes in the shapes a group reads, computes or reads through (`batch`
+    and `seq` first): the size arguments of its kernel."""
+    found: set = set()
+    for node in (*group.inputs, *group.nodes, *group.absorbed):
+        info = shapes.info.get(node)
+        for item in (info if isinstance(info, tuple) else (info,)):
+            if isinstance(item, TensorInfo):
+                for size in item.shape:
+                    found |= sympy.sympify(size).free_symbols
+    order = {"batch": 0, "seq": 1}
+    return sorted(found, key=lambda symbol: (order.get(symbol.name, 2), symbol.name))
+
+
+def _size_inputs(group: FusionGroup, shapes: Shapes) -> list[fx.Node]:
+    """Graph inputs a group's launcher needs only for a size that none of its tensors has as
+    a whole dimension: a kernel reading the `[batch*seq, n]` output of a matrix product and
+    writing `[batch, seq, n]` learns `batch` from `input_ids`. Empty for most groups."""
+    carried = {size for node in group.inputs if shapes.get(node) is not None for size in shapes.get(node).shape}
+    placeholders = [node for node in group.nodes[0].graph.nodes if node.op == "placeholder"]
+    needed: list[fx.Node] = []
+    for symbol in size_symbols(group, shapes):
+        if symbol in carried:
+            continue
+        source = next((node for node in placeholders if shapes.get(node) is not None
+                       and symbol in shapes.get(node).shape), None)
+        if source is not None and source not in needed:
+            needed.append(source)
+    return needed
 
 
 def _absorbed_index_ops(members: list[fx.Node], shapes: Shapes) -> list[fx.Node]:

@@ -99,7 +99,7 @@ def kernel_graph(graph_module: fx.GraphModule, parts: Partition, kernels: list[E
         first[unit] = min(first.get(unit, position[node]), position[node])
         order.add_node(unit)
     for index, group in enumerate(parts.groups):
-        for source in group.inputs:
+        for source in group.launch_arguments:
             order.add_edge(unit_of[source], ("group", index))
     for node in nodes:
         if node in absorbed or unit_of[node] != node:
@@ -110,7 +110,7 @@ def kernel_graph(graph_module: fx.GraphModule, parts: Partition, kernels: list[E
     for unit in nx.lexicographical_topological_sort(order, key=lambda unit: first[unit]):
         if isinstance(unit, tuple):
             group, kernel = parts.groups[unit[1]], kernels[unit[1]]
-            call = graph.call_function(kernel.launcher, tuple(env[source] for source in group.inputs))
+            call = graph.call_function(kernel.launcher, tuple(env[source] for source in group.launch_arguments))
             call.name = kernel.name
             if group.layer is not None:
                 set_role(call, group.layer, "fused")  # so launches can be counted per layer

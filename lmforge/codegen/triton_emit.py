@@ -38,6 +38,7 @@ from lmforge.codegen.fusion import (
     keeps_dim,
     linear_offset,
     reshape_index,
+    size_symbols,
 )
 from lmforge.compiler.layermap import role_of
 from lmforge.errors import LmforgeError
@@ -79,11 +80,18 @@ class EmittedKernel:
 
 
 class _IndexPrinter(StrPrinter):
+    """Prints index expressions as Python: `//` and `%` bind as tightly as `*`, so every
+    operand that is not a single name or number is parenthesised (`(col + 64*i0_0) // (64*seq)`)."""
+
+    def _operand(self, expr) -> str:
+        text = self._print(expr)
+        return text if expr.is_Atom else f"({text})"
+
     def _print_FloorDiv(self, expr) -> str:
-        return f"({self._print(expr.args[0])} // {self._print(expr.args[1])})"
+        return f"({self._operand(expr.args[0])} // {self._operand(expr.args[1])})"
 
     def _print_Modulo(self, expr) -> str:
-        return f"({self._print(expr.args[0])} % {self._print(expr.args[1])})"
+        return f"({self._operand(expr.args[0])} % {self._operand(expr.args[1])})"
 
 
 def show(expr) -> str:
@@ -253,11 +261,11 @@ class _KernelWriter:
         source = node.args[0]
         width = self.info(source).shape[-1]
         outer = index[:-1] if keeps_dim(node) else index
-        if COL in sympy.Tuple(*outer).free_symbols or any(COL in c[0].free_symbols for c in ctx.conditions):
+        if COL in sympy.Tuple(*outer).free_symbols:
             raise LmforgeError(f"triton codegen: reduction {node.name} is read along its own row")
         ranges = ctx.range_map()
         ranges[COL] = (sympy.Integer(0), width - 1)
-        inner = _Context(width, self.col_mask(width), ctx.conditions,
+        inner = _Context(width, self.col_mask(width), _row_conditions(node, ctx.conditions),
                          tuple(sorted(ranges.items(), key=lambda item: str(item[0]))))
         values = self.as_fp32(source, (*outer, COL), inner)
         if node.target is aten.amax.default:
@@ -365,20 +373,24 @@ class _KernelWriter:
         )
 
 
+def _row_conditions(node: fx.Node, conditions: tuple) -> tuple:
+    """The concatenation branches a row reduction's loads stay inside. A branch over the
+    reader's columns only (RoPE's rotated halves reading a per-head norm) is dropped: the
+    reduction's row does not depend on the reader's column, and inside the reduction `col`
+    runs over the reduced row instead. A branch mixing the column with row indices would
+    say which rows exist, so it cannot be dropped."""
+    kept = []
+    for condition in conditions:
+        symbols = condition[0].free_symbols
+        if COL not in symbols:
+            kept.append(condition)
+        elif symbols != {COL}:
+            raise LmforgeError(f"triton codegen: reduction {node.name} is read in a branch over its row and column")
+    return tuple(kept)
+
+
 def _shifted(index: tuple, dim: int, amount) -> tuple:
     return (*index[:dim], sympy.expand(index[dim] + amount), *index[dim + 1:])
-
-
-def _size_symbols(group: FusionGroup, shapes: Shapes) -> list[sympy.Symbol]:
-    found: set = set()
-    for node in (*group.inputs, *group.nodes, *group.absorbed):
-        info = shapes.info.get(node)
-        for item in (info if isinstance(info, tuple) else (info,)):
-            if isinstance(item, TensorInfo):
-                for size in item.shape:
-                    found |= sympy.sympify(size).free_symbols
-    order = {"batch": 0, "seq": 1}
-    return sorted(found, key=lambda symbol: (order.get(symbol.name, 2), symbol.name))
 
 
 def _header(name: str, group: FusionGroup) -> list[str]:
@@ -408,7 +420,7 @@ def emit_source(name: str, group: FusionGroup, shapes: Shapes) -> tuple[str, dic
     for node in group.outputs:
         writer.lines.append(f"# {node.name}: {tuple(show(s) for s in writer.info(node).shape)}".replace("'", ""))
         writer.store(node)
-    symbols = _size_symbols(group, shapes)
+    symbols = size_symbols(group, shapes)
     inputs = [f"in_{node.name}" for node in group.inputs]
     outputs = [f"out_{node.name}" for node in group.outputs]
     parameters = [*inputs, *outputs, *(s.name for s in symbols), "BLOCK_R: tl.constexpr", "BLOCK_C: tl.constexpr"]
@@ -436,14 +448,15 @@ def emit_source(name: str, group: FusionGroup, shapes: Shapes) -> tuple[str, dic
 
 def _launcher(name, group, writer, symbols, widest, rows, block_c, reduces) -> list[str]:
     arguments = [f"in_{node.name}" for node in group.inputs]
-    lines = [f"def {name}({', '.join(arguments)}):",
+    size_arguments = [f"sizes_{node.name}" for node in group.size_inputs]
+    lines = [f"def {name}({', '.join([*arguments, *size_arguments])}):",
              f'    """Launch {name}_kernel; returns ({", ".join(node.name for node in group.outputs)})."""']
     for symbol in symbols:
-        found = next(((node, dim) for node in group.inputs
+        found = next(((argument, dim) for argument, node in zip([*arguments, *size_arguments], group.launch_arguments)
                       for dim, size in enumerate(writer.info(node).shape) if size == symbol), None)
         if found is None:
             raise LmforgeError(f"triton codegen: size {symbol} of kernel {name} is not the size of any input")
-        lines.append(f"    {symbol.name} = in_{found[0].name}.shape[{found[1]}]")
+        lines.append(f"    {symbol.name} = {found[0]}.shape[{found[1]}]")
     for argument in arguments:
         lines.append(f"    {argument} = {argument}.contiguous()")
     device = f"in_{group.inputs[0].name}.device"

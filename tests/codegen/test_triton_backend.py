@@ -14,6 +14,7 @@ import json  # noqa: E402
 
 import networkx as nx  # noqa: E402
 import pytest  # noqa: E402
+import sympy  # noqa: E402
 import torch  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 from torch import fx  # noqa: E402
@@ -21,9 +22,10 @@ from triton.runtime.jit import KernelInterface  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.codegen.aot import attention_kernel_specs  # noqa: E402
-from lmforge.codegen.fusion import POINTWISE, ROW_REDUCTIONS, partition  # noqa: E402
+from lmforge.codegen.fusion import POINTWISE, ROW_REDUCTIONS, FloorDiv, Modulo, partition  # noqa: E402
 from lmforge.codegen.triton.attention import TRITON_KERNELS  # noqa: E402
 from lmforge.codegen.triton_backend import emit_kernels, lower_triton  # noqa: E402
+from lmforge.codegen.triton_emit import show  # noqa: E402
 from lmforge.codegen.triton_launches import decode_step_launches  # noqa: E402
 from lmforge.compiler.artifact import load_artifact  # noqa: E402
 from lmforge.compiler.ops import AttentionContext, attention, attention_context  # noqa: E402
@@ -73,11 +75,21 @@ def test_each_kernel_matches_the_pytorch_ops_it_replaces(arch, dtype):
     for batch, seq in ((2, 5), (1, 1)):  # one kernel serves a prefill and a decode step
         values = reference_values(program, batch, seq)
         for kernel in kernels:
-            outputs = kernel.launcher(*(values[node] for node in kernel.group.inputs))
+            outputs = kernel.launcher(*(values[node] for node in kernel.group.launch_arguments))
             for node, output in zip(kernel.group.outputs, outputs, strict=True):
                 expected = values[node]
                 assert output.dtype == expected.dtype and output.shape == expected.shape, (kernel.name, node.name)
                 torch.testing.assert_close(output, expected, **tolerance, msg=f"{kernel.name}: {node.name}")
+
+
+def test_index_expressions_print_as_python_evaluates_them():
+    """`//` and `%` bind as tightly as `*` in Python: `x // 64*seq` would be `(x // 64) * seq`."""
+    col, row, seq = (sympy.Symbol(name, integer=True, nonnegative=True) for name in ("col", "row", "seq"))
+    text = show(FloorDiv(col + 64 * row, 64 * seq) + Modulo(col + 3 * row, 4 * seq))
+    for values in ({"col": 5, "row": 7, "seq": 3}, {"col": 63, "row": 2, "seq": 1}):
+        expected = (values["col"] + 64 * values["row"]) // (64 * values["seq"]) + \
+            (values["col"] + 3 * values["row"]) % (4 * values["seq"])
+        assert eval(text, {}, values) == expected, text
 
 
 def test_emitting_twice_gives_identical_source():
