@@ -8,6 +8,14 @@ text, and searches α ∈ [0, 1] for the smallest output error of the quantized 
 calibration activations (α = 0 is plain round-to-nearest, so the search never does worse
 than it there). Linears reading the same input (q/k/v, gate/up) share one scale.
 
+Then AWQ's clipping search (`search_clip`, its `auto_clip`): round-to-nearest spends its
+grid on each group's extreme weights; shrinking the range a group's codes span to a ratio r
+of its largest magnitude (weights beyond it clamped) rounds the rest more finely. r is
+searched per output row and group of input columns, 1 down to 1 - `max_shrink`, for the
+smallest error of that group's share of the output on the calibration activations; q and k
+projections are left unclipped, as in AWQ (their error reaches the output through softmax,
+which this per-linear error does not see).
+
 The 1/s goes into the RMSNorm weight that produces the input when nothing else reads it, so
 the program keeps its shape and the kernels are unchanged; otherwise (the attention output
 feeding o_proj, the SwiGLU product feeding down_proj) the graph multiplies the input by a
@@ -61,6 +69,51 @@ def search_scales(
     if rtn <= best:
         return torch.ones_like(magnitude), 0.0, rtn, rtn
     return normalized_scales(magnitude, alpha), alpha, best, rtn
+
+
+def group_second_moments(gram: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal blocks `(groups, group, group)` of XᵀX / n: the second moment of each
+    group of input columns on its own (the cross-group terms drop out of a group's error)."""
+    groups = gram.shape[0] // group_size
+    blocks = gram.float().view(groups, group_size, groups, group_size)
+    return blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def search_clip(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    group_size: int,
+    fake_quantize: Callable[[torch.Tensor], torch.Tensor],
+    grid: int = 20,
+    max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(clipped weight, ratio per (row, group), output MSE clipped, output MSE unclipped) of
+    a linear `weight` reading inputs with second moment `gram`, quantized by `fake_quantize`
+    in groups of `group_size` input columns (the whole row for per-channel formats). Each
+    (row, group) keeps the ratio r of its largest magnitude, among 1, 1 - max_shrink / grid,
+    …, 1 - max_shrink, whose clamped-then-quantized weights δ = q(clamp(w, ±r·max)) - w give
+    the smallest δᵀ G_g δ, G_g that group's block of `gram`."""
+    weight = weight.detach().float()
+    rows, columns = weight.shape
+    groups = columns // group_size
+    blocks = group_second_moments(gram, group_size)
+    magnitude = weight.view(rows, groups, group_size).abs().amax(dim=-1, keepdim=True)
+
+    def group_errors(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        limit = (magnitude * ratio).expand(rows, groups, group_size).reshape(rows, columns)
+        clipped = torch.minimum(torch.maximum(weight, -limit), limit)
+        delta = (fake_quantize(clipped) - weight).view(rows, groups, group_size)
+        return torch.einsum("rgi,gij,rgj->rg", delta, blocks, delta), clipped
+
+    unclipped, _ = group_errors(torch.ones(()))
+    best, ratios = unclipped, torch.ones(rows, groups)
+    for step in range(1, grid + 1):
+        ratio = 1 - max_shrink * step / grid
+        errors, _ = group_errors(torch.tensor(ratio))
+        better = errors < best
+        best, ratios = torch.where(better, errors, best), torch.where(better, ratio, ratios)
+    errors, clipped = group_errors(ratios[..., None])
+    return clipped, ratios, errors.sum().item() / rows, unclipped.sum().item() / rows
 
 
 def _foldable_norm_weight(program: Program, source: fx.Node, linears: list[fx.Node], width: int) -> fx.Node | None:

@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import fx
 
-from lmforge.compiler.awq import fold_input_scales, search_scales
+from lmforge.compiler.awq import fold_input_scales, search_clip, search_scales
 from lmforge.compiler.gptq import gptq_quantize
 from lmforge.compiler.layermap import role_of, set_role
 from lmforge.compiler.program import Program
@@ -76,6 +76,8 @@ class QuantizeConfig(PassConfig):
     block_size: int = Field(128, ge=1, description="gptq: columns updated together")
     damp: float = Field(0.01, gt=0, description="gptq: fraction of the Hessian's mean diagonal added to it")
     awq_grid: int = Field(20, ge=1, description="awq: steps of the exponent search over [0, 1]")
+    awq_clip: bool = Field(True, description="awq, int4: also search each group's clipping ratio (AWQ's auto_clip; "
+                           "q and k projections unclipped)")
     kv_cache: KVCacheQuantizeConfig | None = Field(
         None, description="quantize the KV cache too (KIVI: {dtype: int8|fp8, granularity: kivi|token, residual, "
         "slack}); given without `weights`, only the cache is quantized")
@@ -323,7 +325,26 @@ class Quantize(LossyPass):
             folded = fold_input_scales(program, source, linears, scales) if alpha > 0 else "none"
             report.append({"weights": [linear.args[1].target for linear in linears], "alpha": alpha,
                            "output_mse_rtn": rtn_error, "output_mse_awq": error, "folded_into": folded})
+            if config.awq_clip and config.weights == "int4" and not config.outliers:
+                report[-1]["clip"] = self._clip(program, linears, stats.second_moment / torch.outer(scales, scales))
         program.refresh()
+        return report
+
+    def _clip(self, program: Program, linears: list[fx.Node], gram: torch.Tensor) -> list[dict]:
+        """Clamp each linear's (scaled) weight to the per-group range `search_clip` chooses on
+        inputs of second moment `gram`; the codes are then rounded from the clamped weight."""
+        config, module, report = self.config, program.graph_module, []
+        for linear in linears:
+            if role_of(linear)[1] in ("q", "k", "qkv"):
+                continue
+            name = linear.args[1].target
+            clipped, ratios, error, unclipped = search_clip(
+                getattr(module, name), gram, config.group_size,
+                lambda w: round_to_nearest(w, "int4", config.group_size).dequantize())
+            delattr(module, name)
+            module.register_buffer(name, clipped)
+            report.append({"weight": name, "mean_ratio": round(ratios.mean().item(), 4),
+                           "output_mse_unclipped": unclipped, "output_mse_clipped": error})
         return report
 
     def _quantize(self, program: Program, name: str, fmt: str, linear: fx.Node | None,
