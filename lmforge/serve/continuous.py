@@ -35,8 +35,10 @@ unchanged). Only accepted tokens count as computed, so rejected drafts' slots li
 request's length and are written again before any query reads them; blocks holding nothing
 but rejected slots are freed at once, and prefix-cache keys cover computed tokens only.
 Accepted tokens are emitted one by one, so a stop string, an end-of-sequence token or
-`max_tokens` inside an accepted chain ends the request there. EAGLE drafters and trees keep
-state per `generate` batch: here such programs draft by prompt lookup only, as chains.
+`max_tokens` inside an accepted chain ends the request there. Drafts take only blocks to
+spare, never preempting anyone. An EAGLE drafter keeps a cache per `generate` batch, so its
+programs draft here by prompt lookup only; draft heads draft their top-1 chain, never a tree
+(trees move cache entries after verification); typical acceptance, lossy, is not applied.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ class ContinuousScheduler(SchedulerBase):
     def describe(self) -> str:
         return (f"continuous batching over a paged KV cache ({self.cache.allocator.count} blocks of "
                 f"{self.cache.block_size} tokens), chunked prefill of up to {self.max_tokens_per_step} tokens "
-                f"per step, prefix caching {'on' if self.prefix_caching else 'off'}")
+                f"per step, prefix caching {'on' if self.prefix_caching else 'off'}"
+                f"{', drafts verified per request' if self.drafting else ''}")
 
     def step(self) -> bool:
         """One iteration: release what ended, plan, forward, sample. False when nothing ran."""
@@ -300,7 +303,7 @@ class ContinuousScheduler(SchedulerBase):
             rows = logits[row_index : row_index + piece.width - piece.count + 1]
             accepted, tokens = self._verify(sequence, piece.drafts, rows)
             if head_inputs is not None:
-                sequence.head_inputs = head_inputs[row_index + accepted]
+                sequence.head_inputs = head_inputs[row_index + accepted].clone()  # not a view of the whole step
             row_index += len(rows)
             self._emit(sequence.request, tokens, rows, now)
             # the rejected drafts' slots lie past it, as do accepted ones after an end inside the chain

@@ -45,8 +45,19 @@ def prompts():
     return [torch.randint(3, 256, (length,), generator=generator).tolist() for length in (6, 21, 33, 14)]
 
 
+_ALONE: dict[tuple, list[int]] = {}
+
+
 def _alone(model, prompt: list[int], sampling: SamplingParams = SamplingParams()) -> list[int]:
-    """What `generate` gives the prompt alone, cut after an end-of-sequence token."""
+    """What `generate` gives the prompt alone, cut after an end-of-sequence token (computed
+    once per model, prompt and sampling)."""
+    key = (id(model), tuple(prompt), sampling)
+    if key not in _ALONE:
+        _ALONE[key] = _generate_alone(model, prompt, sampling)
+    return _ALONE[key]
+
+
+def _generate_alone(model, prompt: list[int], sampling: SamplingParams) -> list[int]:
     new = model.engine.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, sampling=sampling)[0, len(prompt):]
     new = new.tolist()
     eos = set(model.engine.eos_token_ids)
@@ -63,16 +74,29 @@ def _submit(scheduler, prompt: list[int], sampling: SamplingParams = SamplingPar
     return request
 
 
+def _poison_past_computed(scheduler) -> None:
+    """Fill the slots each running request holds past its computed tokens (rejected drafts'
+    keys and values among them) with NaN: a query that read one would get NaN logits."""
+    block_size = scheduler.cache.block_size
+    for sequence in scheduler.running:
+        table = sequence.table
+        assert len(table.blocks) == math.ceil(sequence.computed / block_size)  # no block of rejected slots only
+        slots = torch.tensor(table.slots(sequence.computed, len(table.blocks) * block_size, block_size), dtype=torch.long)
+        for pool in scheduler.cache.pools:
+            for tensor in pool or ():
+                tensor.index_fill_(2, slots, float("nan"))
+
+
 def _run(scheduler, prompts, samplings=None) -> list[Request]:
     """One request joins per step, then steps run until every request is done; after every
-    step each running request holds only the blocks of its computed tokens."""
+    step the slots past each running request's computed tokens are poisoned."""
     requests = []
     for index, prompt in enumerate(prompts):
         requests.append(_submit(scheduler, prompt, samplings[index] if samplings else SamplingParams()))
         scheduler.step()
+        _poison_past_computed(scheduler)
     while scheduler.step():
-        block_size = scheduler.cache.block_size
-        assert all(len(s.table.blocks) == math.ceil(s.computed / block_size) for s in scheduler.running)
+        _poison_past_computed(scheduler)
     return requests
 
 
