@@ -1,4 +1,5 @@
-"""What both attention kernels share: the one visibility rule and the online-softmax loop.
+"""What the attention kernels share: the one visibility rule, the online-softmax loop and the
+decode kernels' query-group load.
 
 Every attention variant lmforge runs is a rule on (query position, key position): causal,
 a sliding window, attention sinks, left padding and draft trees are all conditions on the
@@ -66,6 +67,24 @@ def visible(query_pos, key_pos, causal, first_real, window, sink):
     recent = key_pos > query_pos - window
     sinks = (key_pos - first_real) < sink
     return ((key_pos >= first_real) & causal & (recent | sinks)) | (key_pos == query_pos)
+
+
+@triton.jit
+def load_query_group(q_ptr, stride_qb, stride_qh, stride_qd, row, kv_head, group, head_dim,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The one query token of `row` for every query head of `kv_head` (grouped-query
+    attention), as the rows of a (BLOCK_H, BLOCK_D) tile, zero past the group and the head
+    dimension; with the heads' indices, which rows are real, the dimension indices and
+    which dimensions are real, for the caller's loads and stores. Decode kernels that read
+    each key block once for the whole group start here."""
+    rows = tl.arange(0, BLOCK_H)
+    row_ok = rows < group
+    heads = kv_head * group + rows
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < head_dim
+    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    return q, heads, row_ok, dims, dim_ok
 
 
 @triton.jit

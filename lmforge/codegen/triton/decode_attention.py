@@ -40,6 +40,7 @@ from lmforge.codegen.triton.attention_core import (
     NEW_UNIT_STRIDES,
     NO_WINDOW,
     attend_range,
+    load_query_group,
     new_arguments,
     position_arguments,
     write_new,
@@ -81,13 +82,8 @@ def decode_attention_partial(
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    rows = tl.arange(0, BLOCK_H)
-    row_ok = rows < group
-    heads = kv_head * group + rows
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q, heads, row_ok, dims, dim_ok = load_query_group(q_ptr, stride_qb, stride_qh, stride_qd, row, kv_head, group,
+                                                      head_dim, BLOCK_H, BLOCK_D)
     first_real = 0
     if HAS_PAD:
         first_real = tl.load(pad_ptr + row)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from lmforge.codegen.aten.evicting import prefill_importance
-from lmforge.codegen.triton.attention_core import EMPTY_TOP, soft_capped
+from lmforge.codegen.triton.attention_core import EMPTY_TOP, load_query_group, soft_capped
 from lmforge.codegen.triton.prefill_attention import prefill_attention
 from lmforge.compiler.kv_layout import EvictingSlot
 from lmforge.compiler.ops import AttentionContext, current_context
@@ -67,13 +67,8 @@ def evicting_decode_kernel(
     the probability summed over the group's heads (0 for empty entries)."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_H)
-    row_ok = rows < group
-    heads = kv_head * group + rows
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-    q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q, heads, row_ok, dims, dim_ok = load_query_group(q_ptr, stride_qb, stride_qh, stride_qd, row, kv_head, group,
+                                                      head_dim, BLOCK_H, BLOCK_D)
     k_base = k_ptr + row * stride_kb + kv_head * stride_kh
     v_base = v_ptr + row * stride_vb + kv_head * stride_vh
     new_k_base = new_k_ptr + row * stride_nkb + kv_head * stride_nkh
