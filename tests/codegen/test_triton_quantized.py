@@ -138,6 +138,8 @@ def test_quantized_tiny_llama_on_triton_matches_aten(tiny_llama, weights, group_
     calls = [node for node in triton_model.engine.runner.graph.nodes if node.op == "call_function"]
     assert sum(node.target is dequant_linear for node in calls) == 8  # q, k, v, o, gate, up, down, LM head
     assert not {node.target for node in calls} & {aten.bitwise_and.Scalar, aten.bitwise_right_shift.Tensor_Scalar}
+    (embedding,) = [node for node in calls if node.target is aten.embedding.default]
+    assert embedding.args[0].op == "get_attr"  # the table is dequantized once, not every step
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():  # 18 rows: the GEMM
         expected = exact(ids).logits

@@ -148,13 +148,14 @@ def launch_config(rows: int, n: int, k: int, dtype: torch.dtype, group_size: int
     int8): the split-K GEMV up to `GEMV_ROWS` rows, its split count from the weight's shape
     alone, and the tiled GEMM beyond. Read by the launcher and by `aot_specs` alike.
 
-    Chosen by compiling for sm_80 / sm_90 (registers per thread, none spill): the GEMV on 32
-    outputs, int8 with 128 columns a step at 16 bits (64 / 54 registers; 64 outputs: 94 / 79)
-    and 32 in fp32; int4 with 32 columns a step, one group's scale per tile when the group
-    is a multiple of 32 (72 registers; 128 columns with group 128: 168). fp32 multiplies on
-    CUDA cores (IEEE), whose tiles cost more registers: 128 for 16 x 32 x 32. The GEMM on
-    8 warps: 64 x 64 x 32 tiles at 16 bits (116-122 / 80-98; on 4 warps 168-192), 32 x 32 x 32
-    in fp32 (128)."""
+    Measured by compiling for sm_80 / sm_90 (`aot_kernel_specs`, N = K = 4096, no bias; none
+    spills; registers per thread, sm_80 / sm_90). The GEMV takes 32 outputs a program; int8
+    codes 128 columns a step at 16 bits (fp16 56 / 53, bf16 60 / 48) and 32 in fp32
+    (118 / 108); int4 32 columns a step, so that a group of a multiple of 32 has one scale
+    per tile (45 / 47 at 16 bits, 121 / 124 in fp32; groups of 48: 64 / 56). The GEMM runs
+    64 x 64 x 32 tiles on 8 warps at 16 bits (int8 80 / 46, int4 68 / 42, groups of 48
+    105 / 48) and 32 x 32 x 32 in fp32 (104-124): fp32 multiplies on CUDA cores (IEEE), whose
+    tiles cost more registers. The combine takes 36. Shared memory: 3-21 KB a block."""
     wide = dtype != torch.float32
     if rows > GEMV_ROWS:
         block = 64 if wide else 32
@@ -179,6 +180,8 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     splits = config["splits"]
     out = torch.empty((splits, rows, n), dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     grid = (triton.cdiv(n, config["BLOCK_N"]), splits, triton.cdiv(rows, config["BLOCK_M"]))
+    # int8 has no zero points and a layer may have no bias: those pointers get a tensor the
+    # kernel never reads (GROUP_SIZE 0, HAS_BIAS False)
     dequant_matmul_kernel[grid](
         x2d, qweight, scales.reshape(-1) if zeros is None else scales, scales if zeros is None else zeros,
         x2d if bias is None else bias, out, rows, n, k, config["k_per_split"],
