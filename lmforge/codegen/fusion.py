@@ -429,7 +429,7 @@ def _absorbed_index_ops(members: list[fx.Node], shapes: Shapes) -> list[fx.Node]
 
 def kernel_kind(group: FusionGroup) -> str:
     """What a group computes, in words for its kernel's name: `rmsnorm_residual`, `rope`,
-    `silu_mul`, `softcap`, ... (parts in a fixed order)."""
+    `silu_mul`, `gelu_tanh`, `softcap`, ... (parts in a fixed order)."""
     targets = {node.target for node in group.nodes}
     roles = {role_of(node)[1] for node in group.nodes}
     parts = []
@@ -449,7 +449,9 @@ def kernel_kind(group: FusionGroup) -> str:
         parts.append("silu_mul" if aten.mul.Tensor in targets else "silu")
     if aten.gelu.default in targets:
         parts.append("gelu_mul" if aten.mul.Tensor in targets else "gelu")
-    if aten.tanh.default in targets and not parts:
+    if aten.tanh.default in targets and aten.pow.Tensor_Scalar in targets and not parts:
+        parts.append("gelu_tanh")  # GPT-2's gelu_new written out: 0.5·x·(1 + tanh(c·(x + 0.044715·x³)))
+    elif aten.tanh.default in targets and not parts:
         parts.append("softcap")
     return "_".join(parts) or "pointwise"
 

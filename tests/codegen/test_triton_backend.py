@@ -67,6 +67,8 @@ def reference_values(program, batch: int, seq: int) -> dict:
 
 @pytest.mark.parametrize(("arch", "dtype"), [
     ("llama", torch.float32), ("qwen2", torch.float32), ("gemma2", torch.float32), ("llama", torch.float16),
+    ("qwen3", torch.float32),  # RoPE's rotated halves read the per-head q/k RMSNorm
+    ("opt", torch.float32),  # [batch*seq, n] matmul outputs: sizes from input_ids, index division
 ])
 def test_each_kernel_matches_the_pytorch_ops_it_replaces(arch, dtype):
     program = program_of(arch, dtype)
