@@ -7,8 +7,11 @@ top 3/2/1), heads with lookup, and Hydra heads (each head reads the token drafte
 drafted by the runtime at one position per step; chain and tree) with and without lookup: tokens/s (each engine timed alternately with the others, run
 by run), ratio to HF eager and to HF prompt lookup, mean tokens per forward (1 = no draft
 accepted), and whether the greedy tokens are identical to HF's plain greedy output.
-Prompts are cut from held-out source code; the last column says how repetitive the
-generated text is (share of generated 4-grams seen before), since lookup thrives on it.
+Prompts are cut from held-out source code, or with `--text FILE` from that file, or with
+`--text docs` from English documentation installed on this machine (`documentation_text`:
+no download, and no drafter or heads ever trained on it); the last column says how
+repetitive the generated text is (share of generated 4-grams seen before), since lookup
+thrives on it.
 
 With `--eagle DIR` (written by `lmforge train-heads --kind eagle`), the EAGLE drafter's chain
 and its dynamic tree (EAGLE-2; node budget chosen at compile time), each with and without
@@ -17,13 +20,16 @@ lookup, join the rows. Heads come from `--heads DIR` / `--hydra-heads DIR` (writ
 (`--train-steps`, self-distillation on the first half of heldout.txt, as `lmforge train-heads
 --first-half`; the prompts come from the second half, as in `lmforge bench`).
 
-    python benchmarks/speculative.py [--checkpoint DIR] [--heads DIR] [--prompts 4] [--new-tokens 128] [--json]
+    python benchmarks/speculative.py [--checkpoint DIR] [--heads DIR] [--text docs|FILE] [--prompts 4] [--new-tokens 128] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import importlib.metadata
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +63,53 @@ def _heads(given: Path | None, kind: str, args, hf, tokenizer) -> Path:
     return directory
 
 
+DEBIAN_DOCS = Path("/usr/share/doc")
+CODE_LINE = re.compile(r"^(\s{4}|\t|>>>|\.\.\.|\$ |%|#!|\.\. )")
+
+
+def _prose(text: str) -> list[str]:
+    """The prose lines of a README: fenced blocks and lines that look like code, shell or
+    markup directives dropped, as are lines with few letters (tables, rules, URLs)."""
+    kept, fenced = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+            continue
+        letters = sum(character.isalpha() or character == " " for character in line)
+        if not fenced and not CODE_LINE.match(line) and (not line.strip() or letters >= 0.8 * len(line)):
+            kept.append(line.rstrip())
+    return kept
+
+
+def documentation_text() -> str:
+    """A non-code text built from what is installed, without a download: the long
+    descriptions (READMEs) in the metadata of the installed Python distributions, then the
+    READMEs of the Debian packages under /usr/share/doc, each reduced to its prose, in a fixed
+    order. English prose that neither the reference checkpoint's held-out code nor any drafter's
+    training text contains."""
+    readmes = [(distribution.metadata["Name"] or "", distribution.metadata.get_payload() or "")
+               for distribution in importlib.metadata.distributions()]
+    for path in sorted(DEBIAN_DOCS.glob("*/README*")):
+        if path.suffix in ("", ".md", ".txt", ".gz", ".markdown", ".rst") and path.is_file():
+            raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            readmes.append((str(path), raw.decode("utf-8", errors="ignore")))
+    paragraphs = ["\n".join(_prose(text)).strip() for _, text in sorted(readmes, key=lambda pair: pair[0].lower())]
+    return re.sub(r"\n{3,}", "\n\n", "\n\n".join(paragraph for paragraph in paragraphs if paragraph))
+
+
+def prompt_text(given: str | None, checkpoint: Path) -> tuple[str, str]:
+    """The text prompts are cut from and its name: `--text docs`, `--text FILE`, or the prompt
+    half of the checkpoint's held-out code."""
+    if given == "docs":
+        return documentation_text(), "installed documentation (prose)"
+    if given is not None:
+        path = Path(given)
+        if not path.is_file():
+            raise SystemExit(f"--text {given}: no such file (give a text file or `docs`)")
+        return path.read_text(errors="ignore"), path.name
+    return prompt_text_for(checkpoint), "held-out code"
+
+
 def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     seen, repeats = set(), 0
@@ -80,8 +133,12 @@ def main() -> None:
                         help="an EAGLE drafter (`lmforge train-heads --kind eagle`): adds its chain and tree rows")
     parser.add_argument("--only", nargs="+", default=None,
                         help="measure only the lmforge rows whose name contains one of these strings (and plain)")
+    parser.add_argument("--text", default=None,
+                        help="cut the prompts from this text file, or `docs` for the installed documentation's prose "
+                             "(default: the second half of the checkpoint's heldout.txt)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    text, text_name = prompt_text(args.text, args.checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
 
@@ -121,7 +178,7 @@ def main() -> None:
     agreement_note = {name: models[name].program.history[1]["measurements"]["heldout_agreement"]
                       for name in ("lmforge + draft_heads", "lmforge + Hydra heads") if name in models}
     totals: dict[str, dict] = {}
-    for prompt in heldout_prompts(prompt_text_for(args.checkpoint), tokenizer, args.prompts, args.prompt_len):
+    for prompt in heldout_prompts(text, tokenizer, args.prompts, args.prompt_len):
         ids = torch.tensor([prompt])
         mask = torch.ones_like(ids)
         forwards = {}
@@ -160,9 +217,9 @@ def main() -> None:
              "tokens_per_forward": t["tokens"] / t["forwards"], "identical_to_hf_greedy": t["identical"],
              "repeated_4grams": sum(t["repetition"]) / len(t["repetition"])} for name, t in totals.items()]
     if args.json:
-        json.dump({"rows": rows, "head_agreement": agreement_note}, sys.stdout, indent=2)
+        json.dump({"text": text_name, "rows": rows, "head_agreement": agreement_note}, sys.stdout, indent=2)
         return
-    table = Table(title=f"greedy decoding on {args.checkpoint.name}: {args.prompts} held-out code prompts of "
+    table = Table(title=f"greedy decoding on {args.checkpoint.name}: {args.prompts} prompts ({text_name}) of "
                         f"{args.prompt_len} tokens, {args.new_tokens} new tokens, batch 1; head agreement {agreement_note}")
     for column in ("engine", "tokens/s", "vs HF eager", "vs HF lookup", "tokens per forward", "identical to HF greedy",
                    "repeated 4-grams in output"):
