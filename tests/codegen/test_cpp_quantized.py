@@ -3,8 +3,9 @@ int4 and bf16 weights through the same kernels as the `aten` backend, so it deco
 greedy tokens with logits within float rounding of the `aten` backend's.
 
 One tiny llama holds all three formats (layer 0 int8, layer 1 int4 g32, LM head bf16), so
-one compile covers every kernel; its prompt is one token, so the prefill runs in the 1-token
-bucket and a generate compiles one package, not two (kept in lmforge's cache afterwards)."""
+one compile covers every kernel; its prompt is one token in a cache of exactly the slots the
+generate needs (so the prompt is not padded to a length bucket), every forward is a 1-token
+step and a generate compiles one package, not two (kept in lmforge's cache afterwards)."""
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from lmforge.passes import PassContext
 from lmforge.passes.calibrate import CalibrationData
 from lmforge.passes.quantize import Quantize, QuantizeConfig
 
+NEW_TOKENS = 16
 MIXED = (("int8", [1, "lm_head", "embedding"]), ("int4", [0, "lm_head", "embedding"]), ("bf16", [0, 1]))
 
 
@@ -34,7 +36,7 @@ def mixed():
 
 
 def _compiled(model, program, backend: str) -> CompiledModel:
-    recipe = parse_recipe(f"codegen: {{backend: {backend}}}\nruntime: {{max_seq_len: 32}}\n")
+    recipe = parse_recipe(f"codegen: {{backend: {backend}}}\nruntime: {{max_seq_len: {1 + NEW_TOKENS}}}\n")
     return CompiledModel(program, recipe, _generation_settings(model))
 
 
@@ -68,7 +70,9 @@ def test_step_module_reads_stored_formats(mixed):
 def test_cpp_decodes_like_aten(mixed):
     model, program = mixed
     ids = torch.tensor([[17]])
-    expected, expected_logits = _greedy_with_logits(_compiled(model, program, "aten"), ids, 16)
-    tokens, logits = _greedy_with_logits(_compiled(model, program, "cpp"), ids, 16)
+    expected, expected_logits = _greedy_with_logits(_compiled(model, program, "aten"), ids, NEW_TOKENS)
+    cpp = _compiled(model, program, "cpp")
+    tokens, logits = _greedy_with_logits(cpp, ids, NEW_TOKENS)
+    assert [bucket.tokens for bucket in cpp.engine.runner.steps] == [1]
     assert torch.equal(tokens, expected)
     assert (logits - expected_logits).abs().max() <= 1e-3 * expected_logits.abs().max()
