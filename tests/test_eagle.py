@@ -164,3 +164,23 @@ def test_held_out_tree_measurements_follow_the_drafter():
     assert exact["tree_accepted_per_budget"]["1"] == 1.0 and exact["tree_accepted_per_budget"]["32"] == 3.0
     random = tree_measurements(_random_drafter(model), model, sequences, 8)
     assert random["tree_threshold"] > 0.0 and random["tree_accepted_per_budget"]["32"] < 1.0
+
+
+def test_drafting_follows_weights_changed_after_a_start():
+    """The fused, packed run-time projections are copies: a weight updated in place or
+    replaced between two generations (training steps, a swapped drafter) is what the next
+    drafts use, as a fresh drafter with those weights drafts."""
+    model = tiny_model("llama")
+    drafter, fresh = _random_drafter(model), _random_drafter(model)
+    hidden, tokens = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(5)), _windows(rows=1, length=6)
+    positions = torch.arange(6)[None]
+    with torch.no_grad():
+        drafter.start(1, 16, None, "cpu")
+        drafter.extend(hidden, tokens, positions, 0)
+        drafter.weights["o"].mul_(3.0)
+        drafter.weights["lm_head"] = drafter.weights["lm_head"].flip(0)
+        fresh.weights["o"], fresh.weights["lm_head"] = drafter.weights["o"], drafter.weights["lm_head"]
+        for each in (drafter, fresh):
+            each.start(1, 16, None, "cpu")
+            each.extend(hidden, tokens, positions, 0)
+        torch.testing.assert_close(drafter.draft_logits(drafter.committed[0]), fresh.logits(fresh.committed[0]))

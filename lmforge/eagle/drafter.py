@@ -96,7 +96,7 @@ class RuntimeKernels:
     16. The layer's own projections stay unpacked: packed, a one-row 256 x 256 GEMM took
     20 us instead of 7. Copies of the weights, rebuilt when the weights change (`current`)."""
 
-    source: tuple[tuple[int, int], ...]
+    source: tuple[tuple[torch.Tensor, int], ...]
     fc: Callable[[torch.Tensor], torch.Tensor]
     qkv: Callable[[torch.Tensor], torch.Tensor]
     o: Callable[[torch.Tensor], torch.Tensor]
@@ -105,21 +105,25 @@ class RuntimeKernels:
     lm_head: Callable[[torch.Tensor], torch.Tensor]
 
     @staticmethod
-    def _source(weights: dict[str, torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    def _source(weights: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, int], ...]:
         """Which tensors, at which in-place version, the kernels were built from."""
-        return tuple((id(tensor), tensor._version) for tensor in weights.values())
+        return tuple((tensor, tensor._version) for tensor in weights.values())
 
     @classmethod
     def current(cls, kernels: RuntimeKernels | None, weights: dict[str, torch.Tensor]) -> RuntimeKernels:
-        """`kernels` if built from `weights` as they are now, else fresh ones."""
-        if kernels is not None and kernels.source == cls._source(weights):
+        """`kernels` if built from `weights` as they are now (the same tensors, not updated in
+        place since), else fresh ones."""
+        source = cls._source(weights)
+        if kernels is not None and len(kernels.source) == len(source) and all(
+                old is new and old_version == new_version
+                for (old, old_version), (new, new_version) in zip(kernels.source, source)):
             return kernels
         w = {name: tensor.detach() for name, tensor in weights.items()}
 
         def plain(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
             return lambda x: F.linear(x, weight, bias)
 
-        return cls(cls._source(weights), plain(w["fc_weight"], w["fc_bias"]),
+        return cls(source, plain(w["fc_weight"], w["fc_bias"]),
                    plain(torch.cat([w["q"], w["k"], w["v"]])), plain(w["o"]),
                    plain(torch.cat([w["gate"], w["up"]])), plain(w["down"]), packed_linear(w["lm_head"]))
 
