@@ -33,7 +33,7 @@ def lmforge_op_kernel(op) -> object:
 def emit_kernels(program: Program) -> list[EmittedKernel]:
     """Every fusion group of the program as a Triton kernel, in graph order (what the
     artifact writer stores under `kernels/`)."""
-    return _emit(partition(program.graph_module))
+    return _emit(partition(select_quantized_linears(program.graph_module)))
 
 
 def _emit(parts: Partition) -> list[EmittedKernel]:
@@ -76,8 +76,10 @@ def lower_triton(program: Program, config: CodegenConfig) -> fx.GraphModule:
     dequantizing matmul (`triton/quantized_linear.py`); the result is called like the
     program, `(input_ids, position_ids)`."""
     require_triton_device(program)
-    parts = partition(program.graph_module)
-    return select_quantized_linears(kernel_graph(program.graph_module, parts, _emit(parts)))
+    # before partitioning: a loaded program's dequantizing nodes carry shapes and would fuse
+    graph_module = select_quantized_linears(program.graph_module)
+    parts = partition(graph_module)
+    return kernel_graph(graph_module, parts, _emit(parts))
 
 
 def kernel_graph(graph_module: fx.GraphModule, parts: Partition, kernels: list[EmittedKernel]) -> fx.GraphModule:

@@ -27,6 +27,7 @@ from lmforge.codegen.aot import (  # noqa: E402
     report_kernels,
     spec_from_emitted,
 )
+from lmforge.codegen.triton.quantized_linear import aot_kernel_specs  # noqa: E402
 from lmforge.codegen.triton_backend import emit_kernels  # noqa: E402
 from lmforge.codegen.triton_emit import MAX_TILE  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
@@ -179,7 +180,20 @@ def spilled_before_reports() -> list[dict]:
     return reports
 
 
+QUANTIZED_FORMATS = [{"group_size": None, "bias": False, "outliers": True},
+                     {"group_size": 32, "bias": True, "outliers": False}]
+QUANTIZED_COMPILED = ("dequant_gemv_int8", "dequant_gemm_int4_g32_bias", "dequant_split_k_combine")
+
+
+def quantized_linear_reports() -> list[dict]:
+    """Three of the dequantizing matmul's fp16 configurations (`QUANTIZED_COMPILED`): the int8
+    GEMV, the int4 GEMM with a bias, the split-K combine."""
+    return report_kernels([spec for spec in aot_kernel_specs(torch.float16, QUANTIZED_FORMATS)
+                           if spec.name in QUANTIZED_COMPILED])
+
+
 if __name__ == "__main__":
     print(json.dumps({"rmsnorm": rmsnorm_checks(Path(sys.argv[1])), "limits": limit_checks(),
                       "bad_specs": bad_spec_checks(), **lmforge_kernel_reports(),
-                      "attention_variants": attention_variant_reports(), "spilled_before": spilled_before_reports()}))
+                      "attention_variants": attention_variant_reports(), "spilled_before": spilled_before_reports(),
+                      "quantized_linear": quantized_linear_reports()}))

@@ -161,6 +161,16 @@ def test_generated_fused_kernels_compile_for_both_targets_without_spills(compile
         assert all(summary["registers"] <= 128 for summary in kernel["targets"].values()), kernel["name"]
 
 
+def test_the_dequantizing_matmul_compiles_without_spills(compiled):
+    """int8 GEMV, int4 GEMM with a bias, split-K combine (`codegen/triton/quantized_linear.py`)."""
+    kernels = compiled["quantized_linear"]
+    assert [kernel["name"] for kernel in kernels] == [
+        "dequant_gemv_int8", "dequant_gemm_int4_g32_bias", "dequant_split_k_combine"]
+    assert kernels[0]["ops"] == ["aten.linear", "aten.index_add: outliers' sparse correction, after the kernel"]
+    for kernel in kernels:
+        assert_fits_without_spills(kernel)
+
+
 def test_occupancy_by_hand():
     # 128 registers x 32 threads = 4096 per warp: 16 warps fit 64K registers, 4 blocks of 4
     assert occupancy(128, 0, 4, TARGETS["sm_80"]) == (16, "registers")
