@@ -400,6 +400,20 @@ def launchable_attention_specs(ops: Iterable[str], head_dim: int, group: int, dt
     return specs
 
 
+def paged_attention_specs(head_dim: int, group: int, dtype: torch.dtype, softcap: bool = False) -> list[KernelSpec]:
+    """The paged attention kernel a served step launches over a block pool
+    (`codegen/triton/paged_attention.py`), in its two configurations: a decode step's
+    one-token tiles split over the context (its combine stage is the decode kernel's,
+    `decode_attention_combine`) and a step with prompt chunks. Block tables and spans are
+    int32 arrays with no stride to hint beyond the table's row stride, which varies."""
+    from lmforge.codegen.triton import paged_attention
+
+    ops = ("lmforge::attention", "lmforge::tree_attention")
+    return [_attention_spec(f"paged_attention_kernel_{kind}", entry, ops, head_dim)
+            for kind, decode in (("decode", True), ("chunk", False))
+            for entry in paged_attention.aot_specs(head_dim, group, dtype, softcap, decode=decode)]
+
+
 def spec_from_emitted(kernel, rows: int, columns: int | None = None) -> KernelSpec:
     """A KernelSpec for a fused kernel from `triton_emit` (an `EmittedKernel`) as its launcher
     would run it over `rows` rows: BLOCK_R and num_warps from `triton_emit.launch_config`.

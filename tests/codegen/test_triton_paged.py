@@ -20,6 +20,7 @@ from tiny_models import CharTokenizer, tiny_model  # noqa: E402
 import lmforge  # noqa: E402
 from lmforge.codegen.aten.attention import attention_reference  # noqa: E402
 from lmforge.codegen.aten.paged import paged_attention as aten_paged_attention  # noqa: E402
+from lmforge.codegen.triton import attention as triton_attention_module  # noqa: E402
 from lmforge.codegen.triton.paged_attention import launch_config, paged_attention, split_count  # noqa: E402
 from lmforge.compiler.ops import AttentionContext  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
@@ -120,7 +121,8 @@ def test_long_decode_steps_are_split_and_chunked_steps_are_not():
     decode, chunk = launch_config(4, 128, 2, decode=True), launch_config(4, 128, 2, decode=False)
     assert (decode["BLOCK_M"], decode["BLOCK_G"]) == (1, 16)  # a token's heads padded to tl.dot's 16 rows
     assert (chunk["BLOCK_M"], chunk["BLOCK_G"]) == (16, 4)
-    assert launch_config(32, 64, 4, decode=False)["BLOCK_M"] == 1  # a group wider than a tile: one token
+    assert launch_config(4, 128, 4, decode=False)["BLOCK_M"] == 4  # fp32 at head_dim 128: 16 rows
+    assert launch_config(64, 64, 4, decode=False)["BLOCK_M"] == 1  # a group wider than a tile: one token
 
 
 def test_a_step_without_block_tables_is_refused():
@@ -131,22 +133,29 @@ def test_a_step_without_block_tables_is_refused():
         paged_attention(q, k, v, key_pool, value_pool, bare, 0.25)
 
 
-NEW_TOKENS = 5
+NEW_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
 def triton_llama():
-    recipe = "codegen: {backend: triton, targets: []}\nruntime: {max_seq_len: 48, dtype: float32}\n"
-    return lmforge.optimize(tiny_model("llama"), recipe)
+    recipe = "codegen: {backend: triton, targets: []}\nruntime: {max_seq_len: 32, dtype: float32}\n"
+    return lmforge.optimize(tiny_model("llama", num_layers=1), recipe)
 
 
-def test_a_triton_artifact_is_served_by_the_continuous_scheduler(triton_llama):
+def test_a_triton_artifact_is_served_by_the_continuous_scheduler(triton_llama, monkeypatch):
     """Three prompts joining at different steps, one chunked over several steps, each gets
-    the greedy tokens `generate` gives it alone."""
+    the greedy tokens `generate` gives it alone, every step through the Triton paged kernel."""
+    launches = []
+
+    def counted(*args, **kwargs):
+        launches.append(args[5].pieces)
+        return paged_attention(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention_module, "paged_attention", counted)
     scheduler = make_scheduler(triton_llama, ServeMetrics(), max_batch=4, max_tokens_per_step=12)
     assert isinstance(scheduler, ContinuousScheduler)
     generator = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, 256, (length,), generator=generator).tolist() for length in (6, 19, 3)]
+    prompts = [torch.randint(3, 256, (length,), generator=generator).tolist() for length in (6, 15, 3)]
     eos, alone = set(triton_llama.engine.eos_token_ids), []
     for prompt in prompts:
         new = triton_llama.engine.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
@@ -161,4 +170,6 @@ def test_a_triton_artifact_is_served_by_the_continuous_scheduler(triton_llama):
     while scheduler.step():
         pass
     assert [request.output_ids for request in requests] == alone
+    assert any(len(pieces) == 3 and max(count for _, _, count in pieces) > 1 for pieces in launches)  # mixed step
+    assert any(all(count == 1 for _, _, count in pieces) for pieces in launches)  # a decode-only step
     assert scheduler.cache.allocator.free == scheduler.cache.allocator.count

@@ -168,20 +168,27 @@ def launch_config(group: int, head_dim: int, element_size: int, decode: bool) ->
     """BLOCK_M, BLOCK_G, BLOCK_N, BLOCK_D and num_warps, for the launcher and `aot_specs`
     alike. A decode step's items are one token: the group's heads padded to the 16 rows
     `tl.dot` needs, as the decode kernel's tiles. A step with prompt chunks takes up to 64
-    rows of tokens x heads in fp16/bf16 and 32 in fp32 (whose products run on FMA units and
-    hold more in registers), at least one token's heads. Keys: 64 a block in half precision,
-    32 in fp32 (16 for chunk tiles at head_dim 128 and beyond)."""
+    rows of tokens x heads in fp16/bf16, and in fp32 (whose products run on FMA units and
+    hold more in registers) 32 at head_dim 64 and 16 from 128; at least one token's heads.
+    Keys: 64 a block in half precision, 32 in fp32 (16 for chunk tiles from head_dim 128).
+    Warps, each a count that compiled without spills for sm_80 and sm_90 at head_dim 64 and
+    128, 1-8 query heads per KV head, soft-capped or not (Triton 3.9): half-precision decode
+    4, chunks 8 (4 spilled 20 B on sm_80 at head_dim 64, soft-capped); fp32 8, but 4 for decode
+    tiles from head_dim 128 (4 spilled 20-32 B on sm_90 at 64; 32-row chunk tiles at 128
+    spilled on 4, 8 and 16 warps)."""
     block_d = triton.next_power_of_2(head_dim)
     half = element_size <= 2
     block_g = triton.next_power_of_2(group)
     if decode:
         block_m, block_g = 1, max(16, block_g)
     else:
-        block_m = max(1, (64 if half else 32) // block_g)
+        block_m = max(1, (64 if half else 32 if block_d <= 64 else 16) // block_g)
         block_g = max(block_g, 16 // block_m)
-    rows = block_m * block_g
     block_n = 64 if half else (32 if decode or block_d < 128 else 16)
-    num_warps = 8 if rows * block_d >= (64 if half else 32) * 128 else 4
+    if half:
+        num_warps = 4 if decode else 8
+    else:
+        num_warps = 4 if decode and block_d >= 128 else 8
     return {"BLOCK_M": block_m, "BLOCK_G": block_g, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
 
 
