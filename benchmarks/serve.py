@@ -9,7 +9,12 @@ in flight, greedy, streamed over HTTP with httpx) to:
   time in arrival order (a request that arrives while another runs waits for it);
 - `serve, one at a time`: `lmforge serve --max-batch 1 --no-prefix-cache`;
 - `serve, continuous`: continuous batching with prefix caching (the default) and, with a
-  shared prefix, without it.
+  shared prefix, without it;
+- with `--speculative-recipe FILE`, `serve, continuous, speculative`: the same continuous
+  batching on an artifact compiled with that recipe (prompt lookup, draft heads), each
+  request verifying its own drafts; the row reports the draft tokens accepted (`/metrics`).
+  `--continuous-only` keeps just the continuous rows (prefix cache on) and skips the
+  prefix-reuse measurement.
 
 Each workload runs twice: with distinct prompts, and with every prompt behind one shared
 system prompt of `--prefix-tokens` tokens. A server runs in a subprocess per row, warmed up
@@ -23,8 +28,8 @@ time and of a second request behind the same prefix.
     python benchmarks/serve.py [--checkpoint DIR] [--recipe FILE] [--requests 32] [--clients 16]
                                [--rate 8] [--prompt-tokens 64 512] [--output-tokens 32 128]
                                [--prefix-tokens 256] [--reuse-prefix-tokens 1024] [--max-batch 16]
-                               [--max-tokens-per-step 512]
-                               [--skip-hf] [--json]
+                               [--max-tokens-per-step 512] [--speculative-recipe FILE]
+                               [--continuous-only] [--skip-hf] [--json]
 """
 
 from __future__ import annotations
@@ -144,14 +149,14 @@ async def drive(base: str, jobs: list[Job], clients: int) -> tuple[list[Timing],
     return list(timings), time.monotonic() - start
 
 
-def prefix_counters(base: str) -> tuple[int, int]:
-    """(prefix cache hit tokens, tokens looked up) from the server's /metrics."""
+def server_counters(base: str) -> dict[str, int]:
+    """The server's unlabelled /metrics counters by name."""
     values = {}
     for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
         name, _, value = line.partition(" ")
-        values[name] = value
-    return (int(values.get("lmforge_prefix_cache_hit_tokens_total", 0)),
-            int(values.get("lmforge_prefix_cache_query_tokens_total", 0)))
+        if name.endswith("_total") and value:
+            values[name] = int(float(value))
+    return values
 
 
 class Server:
@@ -196,12 +201,15 @@ def serve_row(name: str, workload: str, artifact: Path, options: list[str], jobs
               args: argparse.Namespace, log_dir: Path) -> dict:
     with Server(artifact, options, log_dir) as server:
         asyncio.run(drive(server.base, [warmup], 1))
-        hits_before, queries_before = prefix_counters(server.base)
+        before = server_counters(server.base)
         timings, wall = asyncio.run(drive(server.base, jobs, args.clients))
-        hits, queries = prefix_counters(server.base)
-    caching = "--no-prefix-cache" not in options
-    rate = (hits - hits_before) / (queries - queries_before) if caching and queries > queries_before else None
-    return summarize(name, workload, timings, wall, rate)
+        after = server_counters(server.base)
+    row = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    hits = row.get("lmforge_prefix_cache_hit_tokens_total", 0)
+    queries = row.get("lmforge_prefix_cache_query_tokens_total", 0)
+    rate = hits / queries if "--no-prefix-cache" not in options and queries else None
+    return {**summarize(name, workload, timings, wall, rate), "draft_tokens": row.get("lmforge_draft_tokens_total", 0),
+            "accepted_draft_tokens": row.get("lmforge_accepted_draft_tokens_total", 0)}
 
 
 def prefix_reuse(artifact: Path, options: list[str], ids: list[int], bos: int | None, args: argparse.Namespace,
@@ -255,7 +263,8 @@ def hf_row(model, eos: list[int], jobs: list[Job], workload: str) -> dict:
             timing.token_times = timing.token_times[:kept]
             timing.ok = True
             timings.append(timing)
-    return summarize("hf generate, sequential", workload, timings, time.monotonic() - start, None)
+    return {**summarize("hf generate, sequential", workload, timings, time.monotonic() - start, None),
+            "draft_tokens": 0, "accepted_draft_tokens": 0}
 
 
 def _milliseconds(value: float | None) -> str:
@@ -266,15 +275,16 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     table = Table(title=f"lmforge serve: {args.requests} requests, {args.clients} clients, {args.rate}/s arrivals, "
                         f"prompts {args.prompt_tokens[0]}-{args.prompt_tokens[1]} tokens")
     columns = ("workload", "row", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
-               "prefix hits", "lost")
+               "prefix hits", "drafts accepted", "lost")
     for column in columns:
         table.add_column(column, justify="left" if column in ("workload", "row") else "right")
     ms = _milliseconds
     for row in rows:
         hits = "-" if row["prefix_cache_hit_rate"] is None else f"{row['prefix_cache_hit_rate']:.0%}"
+        drafts = f"{row['accepted_draft_tokens']}/{row['draft_tokens']}" if row["draft_tokens"] else "-"
         table.add_row(row["workload"], row["row"], f"{row['requests_per_s']:.2f}", f"{row['output_tokens_per_s']:.1f}",
                       ms(row["ttft_p50_s"]), ms(row["ttft_p95_s"]), ms(row["itl_p50_s"]), ms(row["itl_p95_s"]),
-                      hits, str(row["lost"]))
+                      hits, drafts, str(row["lost"]))
     Console(width=160).print(table)  # wide enough for every column when piped
 
 
@@ -292,6 +302,10 @@ def parse_args() -> argparse.Namespace:
                         help="the prefix of the cold-vs-cached time-to-first-token measurement")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-tokens-per-step", type=int, default=512)
+    parser.add_argument("--speculative-recipe", type=Path,
+                        help="also serve an artifact compiled with this recipe (prompt lookup, draft heads)")
+    parser.add_argument("--continuous-only", action="store_true",
+                        help="only the continuous rows with the prefix cache; no prefix-reuse measurement")
     parser.add_argument("--skip-hf", action="store_true", help="leave out the HF generate rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
@@ -307,6 +321,10 @@ def main() -> None:
         artifact = compiled.save(Path(temp) / MODEL_NAME)
         eos_ids = list(compiled.engine.eos_token_ids)
         del compiled
+        speculative = None
+        if args.speculative_recipe is not None:
+            speculative = lmforge.optimize(args.checkpoint, args.speculative_recipe).save(
+                Path(temp) / "speculative" / MODEL_NAME)  # the server publishes its directory's name
         hf = None if args.skip_hf else AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
         warmup = Job(ids[-32:], 4, 0.0)
         batching = ["--max-batch", str(args.max_batch), "--max-tokens-per-step", str(args.max_tokens_per_step)]
@@ -318,20 +336,27 @@ def main() -> None:
             jobs = make_jobs(ids, tokenizer.bos_token_id, args, shared)
             if hf is not None:
                 rows.append(hf_row(hf, eos_ids, jobs, workload))
-            rows.append(serve_row("serve, one at a time", workload, artifact, one_at_a_time, jobs, warmup, args,
-                                  log_dir))
-            if shared:
+            if not args.continuous_only:
+                rows.append(serve_row("serve, one at a time", workload, artifact, one_at_a_time, jobs, warmup, args,
+                                      log_dir))
+            if shared and not args.continuous_only:
                 rows.append(serve_row("serve, continuous, no prefix cache", workload, artifact,
                                       [*batching, "--no-prefix-cache"], jobs, warmup, args, log_dir))
             rows.append(serve_row("serve, continuous, prefix cache", workload, artifact, batching, jobs, warmup,
                                   args, log_dir))
-        reuse = prefix_reuse(artifact, batching, ids, tokenizer.bos_token_id, args, log_dir)
+            if speculative is not None:
+                rows.append(serve_row("serve, continuous, speculative", workload, speculative, batching, jobs, warmup,
+                                      args, log_dir))
+        reuse = None if args.continuous_only else prefix_reuse(artifact, batching, ids, tokenizer.bos_token_id, args,
+                                                               log_dir)
     if args.json:
         json.dump({"settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
                    "rows": rows, "prefix_reuse": reuse}, sys.stdout, indent=2)
         print()
     else:
         print_table(rows, args)
+        if reuse is None:
+            return
         ratio = "-" if reuse["cold_over_warm"] is None else f"{reuse['cold_over_warm']:.1f}x"
         print(f"a second request behind the same {reuse['prefix_tokens']}-token prefix: time to first token "
               f"{_milliseconds(reuse['ttft_cold_s'])} ms cold, {_milliseconds(reuse['ttft_warm_s'])} ms with the "
