@@ -2,6 +2,7 @@
 tokens identical to Hugging Face on a batch padded to its bucket, keeps cached and cache-free
 logits equal, never compiles inside the decoding loop, reloads an artifact in a fresh process
 without compiling, and lists the ops it compiles and refuses (the refusals: test_cpp_refused.py).
+The reference checkpoint's test is test_cpp_reference.py.
 
 Each model compiles three buckets per module (batch 4: any length, 1 token, a 4-token
 verify); the packages are kept in lmforge's cache, so a second run of this file loads them."""
@@ -133,17 +134,6 @@ def test_a_program_and_its_loaded_artifact_share_a_digest_other_weights_do_not(t
     with torch.no_grad():
         loaded.lm_head__weight[0, 0] += 1.0
     assert program_digest(loaded) != program_digest(compiled.program.graph_module)
-
-
-def test_reference_checkpoint_greedy_matches_hf(ref_path, ref_hf, heldout_prompts):
-    compiled = lmforge.optimize(ref_path, RECIPE)
-    ids = torch.tensor([heldout_prompts[0]])
-    expected = ref_hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                               do_sample=False)
-    assert torch.equal(compiled.generate(ids, max_new_tokens=16, eos_token_id=[]), expected)
-    runner = compiled.engine.runner
-    assert set(runner.compile_seconds) == {f"batch=1 tokens={tokens} threads={torch.get_num_threads()}"
-                                           for tokens in ("any", 1)}
 
 
 def test_compile_records_are_kept_beside_the_packages(tiny):
