@@ -174,8 +174,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="requests batched together at most"),
-    max_tokens_per_step: int = typer.Option(4096, "--max-tokens-per-step", min=1,
-                                            help="tokens one step may process (decode tokens + prompt chunks)"),
+    max_tokens_per_step: int = typer.Option(4096, "--max-tokens-per-step", min=0,
+                                            help="tokens one step may process (decode tokens + prompt chunks); "
+                                                 "0: no limit, every prompt prefilled whole (no chunking)"),
     kv_blocks: Optional[int] = typer.Option(None, "--kv-blocks", min=1,
                                             help="16-token blocks of the paged KV cache (default: max-batch full contexts)"),
     no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache",

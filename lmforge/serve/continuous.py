@@ -145,9 +145,14 @@ class ContinuousScheduler(SchedulerBase):
 
     def describe(self) -> str:
         return (f"continuous batching over a paged KV cache ({self.cache.allocator.count} blocks of "
-                f"{self.cache.block_size} tokens), chunked prefill of up to {self.max_tokens_per_step} tokens "
-                f"per step, prefix caching {'on' if self.prefix_caching else 'off'}"
+                f"{self.cache.block_size} tokens), {self._prefill_description()}, "
+                f"prefix caching {'on' if self.prefix_caching else 'off'}"
                 f"{', drafts verified per request' if self.drafting else ''}")
+
+    def _prefill_description(self) -> str:
+        if math.isinf(self.max_tokens_per_step):
+            return "prompts prefilled whole (no chunking)"
+        return f"chunked prefill of up to {self.max_tokens_per_step} tokens per step"
 
     def step(self) -> bool:
         """One iteration: release what ended, plan, forward, sample. False when nothing ran."""

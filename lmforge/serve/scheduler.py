@@ -20,6 +20,7 @@ drafts per request (`serve/continuous.py`).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -153,11 +154,13 @@ class SchedulerBase:
 
     def __init__(self, engine: Engine, tokenizer: Any, *, max_batch: int = 8, max_tokens_per_step: int = 4096,
                  metrics: ServeMetrics | None = None) -> None:
-        if max_batch < 1 or max_tokens_per_step < 1:
-            raise LmforgeError(f"max_batch and max_tokens_per_step must be >= 1 "
+        if max_batch < 1 or max_tokens_per_step < 0:
+            raise LmforgeError(f"max_batch must be >= 1 and max_tokens_per_step >= 0 (0: no limit) "
                                f"(got {max_batch}, {max_tokens_per_step})")
         self.engine, self.detokenizer = engine, Detokenizer(tokenizer)
-        self.max_batch, self.max_tokens_per_step = max_batch, max_tokens_per_step
+        self.max_batch = max_batch
+        # 0 lifts the limit: every prompt is prefilled whole in one step (no chunking)
+        self.max_tokens_per_step: float = max_tokens_per_step or math.inf
         self.metrics = metrics or ServeMetrics()
         self.eos_ids = set(engine.eos_token_ids)
         self.waiting: deque[Request] = deque()
