@@ -14,12 +14,23 @@ greedy decode tokens/s against fp32 lmforge and Hugging Face, the three alternat
 by run in one process (`run_alternately`). On a shared machine the absolute figures drift;
 the ratios measured in the same rounds are the result.
 
+`--speed`: decode tokens/s only, per format (fp32, bf16, int8, int4 g32; round to nearest)
+and backend (`aten`; `cpp`, the step compiled ahead of time, whose quantized linears call
+the same kernels on the stored formats) on ref-llama-py and, with `--big`, the random 112 M
+model, at each of `--threads`: every (format, backend) generates `--new-tokens` after a
+1-token prompt in a cache of exactly that many slots, all alternating run by run (medians).
+So every forward is a 1-token step (the prompt is not padded to a length bucket, the `cpp`
+backend compiles one package per format and thread count) and decode tokens/s is new tokens
+over the generate's time; the context grows from 1 to `--new-tokens`. Ratios are to fp32 on
+the same backend and to fp32 `aten`; greedy agreement is cpp's tokens against aten's of the
+same format. First compiles of the `cpp` packages are warm-up, not timed.
+
 `--methods`: quality only, per way of choosing codes on ref-llama-py: rtn, awq and gptq at
 int8 and int4 groups of 128 and 32, gptq with act-order, 0.5 % outliers, and mixed precision
 under a KL budget; weight bytes and held-out perplexity change / top-1 / KL against the
 fp32 model (decided on `--calibration-samples` windows, measured on `--eval-samples` others).
 
-    python benchmarks/quantize.py [--kernels | --methods] [--big] [--new-tokens 64] [--repeats 3] [--json]
+    python benchmarks/quantize.py [--kernels | --methods | --speed] [--big] [--threads 1 2] [--new-tokens 64] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -38,11 +49,14 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import lmforge
+from lmforge.api import CompiledModel
 from lmforge.benchmarking import heldout_prompts, prompt_text_for, run_alternately, time_alternating
 from lmforge.compiler.quantized import quantize_int4, quantize_int8, unpack_int4
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "shared" / "models" / "ref-llama-py"
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+SPEED_FORMATS = ("fp32", "bf16", "int8", "int4")
+BACKENDS = ("aten", "cpp")
 
 
 def _linear_shapes(hidden: int, intermediate: int, kv: int, layers: int, vocab: int) -> list[tuple[int, int]]:
@@ -171,10 +185,45 @@ def measure_model(label: str, model, tokenizer, heldout: Path, prompt: torch.Ten
     return rows
 
 
+def measure_speed(label: str, model, tokenizer, heldout: Path, token: int, args) -> list[dict]:
+    """One row per (threads, format, backend): decode tokens/s, every configuration
+    alternating in one process."""
+    prompt, slots = torch.tensor([[token]]), 1 + args.new_tokens
+    compiled = {}
+    for fmt in SPEED_FORMATS:
+        aten = lmforge.optimize(model, _recipe(heldout, fmt, 2, 64), tokenizer=tokenizer)
+        runtime = aten.recipe.runtime.model_copy(update={"max_seq_len": slots})
+        for backend in BACKENDS:
+            codegen = aten.recipe.codegen.model_copy(update={"backend": backend})
+            recipe = aten.recipe.model_copy(update={"codegen": codegen, "runtime": runtime})
+            compiled[fmt, backend] = CompiledModel(aten.program, recipe, aten.generation, tokenizer)
+
+    def generate(engine: CompiledModel) -> Callable[[], torch.Tensor]:
+        return lambda: engine.generate(prompt, max_new_tokens=args.new_tokens, eos_token_id=[])
+
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        timing = time_alternating({key: generate(engine) for key, engine in compiled.items()}, 1, args.repeats)
+        decode = {key: timing[key].tokens_per_second for key in compiled}
+        for fmt, backend in compiled:
+            rows.append({
+                "model": label, "threads": threads, "format": fmt, "backend": backend,
+                "decode_tokens_per_s": round(decode[fmt, backend], 1),
+                "vs_fp32_same_backend": round(decode[fmt, backend] / decode["fp32", backend], 2),
+                "vs_fp32_aten": round(decode[fmt, backend] / decode["fp32", "aten"], 2),
+                "greedy_agreement_with_aten": round(
+                    (timing[fmt, backend].output == timing[fmt, "aten"].output).float().mean().item(), 3),
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 METHOD_ROWS = (
     ("int8", {}), ("int8", {"method": "awq"}), ("int8", {"method": "gptq"}),
     ("int4 g128", {}), ("int4 g128", {"method": "awq"}), ("int4 g128", {"method": "gptq"}),
-    ("int4 g32", {}), ("int4 g32", {"method": "awq"}), ("int4 g32", {"method": "gptq"}),
+    ("int4 g32", {}), ("int4 g32", {"method": "awq"}), ("int4 g32", {"method": "awq", "awq_clip": False}),
+    ("int4 g32", {"method": "gptq"}),
     ("int4 g32", {"method": "gptq", "act_order": True}), ("int4 g32", {"outliers": 0.5}),
     ("int4 g32", {"method": "gptq", "outliers": 0.5}),
     ("int4 g32", {"method": "gptq", "mixed_precision": True, "quality_budget": {"max_kl": 0.003}}),
@@ -194,6 +243,8 @@ def measure_methods(model, tokenizer, heldout: Path, args) -> list[dict]:
     fp32_bytes = sum(tensor.nbytes for tensor in model.state_dict().values())
     rows = []
     for weights, options in METHOD_ROWS:
+        if args.weights and weights not in args.weights:
+            continue
         program = lmforge.optimize(model, _method_recipe(heldout, weights, options, args), tokenizer=tokenizer).program
         meta = program.meta["quantize"]
         quality = meta["heldout_quality"]
@@ -226,6 +277,11 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="measure kernel candidates instead of whole models")
     parser.add_argument("--methods", action="store_true", help="held-out quality of rtn / awq / gptq / outliers / "
                         "mixed precision on the checkpoint, no timing")
+    parser.add_argument("--speed", action="store_true", help="decode tokens/s per format on the aten and cpp "
+                        "backends, no quality")
+    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
+                        help="--speed: thread counts to measure at (each compiles its own cpp packages)")
+    parser.add_argument("--weights", nargs="+", help="--methods: only these formats (e.g. 'int4 g32')")
     parser.add_argument("--calibration-samples", type=int, default=16, help="--methods: calibration windows")
     parser.add_argument("--big", action="store_true", help="also a random-weight ~100M-parameter Llama-shaped model")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -252,6 +308,10 @@ def main() -> None:
     if args.big:
         models["random Llama ~112M"] = random_llama
     for label, make in models.items():  # each table as soon as it is measured
+        if args.speed:
+            rows = measure_speed(label, make(), tokenizer, heldout, int(prompt[0, -1]), args)
+            print(json.dumps(rows), flush=True) if args.json else _print(rows, f"{label}, decode speed, {load}")
+            continue
         rows = measure_model(label, make(), tokenizer, heldout, prompt, args)
         print(json.dumps(rows), flush=True) if args.json else _print(rows, f"{label}, round to nearest, {load}")
 
