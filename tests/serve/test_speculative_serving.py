@@ -18,6 +18,7 @@ from tiny_models import CharTokenizer, tiny_model
 
 import lmforge
 from lmforge.draft_heads import MedusaHeads, save_heads
+from lmforge.runtime.paged import block_keys
 from lmforge.runtime.sampling import SamplingParams
 from lmforge.serve.continuous import ContinuousScheduler
 from lmforge.serve.scheduler import GenerationParams, Request
@@ -76,11 +77,14 @@ def _submit(scheduler, prompt: list[int], sampling: SamplingParams = SamplingPar
 
 def _poison_past_computed(scheduler) -> None:
     """Fill the slots each running request holds past its computed tokens (rejected drafts'
-    keys and values among them) with NaN: a query that read one would get NaN logits."""
+    keys and values among them) with NaN: a query that read one would get NaN logits. Its
+    prefix-cache keys cover its own computed tokens only."""
     block_size = scheduler.cache.block_size
     for sequence in scheduler.running:
         table = sequence.table
         assert len(table.blocks) == math.ceil(sequence.computed / block_size)  # no block of rejected slots only
+        assert sequence.registered * block_size <= sequence.computed
+        assert sequence.keys == block_keys(sequence.tokens[: len(sequence.keys) * block_size], block_size)
         slots = torch.tensor(table.slots(sequence.computed, len(table.blocks) * block_size, block_size), dtype=torch.long)
         for pool in scheduler.cache.pools:
             for tensor in pool or ():
