@@ -25,11 +25,25 @@ requests lost (errors or missing responses; the target is none). Last, on an idl
 time to first token of a request behind a `--reuse-prefix-tokens` prefix sent for the first
 time and of a second request behind the same prefix.
 
+`--long-prompt-during-decode` adds the workload "a long prompt arriving while streams
+decode": `--decoding-streams` greedy streams (64-token prompts, `--stream-output-tokens`
+each) start together; once every one has received a few tokens, one `--long-prompt-tokens`
+held-out prompt is sent. Two rows, each on its own server: chunked prefill
+(`--max-tokens-per-step`) and no chunking (`lmforge serve --max-tokens-per-step 0`, the
+prompt in one step). Besides the common columns, a second table gives the long request's time
+to first token and the streams' inter-token latency (p50/p90/p99/max) over the gaps that
+overlap the time from sending it to its first token, and over their whole run, with each p99
+over the whole run's median (the target: at most 2x with chunking). When the recipe's cache
+is too short for the long prompt, the checkpoint is compiled again with `runtime.max_seq_len`
+raised to fit it; the server's block pool is sized to hold the whole scenario.
+
     python benchmarks/serve.py [--checkpoint DIR] [--recipe FILE] [--requests 32] [--clients 16]
                                [--rate 8] [--prompt-tokens 64 512] [--output-tokens 32 128]
                                [--prefix-tokens 256] [--reuse-prefix-tokens 1024] [--max-batch 16]
                                [--max-tokens-per-step 512] [--speculative-recipe FILE]
-                               [--continuous-only] [--skip-hf] [--json]
+                               [--continuous-only] [--skip-hf] [--long-prompt-during-decode]
+                               [--long-prompt-tokens 2048] [--decoding-streams 8]
+                               [--stream-output-tokens 256] [--json]
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -55,12 +70,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, L
 
 import lmforge
 from lmforge.benchmarking import prompt_text_for
+from lmforge.compiler.recipe import load_recipe
+from lmforge.runtime.paged import DEFAULT_BLOCK_SIZE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = ROOT.parent / "shared" / "models" / "ref-llama-py"
 DEFAULT_RECIPE = ROOT / "examples" / "recipes" / "default.yaml"
 STARTUP_SECONDS = 300
 MODEL_NAME = "bench"
+STREAM_PROMPT_TOKENS = 64  # the long-prompt scenario's decoding streams' prompts
+DECODING_TOKENS = 4  # tokens every stream has received before the long prompt is sent
+LONG_OUTPUT_TOKENS = 8  # asked of the long prompt: its time to first token is what counts
 
 
 @dataclass(frozen=True)
@@ -119,25 +139,30 @@ async def _stream_one(client: httpx.AsyncClient, job: Job, start: float, slots: 
     """Send `job` at its arrival time (waiting for a free client), recording each token's time."""
     await asyncio.sleep(max(0.0, start + job.arrival - time.monotonic()))
     timing = Timing(job.arrival)
+    async with slots:
+        await _stream_into(client, job, start, timing)
+    return timing
+
+
+async def _stream_into(client: httpx.AsyncClient, job: Job, start: float, timing: Timing) -> None:
+    """Send `job` now, appending each token's time (from `start`) to `timing` as it arrives."""
     body = {"model": MODEL_NAME, "prompt": job.prompt_ids, "max_tokens": job.max_tokens, "temperature": 0,
             "stream": True}
-    async with slots:
-        try:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        return timing
-                    choices = chunk.get("choices") or []
-                    if choices and choices[0].get("finish_reason") is None:
-                        timing.token_times.append(time.monotonic() - start)
-                    elif choices:
-                        timing.ok = response.status_code == 200
-        except httpx.HTTPError:
-            timing.ok = False
-    return timing
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("finish_reason") is None:
+                    timing.token_times.append(time.monotonic() - start)
+                elif choices:
+                    timing.ok = response.status_code == 200
+    except httpx.HTTPError:
+        timing.ok = False
 
 
 async def drive(base: str, jobs: list[Job], clients: int) -> tuple[list[Timing], float]:
@@ -236,6 +261,96 @@ def prefix_reuse(artifact: Path, options: list[str], ids: list[int], bos: int | 
             "cold_over_warm": cold_s / warm_s if cold_s and warm_s else None}
 
 
+def long_prompt_jobs(ids: list[int], bos: int | None, args: argparse.Namespace) -> tuple[list[Job], Job, Job]:
+    """The decoding streams (`--decoding-streams` prompts of 64 held-out tokens, each asking
+    for `--stream-output-tokens`), the long request (`--long-prompt-tokens` tokens, asking for
+    a few) and a warm-up request as long, each from its own stretch of the held-out text."""
+    start_token = [bos] if bos is not None else []
+    body = args.long_prompt_tokens - len(start_token)
+    first_long = args.decoding_streams * STREAM_PROMPT_TOKENS
+    if first_long + 2 * body > len(ids):
+        raise SystemExit(f"--long-prompt-tokens {args.long_prompt_tokens}: the held-out text has too few tokens "
+                         f"({len(ids)})")
+    streams = [Job(start_token + ids[i * STREAM_PROMPT_TOKENS : (i + 1) * STREAM_PROMPT_TOKENS],
+                   args.stream_output_tokens, 0.0) for i in range(args.decoding_streams)]
+    long = Job(start_token + ids[first_long : first_long + body], LONG_OUTPUT_TOKENS, 0.0)
+    warmup = Job(start_token + ids[first_long + body : first_long + 2 * body], LONG_OUTPUT_TOKENS, 0.0)
+    return streams, long, warmup
+
+
+async def _long_prompt_during_decode(base: str, streams: list[Job], long: Job) -> tuple[list[Timing], Timing, float]:
+    """Start every stream; once each has received `DECODING_TOKENS` tokens (or ended), send
+    `long`. The streams' timings, the long request's (its arrival: when it was sent) and the
+    wall time."""
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600.0)) as client:
+        start = time.monotonic()
+        timings = [Timing(0.0) for _ in streams]
+        tasks = [asyncio.create_task(_stream_into(client, job, start, timing)) for job, timing in zip(streams, timings)]
+        while not all(len(t.token_times) >= DECODING_TOKENS or task.done() for t, task in zip(timings, tasks)):
+            await asyncio.sleep(0.005)
+        long_timing = Timing(time.monotonic() - start)
+        await _stream_into(client, long, start, long_timing)
+        await asyncio.gather(*tasks)
+    return timings, long_timing, time.monotonic() - start
+
+
+def _gap_figures(gaps: list[float], prefix: str) -> dict:
+    return {f"{prefix}_gaps": len(gaps), **{f"{prefix}_p{q}_s": percentile(gaps, q) for q in (50, 90, 99)},
+            f"{prefix}_max_s": max(gaps, default=None)}
+
+
+def long_prompt_row(name: str, workload: str, artifact: Path, options: list[str], jobs: tuple[list[Job], Job, Job],
+                    warmup: Job, log_dir: Path) -> dict:
+    """The decoding streams' inter-token latency while the long prompt is prefilled — over
+    the gaps that overlap the time from sending it to its first token — and over their whole
+    run, and the long request's time to first token. The server is warmed up by a short
+    request and by a long one (other text), one at a time."""
+    streams, long, long_warmup = jobs
+    with Server(artifact, options, log_dir) as server:
+        for job in (warmup, long_warmup):
+            asyncio.run(drive(server.base, [job], 1))
+        timings, long_timing, wall = asyncio.run(_long_prompt_during_decode(server.base, streams, long))
+    sent = long_timing.arrival
+    first = long_timing.token_times[0] if long_timing.token_times else None
+    spans = [(a, b) for t in timings for a, b in zip(t.token_times, t.token_times[1:])]
+    window = [b - a for a, b in spans if first is not None and a < first and b > sent]
+    figures = {**_gap_figures(window, "window_itl"), **_gap_figures([b - a for a, b in spans], "overall_itl")}
+    median = figures["overall_itl_p50_s"]
+    for prefix in ("window_itl", "overall_itl"):
+        p99 = figures[f"{prefix}_p99_s"]
+        figures[f"{prefix}_p99_over_median"] = p99 / median if median and p99 is not None else None
+    return {**summarize(name, workload, [*timings, long_timing], wall, None), "draft_tokens": 0,
+            "accepted_draft_tokens": 0, "long_prompt_tokens": len(long.prompt_ids),
+            "stream_tokens": [len(t.token_times) for t in timings],
+            "long_ttft_s": None if first is None else first - sent, **figures}
+
+
+def long_prompt_artifact(checkpoint: Path, recipe_path: Path, artifact: Path, max_seq_len: int, needed: int,
+                         directory: Path) -> Path:
+    """`artifact` when its cache holds `needed` tokens per request, else the recipe compiled
+    again with `runtime.max_seq_len` raised to `needed`."""
+    if max_seq_len >= needed:
+        return artifact
+    recipe = load_recipe(recipe_path)
+    recipe = recipe.model_copy(update={"runtime": recipe.runtime.model_copy(update={"max_seq_len": needed})})
+    return lmforge.optimize(checkpoint, recipe).save(directory / MODEL_NAME)
+
+
+def long_prompt_rows(artifact: Path, jobs: tuple[list[Job], Job, Job], warmup: Job, args: argparse.Namespace,
+                     log_dir: Path) -> list[dict]:
+    """The long-prompt scenario with chunked prefill (`--max-tokens-per-step`) and without
+    (`--max-tokens-per-step 0`: the whole prompt in one step), on a pool of KV blocks sized
+    to hold every request of the scenario at once."""
+    streams, long = jobs[0], jobs[1]
+    blocks = sum(math.ceil((len(j.prompt_ids) + j.max_tokens) / DEFAULT_BLOCK_SIZE) + 1 for j in [*streams, long])
+    common = ["--max-batch", str(max(args.max_batch, len(streams) + 1)), "--kv-blocks", str(blocks)]
+    workload = f"{len(long.prompt_ids)}-token prompt during {len(streams)} streams"
+    settings = ((f"serve, chunked prefill ({args.max_tokens_per_step}/step)", args.max_tokens_per_step),
+                ("serve, no chunking (prompt in one step)", 0))
+    return [long_prompt_row(name, workload, artifact, [*common, "--max-tokens-per-step", str(budget)], jobs, warmup,
+                            log_dir) for name, budget in settings]
+
+
 class _TokenClock(LogitsProcessor):
     """Records when each token's logits are ready (`generate` calls it once per new token)."""
 
@@ -288,6 +403,26 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     Console(width=160).print(table)  # wide enough for every column when piped
 
 
+def print_long_prompt_table(rows: list[dict]) -> None:
+    """The streams' inter-token latency while the long prompt is prefilled and over their run."""
+    if not rows:
+        return
+    table = Table(title=f"{rows[0]['workload']}: the streams' inter-token latency (ms) while it is prefilled "
+                        f"(gaps overlapping its send .. first token) and over their whole run")
+    for column in ("row", "long TTFT ms", "window gaps", "p50", "p90", "p99", "max", "all gaps", "p50", "p90", "p99",
+                   "max", "p99/median (window, all)"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    ms = _milliseconds
+    ratio = lambda value: "-" if value is None else f"{value:.1f}x"
+    for row in rows:
+        cells = [ms(row[f"{prefix}_{name}_s"]) for prefix in ("window_itl", "overall_itl")
+                 for name in ("p50", "p90", "p99", "max")]
+        table.add_row(row["row"], ms(row["long_ttft_s"]), str(row["window_itl_gaps"]), *cells[:4],
+                      str(row["overall_itl_gaps"]), *cells[4:],
+                      f"{ratio(row['window_itl_p99_over_median'])}, {ratio(row['overall_itl_p99_over_median'])}")
+    Console(width=160).print(table)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -307,6 +442,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--continuous-only", action="store_true",
                         help="only the continuous rows with the prefix cache; no prefix-reuse measurement")
     parser.add_argument("--skip-hf", action="store_true", help="leave out the HF generate rows")
+    parser.add_argument("--long-prompt-during-decode", action="store_true",
+                        help="also send one --long-prompt-tokens prompt while --decoding-streams streams decode, "
+                             "with chunked prefill and without, and report the streams' inter-token latency")
+    parser.add_argument("--long-prompt-tokens", type=int, default=2048)
+    parser.add_argument("--decoding-streams", type=int, default=8)
+    parser.add_argument("--stream-output-tokens", type=int, default=256,
+                        help="tokens each decoding stream asks for (enough to outlast the long prefill)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     return parser.parse_args()
@@ -320,6 +462,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as temp:
         artifact = compiled.save(Path(temp) / MODEL_NAME)
         eos_ids = list(compiled.engine.eos_token_ids)
+        compiled_len = compiled.engine.max_seq_len
         del compiled
         speculative = None
         if args.speculative_recipe is not None:
@@ -349,12 +492,19 @@ def main() -> None:
                                       args, log_dir))
         reuse = None if args.continuous_only else prefix_reuse(artifact, batching, ids, tokenizer.bos_token_id, args,
                                                                log_dir)
+        if args.long_prompt_during_decode:
+            jobs = long_prompt_jobs(ids, tokenizer.bos_token_id, args)
+            needed = max(len(job.prompt_ids) + job.max_tokens for job in (*jobs[0], jobs[1]))
+            long_artifact = long_prompt_artifact(args.checkpoint, args.recipe, artifact, compiled_len, needed,
+                                                 Path(temp) / "long-context")
+            rows += long_prompt_rows(long_artifact, jobs, warmup, args, log_dir)
     if args.json:
         json.dump({"settings": {k: v if not isinstance(v, Path) else str(v) for k, v in vars(args).items()},
                    "rows": rows, "prefix_reuse": reuse}, sys.stdout, indent=2)
         print()
     else:
         print_table(rows, args)
+        print_long_prompt_table([row for row in rows if "long_ttft_s" in row])
         if reuse is None:
             return
         ratio = "-" if reuse["cold_over_warm"] is None else f"{reuse['cold_over_warm']:.1f}x"
