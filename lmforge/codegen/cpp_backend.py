@@ -48,7 +48,9 @@ first call; at load ~13, 703 s and 375 s. The any-length bucket compiles in 1.8
 (ref-llama-py) to 4.5 times (tiny llama: 94 s against 21 s) the 1-token bucket's time, paid
 once instead of a static bucket per prompt length bucket (not measured against one).
 Each bucket's compile seconds and phases are logged at INFO, kept in `compile_records`,
-and read back for the buckets cached on this machine by `cached_compile_records`.
+and read back for the buckets cached on this machine by `cached_compile_records` (`lmforge
+info` lists them: `bucket_compile_times`); while a bucket compiles, its phases go to the
+callback `bucket_progress` sets (`lmforge compile` and `lmforge run` draw a bar per bucket).
 
 The in-loop slowdown of the `inductor` backend (3.6 ms/step alone, 7–9 ms inside the
 speculative loop). Measured on ref-llama-py with prompt lookup (three 128-token generates,

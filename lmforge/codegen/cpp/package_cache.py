@@ -19,6 +19,27 @@ sees half a package, a failed compile removes its file, and a compile killed bef
 could (Ctrl-C twice, the OOM killer) leaves one that no lookup reads and that the next
 compile on this machine deletes once its process is gone.
 
+Weights. Each package holds its own copy of the program's weights, frozen into it. Measured
+on ref-llama-py (27.8 MB of float32 weights): 34.4 MB a bucket, so 69 MB for the two
+buckets a generate at batch 1 compiles and 263 MB for the eight of batch 1 and 4 at 1 and
+2 threads. One shared copy was tried (with `INDUCTOR_CONFIG`'s oneDNN products) and does
+not work yet with torch 2.13:
+- As compiled (`freezing`), each linear weight is packed for oneDNN by the bucket's row
+  count, so the packed bytes differ from bucket to bucket (tiny llama, weights written to a
+  separate blob: every packed weight differs between the 1-token and the any-length bucket;
+  only the embedding and the norms are equal): no copy to share.
+- AOTInductor can leave the weights out (`aot_inductor.package_constants_in_so=False`) and
+  take the program's own tensors at load (`load_constants(..., user_managed=True)`), folding
+  what derives from them when loaded (`use_runtime_constant_folding`). On ref-llama-py's
+  1-token bucket that works: 2.4 MB instead of 34.4 MB, logits within 4e-6 of the packed
+  step, the same CPU time a decode step (3.87 against 3.92 ms median, 30 interleaved rounds
+  of 25 steps, 1 thread). But the any-length bucket (dynamic token count) still folds 33
+  weights at compile time (oneDNN-packed, or transposed copies with `cpp.weight_prepack`
+  off) into `_frozen_param*` constants no program tensor provides; `load_constants` only
+  warns that they are missing, and the step then crashes (segfault, both ways).
+So packages keep their weights until the any-length bucket can be compiled without
+compile-time folding; `FORMAT` must change with that.
+
 Trust. The cache lives in the user's own directory and is filled only by compiles run on
 this machine from source lmforge generated; nothing in it comes from an artifact, and an
 artifact never carries a package (DESIGN.md: nothing executable is taken from an artifact).
