@@ -293,6 +293,8 @@ class CppRunner:
         if self.tree:
             dynamic.append({0: dynamic_size, 1: dynamic_size} if tokens else None)
         dynamic += [{2: dynamic_size}] * (len(inputs) - len(dynamic))
+        if len(inputs[3]) == 1:  # a generate's first step from a 1-token prompt: export would specialise 1 key
+            inputs = (*inputs[:3], torch.arange(2, device=inputs[3].device), *inputs[4:])
         with torch.no_grad():
             return torch.export.export(graph, inputs, dynamic_shapes=dynamic, strict=False)
 
