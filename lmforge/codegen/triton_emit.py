@@ -465,7 +465,12 @@ def _launcher(name, group, writer, symbols, widest, rows, block_c, reduces) -> l
         shape = ", ".join(show(size) for size in info.shape)
         lines.append(f"    out_{node.name} = torch.empty(({shape},), dtype={info.dtype}, device={device})")
     row_count = show(sympy.Max(*rows)) if len(rows) > 1 else show(rows[0])
-    lines.append(f"    rows = max({row_count}, 1)")
+    lines.append(f"    rows = {row_count}")
+    # an empty launch (a step whose logits nobody needs) runs no program: a program would
+    # divide by the zero sizes recovering its row's indices
+    empty = ["rows == 0"] + ([f"{show(widest)} == 0"] if not widest.is_number or widest == 0 else [])
+    lines.append(f"    if {' or '.join(empty)}:")
+    lines.append(f"        return ({''.join(f'out_{node.name}, ' for node in group.outputs)})")
     if block_c is not None:
         lines.append(f"    BLOCK_C = {block_c}")
     else:

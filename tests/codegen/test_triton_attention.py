@@ -211,6 +211,14 @@ def test_a_forward_past_the_cache_is_refused():
             TRITON_KERNELS[attention](q, k, v, 0, 0.125, 0, 0.0)
 
 
+def test_launches_over_no_queries_return_empty_outputs():
+    """An empty batch (decode) or a forward of no tokens (prefill) launches no program and
+    returns an empty output of the attention ops' layout."""
+    q, k, v = _tensors(1, 4, 2, 1, 8, 16, torch.float32)
+    assert decode_attention(q[:0], k[:0], v[:0], 3, 0.25).shape == (0, 4, 1, 16)
+    assert prefill_attention(q[:, :, :0], k, v, 0, 0.25).shape == (1, 4, 0, 16)
+
+
 def test_kernels_write_only_a_dense_cache_without_sinks():
     """A ring (keys read by position) or a streaming rule is written by `RingSlot.write`."""
     q, k, v = _tensors(1, 2, 1, 3, 8, 64, torch.float32)

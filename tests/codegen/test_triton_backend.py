@@ -102,6 +102,36 @@ def test_emitting_twice_gives_identical_source():
     assert len({name for name, _ in first}) == len(first)
 
 
+class _CountedKernel:
+    """Stands in for a launcher's `@triton.jit` kernel: records each launch's grid, then runs it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_a_launch_over_zero_rows_returns_empty_outputs_without_running_a_program(monkeypatch):
+    """A serving step that only prefills needs no logits: gemma2's soft-cap after the LM head
+    gets (1, 0, vocab). Every launcher returns its empty outputs and launches nothing (a
+    program would divide by the zero sizes recovering its row's indices)."""
+    kernels = emit_kernels(program_of("gemma2"))
+    assert all("    if rows == 0" in kernel.source for kernel in kernels)
+    (softcap,) = [kernel for kernel in kernels if kernel.name == "softcap"]
+    counted = _CountedKernel(softcap.launcher.__globals__["softcap_kernel"])
+    monkeypatch.setitem(softcap.launcher.__globals__, "softcap_kernel", counted)
+    logits = torch.randn(1, 2, 256)
+    (capped,) = softcap.launcher(logits)
+    torch.testing.assert_close(capped, torch.tanh(logits / 20.0) * 20.0, atol=2e-6, rtol=2e-6)
+    assert len(counted.grids) == 1
+    for shape in ((1, 0, 256), (0, 3, 256)):
+        (empty,) = softcap.launcher(torch.randn(shape))
+        assert empty.shape == shape and empty.dtype == torch.float32
+    assert len(counted.grids) == 1
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
 def test_partition_covers_every_pointwise_node_once_without_cycles(arch):
     graph_module = program_of(arch).graph_module

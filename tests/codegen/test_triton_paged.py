@@ -173,3 +173,34 @@ def test_a_triton_artifact_is_served_by_the_continuous_scheduler(triton_llama, m
     assert any(len(pieces) == 3 and max(count for _, _, count in pieces) > 1 for pieces in launches)  # mixed step
     assert any(all(count == 1 for _, _, count in pieces) for pieces in launches)  # a decode-only step
     assert scheduler.cache.allocator.free == scheduler.cache.allocator.count
+
+
+def test_a_triton_gemma2_is_served_with_steps_that_only_prefill(monkeypatch):
+    """Gemma2 soft-caps its logits in a generated kernel after the LM head. Prompts prefilled
+    4 tokens a step: the first steps run only prompt chunks, need no logits, and launch that
+    kernel over zero rows. Each request still gets `generate`'s greedy tokens."""
+    recipe = "codegen: {backend: triton, targets: []}\nruntime: {max_seq_len: 32, dtype: float32}\n"
+    gemma2 = lmforge.optimize(tiny_model("gemma2", num_layers=1), recipe)
+    logit_rows = []
+
+    def counted(*args, **kwargs):
+        logit_rows.append(len(args[5].logit_rows))
+        return paged_attention(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention_module, "paged_attention", counted)
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 256, (length,), generator=generator).tolist() for length in (9, 5)]
+    eos, alone = set(gemma2.engine.eos_token_ids), []
+    for prompt in prompts:
+        new = gemma2.engine.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS)[0, len(prompt):].tolist()
+        alone.append(new[: next((i for i, token in enumerate(new) if token in eos), len(new))])
+    scheduler = ContinuousScheduler(gemma2.engine, CharTokenizer(), max_batch=2, max_tokens_per_step=4,
+                                    block_size=4)
+    requests = [Request(prompt, GenerationParams(NEW_TOKENS), lambda event: None) for prompt in prompts]
+    for request in requests:
+        scheduler.submit(request)
+    while scheduler.step():
+        pass
+    assert [request.output_ids for request in requests] == alone
+    assert 0 in logit_rows and max(logit_rows) == 2  # steps that only prefill, and steps that sample both
+    assert scheduler.cache.allocator.free == scheduler.cache.allocator.count

@@ -176,8 +176,9 @@ def _block_sizes(group: int, head_dim: int, element_size: int) -> tuple[int, int
 
 def _split_count(rows_times_heads: int, scanned: int) -> int:
     """Splits for `scanned` keys: enough programs to fill the GPU, but none shorter than
-    MIN_KEYS_PER_SPLIT keys (a launch's fixed split count takes the cache's size here)."""
-    by_occupancy = triton.cdiv(TARGET_PROGRAMS, rows_times_heads)
+    MIN_KEYS_PER_SPLIT keys (a launch's fixed split count takes the cache's size here).
+    An empty batch gets one split: its grid has no programs, so nothing is launched."""
+    by_occupancy = triton.cdiv(TARGET_PROGRAMS, max(1, rows_times_heads))
     by_length = triton.cdiv(scanned, MIN_KEYS_PER_SPLIT)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
 
