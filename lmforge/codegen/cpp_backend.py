@@ -89,6 +89,7 @@ from pathlib import Path
 
 import torch
 from torch import fx
+from torch._inductor.exc import InductorError
 
 from lmforge.codegen.cpp.package_cache import (
     PHASE_COUNT,
@@ -109,6 +110,15 @@ log = logging.getLogger(__name__)
 
 # Frozen weights: Inductor constant-folds them and packs the linear weights for oneDNN.
 INDUCTOR_CONFIG = {"freezing": True}
+# A bucket of a few static query tokens (decode, verify) multiplies its weights with
+# Inductor's own C++ GEMM template instead: one generated loop per product, its weights packed
+# at freezing, the norm before it and the activation after it fused in, no call into oneDNN.
+# On ref-llama-py's decode step at 1 thread that took 0.57x the CPU time of the oneDNN step
+# (A/B in one process, a machine at load ~13 on 2 cores): oneDNN's per-call cost (primitive
+# lookup, descriptors, scratchpad allocation) outweighed its products at 1 row. The only
+# choice offered, so nothing is benchmarked while compiling; a product the template cannot
+# take (`NoValidChoicesError`) compiles the bucket again with `INDUCTOR_CONFIG`.
+STATIC_BUCKET_CONFIG = {**INDUCTOR_CONFIG, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 # Who hears about buckets compiling in this context (`bucket_progress`): a first compile takes
 # minutes, and the runner is made deep inside `optimize`/`load`, out of the caller's reach.
 _BUCKET_PROGRESS: ContextVar[Callable[[str, int, int], None] | None] = ContextVar("cpp_bucket_progress",
@@ -273,10 +283,19 @@ class CppRunner:
         """The bucket's compiled step: compiled (or loaded from the cache) on first use."""
         if bucket not in self.steps:
             progress = _BUCKET_PROGRESS.get() or (lambda description, done, total: None)
+            configs = [STATIC_BUCKET_CONFIG, INDUCTOR_CONFIG] if bucket.tokens else [INDUCTOR_CONFIG]
             with lmforge_inductor_cache():
-                step, record = self.packages.load_or_compile(
-                    bucket.file_name, lambda: self._export(bucket, inputs), INDUCTOR_CONFIG,
-                    lambda phase, done: progress(f"cpp bucket {bucket}: {phase}", done, PHASE_COUNT))
+                for config in configs:
+                    try:
+                        step, record = self.packages.load_or_compile(
+                            bucket.file_name, lambda: self._export(bucket, inputs), config,
+                            lambda phase, done: progress(f"cpp bucket {bucket}: {phase}", done, PHASE_COUNT))
+                        break
+                    except InductorError as error:
+                        if config is configs[-1] or "NoValidChoicesError" not in str(error):
+                            raise
+                        log.info("[codegen=cpp] bucket %s: a product the C++ GEMM template cannot take (%s); "
+                                 "compiling with oneDNN products", bucket, str(error).splitlines()[0])
             self.steps[bucket], self.compile_records[str(bucket)] = step, record
             log.info("[codegen=cpp] bucket %s: %s", bucket, describe_record(record))
             progress(f"cpp bucket {bucket}: {describe_record(record)}", PHASE_COUNT, PHASE_COUNT)

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-FORMAT = 2  # bump when what a package holds, how its key is made, or the Inductor options change
+FORMAT = 3  # bump when what a package holds, how its key is made, or the Inductor options change
 PARTIAL = "partial"  # the middle word of a file being written: `<bucket>.<pid>.partial.<suffix>`
 LEGACY_TEMPORARY = "tmp*.pt2"  # what a killed compile of an earlier lmforge left (no pid in the name)
 LEGACY_TEMPORARY_AGE = 3600.0  # seconds after which such a file is stale: no compile has taken an hour

@@ -41,13 +41,29 @@ def cached_attention(
     kv_heads = k.shape[1]
     groups = heads // kv_heads
     allowed = slot_mask(write_slots, key_slots, pad, window, tree)  # (B, T, S)
-    scores = torch.matmul(q.reshape(batch, kv_heads, groups * tokens, head_dim), keys.transpose(2, 3)) * scale
+    queries = q.reshape(batch, kv_heads, groups * tokens, head_dim)
+    static = isinstance(tokens, int)  # a decode or verify bucket; a prefill's token count is symbolic
+    scores = (_products_as_loops(queries, keys.transpose(2, 3)) if static else torch.matmul(queries, keys.transpose(2, 3)))
+    scores = scores * scale
     if softcap > 0.0:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(batch, kv_heads, groups, tokens, length).masked_fill(~allowed[:, None, None], -math.inf)
-    probabilities = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probabilities.view(batch, kv_heads, groups * tokens, length), values)
+    probabilities = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(batch, kv_heads, groups * tokens, length)
+    out = _products_as_loops(probabilities, values) if static else torch.matmul(probabilities, values)
     return out.view(batch, heads, tokens, head_dim).transpose(1, 2).contiguous()
+
+
+def _products_as_loops(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` for (B, H, M, K) @ (B, H, K, N) written as a broadcast product summed over K.
+
+    Why, for a bucket of a few query tokens (M = query heads per KV head × tokens): Inductor
+    lowers a matmul of the cache to an external `bmm` call, which needs its operand in a
+    buffer of its own, so every layer copied its keys and values out of the cache
+    (`index_select`) before calling it — 16 copies and 16 library calls per step on an 8-layer
+    model. As a reduction, Inductor writes the product as a loop that reads the cache slots
+    in place (the gather fused into it), with no call out and no copy; at these sizes a
+    library GEMM has nothing to gain. A prefill keeps `matmul` (M and K in the hundreds)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(2)).sum(3)
 
 
 def cache_indices(graph_module: fx.GraphModule) -> list[int]:
