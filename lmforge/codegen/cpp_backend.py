@@ -33,7 +33,8 @@ any query sees them). Prefills and cache-free forwards share one step of dynamic
 count that returns every position (the engine keeps the last): so a generate compiles two
 buckets, where it compiled a prefill bucket per prompt length and last-only flag before.
 Weights are frozen (`freezing`), so Inductor constant-folds them and packs the linear
-weights for oneDNN.
+weights: for oneDNN in a prefill bucket, for its own C++ GEMM template in a decode or verify
+bucket (`STATIC_BUCKET_CONFIG`), whose step then calls no library at all.
 
 Where first-compile time goes (ref-llama-py, one static decode bucket, 1 thread, a machine
 loaded to ~5 on 2 cores; Inductor's own timers): export 7 s; AOTInductor 101 s, of which
