@@ -63,7 +63,7 @@ def test_kernels_holds_sources_and_binaries_for_both_targets(artifact, manifest)
     assert generated and [entry["name"] for entry in library] == [
         "decode_attention_partial", "decode_attention_partial_captured", "decode_attention_partial_own_keys",
         "decode_attention_combine", "prefill_attention_kernel", "prefill_attention_kernel_captured",
-        "prefill_attention_kernel_own_keys"]
+        "prefill_attention_kernel_own_keys", "paged_attention_kernel_decode", "paged_attention_kernel_chunk"]
     for entry in generated:
         assert entry["file"] == f"kernels/{entry['name']}.py" and entry["file"] in manifest["files"]
     for entry in generated + library:

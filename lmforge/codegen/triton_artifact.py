@@ -17,7 +17,8 @@ BLOCK_C, a long prefill): the configuration that needs the most registers. Atten
 are compiled in every variant the program's attention ops can launch (`aot.launchable_attention_specs`:
 decode and prefill, over a forward's own keys, a ring's positions, a draft tree, block-sparse lists,
 merged and evicting caches) at this model's head size, grouping and dtype, padded, and soft-capped
-when the model caps its logits.
+when the model caps its logits; and, when every attention op the program calls has a paged path, the
+paged kernel a serving step launches over a block pool (`aot.paged_attention_specs`).
 The int8 and int4 linear layers' dequantizing matmul (`triton/quantized_linear.py`) is compiled,
 GEMV and GEMM, for each group size and bias its layers use, among the `library_kernels`.
 
@@ -48,11 +49,17 @@ from typing import Any
 
 import torch
 
-from lmforge.codegen.aot import compile_for_targets, launchable_attention_specs, spec_from_emitted
+from lmforge.codegen.aot import (
+    compile_for_targets,
+    launchable_attention_specs,
+    paged_attention_specs,
+    spec_from_emitted,
+)
 from lmforge.codegen.roofline import PEAK_BANDWIDTH, decode_attention_roofline, decode_splits
 from lmforge.codegen.triton.quantized_linear import aot_kernel_specs, quantized_linear_formats
 from lmforge.codegen.triton_backend import emit_kernels
 from lmforge.codegen.triton_emit import MAX_BLOCK_C, MAX_TILE, load_source
+from lmforge.compiler.ops import ATTENTION_OPS, ffn_skip_gate
 from lmforge.compiler.program import Program
 from lmforge.compiler.recipe import CodegenConfig
 from lmforge.errors import LmforgeError
@@ -64,6 +71,11 @@ LAUNCH_CONTEXT = 16
 ROOFLINE_CONTEXT = 4096
 ROOFLINE_GPUS = ("A100-80GB-SXM", "H100-SXM")
 KERNELS_DIR = "kernels"
+PAGED_OPS = frozenset({"lmforge::attention", "lmforge::tree_attention"})
+"""The attention ops with a paged kernel. A program that calls no other attention op and
+does not skip FFNs per forward can be served over a block pool
+(`runtime.paged.paging_unsupported_reason` says the same at serving time)."""
+UNPAGED_OPS = frozenset({op._schema.name for op in (*ATTENTION_OPS, ffn_skip_gate)}) - PAGED_OPS
 
 
 def interpreting() -> bool:
@@ -131,9 +143,15 @@ def _generated_spec(entry: dict):
 
 
 def _attention_specs(attention: dict) -> list:
-    return launchable_attention_specs(attention["ops"], attention["head_dim"], attention["group"],
-                                      getattr(torch, attention["dtype"]), attention["softcap"],
-                                      attention["sparse_block"], attention["verify_tokens"])
+    """Every attention kernel the program can launch: in a batch that advances together and,
+    when it can be served over a block pool, in a serving step (the paged kernel)."""
+    dtype = getattr(torch, attention["dtype"])
+    specs = launchable_attention_specs(attention["ops"], attention["head_dim"], attention["group"], dtype,
+                                       attention["softcap"], attention["sparse_block"], attention["verify_tokens"])
+    ops = set(attention["ops"])
+    if ops & PAGED_OPS and not ops & UNPAGED_OPS:
+        specs += paged_attention_specs(attention["head_dim"], attention["group"], dtype, attention["softcap"])
+    return specs
 
 
 def _entry(spec, reports: dict, extra: dict) -> dict:

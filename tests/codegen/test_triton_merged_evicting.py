@@ -203,3 +203,33 @@ def test_ahead_of_time_specs_cover_what_each_op_can_launch():
     assert by_name["prefill_attention_kernel_tree"].constexprs["BLOCK_M"] == 16
     assert by_name["prefill_attention_kernel_block_sparse"].constexprs["BLOCK_M"] == 32
     assert by_name["merged_attention_kernel"].constexprs["q_len"] == 1  # one decoded token
+
+
+@pytest.mark.parametrize("ops, paged", [
+    (["lmforge::attention", "lmforge::last_position"], True),
+    (["lmforge::tree_attention"], True),
+    (["lmforge::attention", "lmforge::merged_attention"], False),  # a merged cache has no block table
+    (["lmforge::attention", "lmforge::evicting_attention"], False),
+    (["lmforge::attention", "lmforge::ffn_skip_gate"], False),  # per-forward skipping is not served paged
+])
+def test_an_artifact_compiles_the_paged_kernel_when_its_program_can_be_served_paged(ops, paged):
+    """The artifact's AOT job lists, after the attention variants `launchable_attention_specs`
+    gives, the paged kernel's decode and chunk configurations exactly when serving pages the
+    program (`runtime.paged.paging_unsupported_reason`), soft-capped as the model caps."""
+    from lmforge.codegen.aot import launchable_attention_specs
+    from lmforge.codegen.triton_artifact import _attention_specs
+    from lmforge.runtime.paged import paging_unsupported_reason
+
+    job = {"ops": ops, "head_dim": 64, "group": 2, "dtype": "float16", "softcap": True, "sparse_block": None,
+           "verify_tokens": None}
+    specs = _attention_specs(job)
+    dense = [spec.name for spec in launchable_attention_specs(ops, 64, 2, torch.float16, softcap=True)]
+    expected = ["paged_attention_kernel_decode", "paged_attention_kernel_chunk"] if paged else []
+    assert [spec.name for spec in specs] == dense + expected
+    for spec in specs[len(dense):]:
+        assert spec.constexprs["HAS_SOFTCAP"] and spec.ops == ("lmforge::attention", "lmforge::tree_attention")
+    graph = torch.fx.Graph()
+    for op in ops:
+        graph.call_function(getattr(torch.ops.lmforge, op.removeprefix("lmforge::")).default, ())
+    served = paging_unsupported_reason(torch.fx.GraphModule(torch.nn.Module(), graph), [], "triton") is None
+    assert served == paged
