@@ -34,7 +34,7 @@ count that returns every position (the engine keeps the last): so a generate com
 buckets, where it compiled a prefill bucket per prompt length and last-only flag before.
 Weights are frozen (`freezing`), so Inductor constant-folds them and packs the linear
 weights: for oneDNN in a prefill bucket, for its own C++ GEMM template in a decode or verify
-bucket (`STATIC_BUCKET_CONFIG`), whose step then calls no library at all.
+bucket (`STATIC_BUCKET_CONFIG`: ref-llama-py's decode step then calls no library at all).
 
 Where first-compile time goes (ref-llama-py, one static decode bucket, 1 thread, a machine
 loaded to ~5 on 2 cores; Inductor's own timers): export 7 s; AOTInductor 101 s, of which
