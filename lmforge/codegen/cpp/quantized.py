@@ -15,6 +15,18 @@ format:
 
 The same kernels on the same operands, so a compiled step rounds as the `aten` backend's
 lowering does; the other ops of the step are Inductor's fused C++ (float rounding apart).
+The packages hold them as extern calls (ref-llama-py int8: `_weight_int8pack_mm` in the
+generated wrapper; bf16: oneDNN's packed linear).
+
+Measured (benchmarks/quantize.py --speed, ref-llama-py, batch 1, 2 threads, 64 tokens after
+a 1-token prompt, medians of 5 alternating rounds) on a machine loaded to ~16 on its 2
+cores, where a step ran ~100x slower than quiet: only the ratios mean anything, and even
+they are rough. Decode tokens/s relative to fp32 `aten`: fp32 cpp 2.97, bf16 aten 1.30 /
+cpp 3.57, int8 aten 2.12 / cpp 7.07, int4 g32 aten 3.11 / cpp 6.57 (relative to fp32 cpp:
+bf16 1.2, int8 2.38, int4 2.21); cpp's greedy tokens equal aten's in every format. Not yet
+measured: 1 thread, the >= 100 M model (`--big`), and Inductor's C++ weight-only GEMM
+templates (`max_autotune`: `CppWoqInt4GemmTemplate`, the int8 `CppGemmTemplate`), which
+need an autotuning compile per bucket.
 """
 
 from __future__ import annotations
