@@ -322,7 +322,7 @@ def info(
         "cuda_graphs": graph_plan(meta, recipe.codegen.backend, recipe.runtime.cuda_graphs),
     }
     if recipe.codegen.backend == "cpp":
-        record["cpp_buckets"] = _cpp_bucket_times(artifact)
+        record["cpp_buckets"] = _cpp_bucket_times(artifact, recipe.codegen.cpp_products)
     if profile:
         from lmforge.benchmarking_breakdown import profile_artifact
 
@@ -361,14 +361,14 @@ def info(
         console.print(renderable, highlight=False)
 
 
-def _cpp_bucket_times(artifact: Path) -> list[dict]:
+def _cpp_bucket_times(artifact: Path, products: str) -> list[dict]:
     """The `cpp` buckets compiled on this machine for the artifact's program, with their first
     compile times (the cache is keyed by the program, so this reads its graph and weights)."""
     from lmforge.codegen.cpp_backend import bucket_compile_times
     from lmforge.compiler.artifact import load_artifact
 
     program, _ = load_artifact(artifact)
-    return bucket_compile_times(program.graph_module)
+    return bucket_compile_times(program.graph_module, products)
 
 
 def _print_cpp_buckets(buckets: list[dict]) -> None:

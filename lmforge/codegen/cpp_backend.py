@@ -206,8 +206,9 @@ class CppRunner:
     `compile_records` holds, per bucket, its first-compile seconds (export, then AOTInductor)
     and whether this process compiled it or loaded it from the cache."""
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, products: str = "template") -> None:
         refuse_on_cpp(program.graph_module)
+        self.products = products  # the recipe's codegen.cpp_products
         self.graph_module = with_quantized_kernels(program.graph_module)  # stored formats' kernels
         self.indices = cache_indices(program.graph_module)
         self.layout = program.meta["kv_cache"]
@@ -228,7 +229,7 @@ class CppRunner:
     def packages(self) -> PackageCache:
         """This program's packages; made on first use, as its digest reads every weight."""
         if self._packages is None:
-            self._packages = PackageCache(program_digest(self.graph_module))
+            self._packages = PackageCache(package_digest(self.graph_module, self.products))
         return self._packages
 
     @staticmethod
@@ -284,7 +285,8 @@ class CppRunner:
         """The bucket's compiled step: compiled (or loaded from the cache) on first use."""
         if bucket not in self.steps:
             progress = _BUCKET_PROGRESS.get() or (lambda description, done, total: None)
-            configs = [STATIC_BUCKET_CONFIG, INDUCTOR_CONFIG] if bucket.tokens else [INDUCTOR_CONFIG]
+            templated = bucket.tokens and self.products == "template"
+            configs = [STATIC_BUCKET_CONFIG, INDUCTOR_CONFIG] if templated else [INDUCTOR_CONFIG]
             with lmforge_inductor_cache():
                 for config in configs:
                     try:
@@ -349,17 +351,24 @@ def op_placement(graph_module: fx.GraphModule) -> dict[str, dict[str, int]]:
     return placement
 
 
-def cached_compile_records(graph_module: fx.GraphModule) -> dict[str, dict]:
+def package_digest(graph_module: fx.GraphModule, products: str) -> str:
+    """The cache directory's name for a program's packages: its digest, and apart for oneDNN
+    products (`codegen.cpp_products`), whose decode and verify packages differ."""
+    digest = program_digest(graph_module)
+    return digest if products == "template" else f"{digest}-{products}"
+
+
+def cached_compile_records(graph_module: fx.GraphModule, products: str = "template") -> dict[str, dict]:
     """Per bucket compiled on this machine for this program: its first-compile seconds and
     phases (`lmforge info`)."""
-    return compile_seconds_on_this_machine(program_digest(graph_module))
+    return compile_seconds_on_this_machine(package_digest(graph_module, products))
 
 
-def bucket_compile_times(graph_module: fx.GraphModule) -> list[dict]:
+def bucket_compile_times(graph_module: fx.GraphModule, products: str = "template") -> list[dict]:
     """What `lmforge info` shows of a `cpp` program: each bucket compiled for it on this
     machine (`str(Bucket)`) with its first compile's seconds, its export's and Inductor's
     phases', in bucket order."""
-    records = cached_compile_records(graph_module)
+    records = cached_compile_records(graph_module, products)
     buckets = sorted(((Bucket.from_file_name(name), record) for name, record in records.items()),
                      key=lambda item: (item[0].batch, item[0].threads, item[0].tokens is not None, item[0].tokens or 0))
     return [{"bucket": str(bucket), "compile_seconds": record["compile_seconds"],

@@ -105,5 +105,5 @@ def lower(program: Program, config: CodegenConfig) -> Runner:
     if config.backend == "cpp":
         from lmforge.codegen.cpp_backend import CppRunner  # imports Inductor only when asked for
 
-        return CppRunner(program)
+        return CppRunner(program, config.cpp_products)
     return compile_aten(program.graph_module, config.pack_weights)

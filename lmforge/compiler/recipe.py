@@ -38,6 +38,13 @@ class CodegenConfig(BaseModel):
         description="aten backend: multiply linear layers with oneDNN-packed fp32 weights (multi-threaded, "
         "no per-call repacking; ~2x faster matrix products at batch 1 here); false: plain aten.linear",
     )
+    cpp_products: Literal["template", "onednn"] = Field(
+        "template",
+        description="cpp backend, decode and verify buckets: template multiplies weights with Inductor's C++ GEMM "
+        "template (a decode step with no library call; ~0.6x the step time of onednn here, but a first compile "
+        "about 3x longer); onednn calls oneDNN with packed weights (faster first compile). Prefill buckets use "
+        "oneDNN either way",
+    )
     targets: list[str] = Field(
         default_factory=lambda: list(TARGETS),
         description="triton backend: NVIDIA targets every kernel is compiled for ahead of time when an artifact "

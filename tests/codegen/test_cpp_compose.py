@@ -5,7 +5,10 @@ compile is refused naming the pass: test_cpp_refused.py).
 
 One module fixture compiles the program's buckets once (any length, 1 token, and the verify
 widths 2 and 4 that chains of up to 3 drafts and a 3-node tree need: few, as each compile
-takes minutes on a busy machine); the packages stay in lmforge's cache for later runs."""
+takes minutes on a busy machine); the packages stay in lmforge's cache for later runs. Its
+products call oneDNN (`cpp_products: onednn`, a third of the template's compile time): what
+is checked here is the passes around attention, and the template's products are checked by
+test_cpp_backend.py and test_cpp_reference.py."""
 
 import pytest
 import torch
@@ -42,7 +45,8 @@ def composed(ref_path, ref_tokenizer, tmp_path_factory):
     save_heads(directory, heads, model, {})
     recipe = _recipe(ref_path, directory)
     aten = lmforge.optimize(model, recipe, tokenizer=ref_tokenizer)
-    cpp = CompiledModel(aten.program, parse_recipe(recipe + "codegen: {backend: cpp}\n"), aten.generation)
+    cpp_recipe = parse_recipe(recipe + "codegen: {backend: cpp, cpp_products: onednn}\n")
+    cpp = CompiledModel(aten.program, cpp_recipe, aten.generation)
     return aten, cpp, continued
 
 

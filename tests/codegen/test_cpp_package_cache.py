@@ -91,3 +91,26 @@ def test_records_being_written_are_not_read(cache):
     records = compile_seconds_on_this_machine("digest")
     assert list(records) == ["b1-t1-th1"] and json.loads((cache / "digest" / "b1-t1-th1.json").read_text())
     assert package_cache.remove_stale_partials(cache) == []  # this process is alive: its file is kept
+
+
+def test_cpp_products_choose_the_decode_buckets_config_and_their_own_cache_directory(monkeypatch):
+    from tiny_models import tiny_model
+
+    import lmforge
+    from lmforge.codegen import cpp_backend
+    from lmforge.codegen.cpp_backend import INDUCTOR_CONFIG, STATIC_BUCKET_CONFIG, Bucket, CppRunner
+
+    program = lmforge.optimize(tiny_model("llama", num_layers=1), "passes: [{name: cleanup}]\n").program
+    configs = []
+    monkeypatch.setattr(PackageCache, "load_or_compile",
+                        lambda self, name, export, config, on_phase: (configs.append((self.directory.name, config))
+                                                                      or (None, {"compile_seconds": 0.0})))
+    monkeypatch.setattr(cpp_backend, "describe_record", lambda record: "")
+    for products in ("template", "onednn"):
+        runner = CppRunner(program, products)
+        runner._step(Bucket(batch=1, tokens=1, threads=1), ())
+        runner._step(Bucket(batch=1, tokens=None, threads=1), ())
+    (template_dir, template_decode), (_, template_prefill), (onednn_dir, onednn_decode), (_, onednn_prefill) = configs
+    assert template_decode == STATIC_BUCKET_CONFIG and onednn_decode == INDUCTOR_CONFIG
+    assert template_prefill == onednn_prefill == INDUCTOR_CONFIG
+    assert onednn_dir == f"{template_dir}-onednn"
